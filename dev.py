@@ -1,0 +1,56 @@
+#!/usr/bin/env python3
+"""Set-up and entry point for the README's two commands; needs only Python 3.11+.
+
+    python3 dev.py harness [pytest args]   # the scenarios, with their report
+    python3 dev.py test    [pytest args]   # the test suite
+
+Each creates ./.venv and installs the project into it (editable, with the test extra) when
+missing or when pyproject.toml changed, then runs pytest from it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+import venv
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+VENV = ROOT / ".venv"
+PYTHON = VENV / "bin" / "python"
+STAMP = VENV / ".kerasmp-installed"
+
+COMMANDS = {
+    "test": ["-m", "pytest", "tests"],
+    "harness": ["-m", "pytest", "scenarios", "--kerasmp-gpus=auto"],
+}
+
+
+def ensure_venv() -> None:
+    digest = hashlib.sha256((ROOT / "pyproject.toml").read_bytes()).hexdigest()
+    if PYTHON.exists() and STAMP.exists() and STAMP.read_text() == digest:
+        return
+    if not PYTHON.exists():
+        print(f"dev.py: creating {VENV}", flush=True)
+        venv.create(VENV, with_pip=True)
+    pip = [str(PYTHON), "-m", "pip", "install", "--disable-pip-version-check", "-q"]
+    print("dev.py: installing pytest-kerasmp and its dependencies into .venv", flush=True)
+    subprocess.run([*pip, "--upgrade", "pip"], check=True)
+    subprocess.run([*pip, "-e", f"{ROOT}[test]"], check=True)
+    STAMP.write_text(digest)
+
+
+def main(argv: list[str]) -> int:
+    if not argv or argv[0] not in COMMANDS:
+        print(__doc__, file=sys.stderr)
+        return 2
+    ensure_venv()
+    cmd = [str(PYTHON), *COMMANDS[argv[0]], *argv[1:]]
+    print("dev.py: " + " ".join(cmd[1:]), flush=True)
+    return subprocess.call(cmd, cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

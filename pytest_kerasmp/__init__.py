@@ -1,0 +1,23 @@
+"""pytest-kerasmp: device slots, process-safe Keras worker pools and inference servers.
+
+Importing this package never imports TensorFlow.
+"""
+
+from __future__ import annotations
+
+from pytest_kerasmp.devices import GPU, DeviceSlot, detect_gpus, plan_slots
+from pytest_kerasmp.errors import DeviceAlreadyInitializedError, KerasMPError, KerasMPWarning
+from pytest_kerasmp.pinning import configure_tensorflow, current_slot, pin_process
+
+__all__ = [
+    "GPU",
+    "DeviceAlreadyInitializedError",
+    "DeviceSlot",
+    "KerasMPError",
+    "KerasMPWarning",
+    "configure_tensorflow",
+    "current_slot",
+    "detect_gpus",
+    "pin_process",
+    "plan_slots",
+]

@@ -1,0 +1,290 @@
+"""Find the session's devices and plan them as device slots.
+
+Pure planning: no TensorFlow, Keras or other framework import here, and nothing in this
+module changes the process. ``pinning.pin_process`` applies a slot.
+
+A *device slot* is what one process may use: one GPU (possibly shared with other slots), or,
+without a GPU, a disjoint set of CPU cores.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import shutil
+import subprocess
+import warnings
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, Literal
+
+from pytest_kerasmp.errors import CORES_REUSED, KerasMPWarning
+
+#: Fake the GPU list, for tests and dry runs on machines without one: a count ("2") or
+#: comma-separated names ("A100,A100"). Detection then runs no nvidia-smi.
+FAKE_GPUS_ENV = "PYTEST_KERASMP_FAKE_GPUS"
+
+NVIDIA_SMI_TIMEOUT_S = 10.0
+
+_SMI_LINE = re.compile(r"^GPU (\d+): (.*?)(?: \(UUID: ([^)]+)\))?\s*$")
+
+
+@dataclasses.dataclass(frozen=True)
+class GPU:
+    """One GPU as the session sees it.
+
+    ``id`` is how ``CUDA_VISIBLE_DEVICES`` names it in the session: the physical index, or
+    the entry of an outer ``CUDA_VISIBLE_DEVICES`` (an index or a UUID), never renumbered.
+    """
+
+    id: str
+    name: str = ""
+    uuid: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class DeviceSlot:
+    """What one pinned process may use. Picklable and JSON-serialisable.
+
+    Attributes:
+        index: Position in the session's plan (``slot0`` ...).
+        kind: ``"GPU"`` or ``"CPU"``.
+        gpu: The GPU as ``CUDA_VISIBLE_DEVICES`` names it outside the pinned process
+            (``None`` for a CPU slot).
+        cores: CPU cores the process is bound to; empty for GPU slots (no binding).
+        shared: Another slot uses the same GPU or cores.
+        memory_limit_mb: Per-process GPU memory cap, or ``None``.
+        gpu_name: Model name from detection, for reports.
+    """
+
+    index: int
+    kind: Literal["GPU", "CPU"]
+    gpu: str | None = None
+    cores: tuple[int, ...] = ()
+    shared: bool = False
+    memory_limit_mb: int | None = None
+    gpu_name: str = ""
+
+    @property
+    def name(self) -> str:
+        return f"slot{self.index}"
+
+    @property
+    def tf_device(self) -> str:
+        """The TensorFlow device string to use *inside* the pinned process."""
+        return "/GPU:0" if self.kind == "GPU" else "/CPU:0"
+
+    @property
+    def threads(self) -> int | None:
+        """Thread cap for TensorFlow and OpenMP in the pinned process (CPU slots only)."""
+        return len(self.cores) if self.kind == "CPU" else None
+
+    def describe(self) -> str:
+        if self.kind == "GPU":
+            return f"{self.name} GPU {self.gpu}"
+        return f"{self.name} cores {{{', '.join(map(str, self.cores))}}}"
+
+    def environ(self, *, memory_growth: bool | None = None) -> dict[str, str]:
+        """Environment variables that pin a process to this slot.
+
+        Set them before TensorFlow initialises its devices. ``memory_growth`` defaults to
+        on for a shared GPU slot.
+        """
+        if self.kind == "GPU":
+            growth = self.shared if memory_growth is None else memory_growth
+            env = {"CUDA_VISIBLE_DEVICES": str(self.gpu)}
+            if growth and self.memory_limit_mb is None:
+                # TensorFlow refuses growth together with a memory limit; the limit wins.
+                env["TF_FORCE_GPU_ALLOW_GROWTH"] = "true"
+            return env
+        n = str(len(self.cores))
+        return {
+            "CUDA_VISIBLE_DEVICES": "-1",
+            "TF_NUM_INTRAOP_THREADS": n,
+            "TF_NUM_INTEROP_THREADS": n,
+            "OMP_NUM_THREADS": n,
+            "MKL_NUM_THREADS": n,
+            "OPENBLAS_NUM_THREADS": n,
+        }
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> DeviceSlot:
+        fields = dict(data)
+        fields["cores"] = tuple(fields.get("cores", ()))
+        return cls(**fields)
+
+
+def parse_nvidia_smi(text: str) -> list[GPU]:
+    """GPUs from the output of ``nvidia-smi -L``; lines that are not GPUs (MIG) are skipped."""
+    gpus = []
+    for line in text.splitlines():
+        m = _SMI_LINE.match(line.strip())
+        if m:
+            gpus.append(GPU(id=m.group(1), name=m.group(2), uuid=m.group(3) or ""))
+    return gpus
+
+
+def _physical_gpus(env: Mapping[str, str]) -> list[GPU]:
+    fake = env.get(FAKE_GPUS_ENV)
+    if fake is not None:
+        fake = fake.strip()
+        if fake.isdigit():
+            names = [f"Fake GPU {i}" for i in range(int(fake))]
+        else:
+            names = [n.strip() for n in fake.split(",") if n.strip()]
+        return [GPU(id=str(i), name=n, uuid=f"GPU-fake-{i}") for i, n in enumerate(names)]
+    smi = shutil.which("nvidia-smi")
+    if smi is None:
+        return []
+    try:
+        out = subprocess.run(
+            [smi, "-L"],
+            capture_output=True,
+            text=True,
+            timeout=NVIDIA_SMI_TIMEOUT_S,
+            env={**os.environ, "CUDA_VISIBLE_DEVICES": ""},  # list every GPU of the machine
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        warnings.warn(
+            f"kerasmp: {smi} -L failed ({exc}); treating this machine as having no GPU; "
+            f"check the NVIDIA driver or set {FAKE_GPUS_ENV}",
+            KerasMPWarning,
+            stacklevel=2,
+        )
+        return []
+    return parse_nvidia_smi(out.stdout) if out.returncode == 0 else []
+
+
+def apply_visible_devices(gpus: Sequence[GPU], visible: str | None) -> list[GPU]:
+    """Restrict ``gpus`` to an outer ``CUDA_VISIBLE_DEVICES``, keeping its names.
+
+    As CUDA does, the list ends at the first entry that names no GPU; an empty value (or
+    ``-1``) means no GPU.
+    """
+    if visible is None:
+        return list(gpus)
+    chosen = []
+    for entry in (e.strip() for e in visible.split(",")):
+        if entry.startswith("MIG-") and gpus:
+            chosen.append(GPU(id=entry, name="MIG instance"))
+            continue
+        match = next((g for g in gpus if entry and entry in (g.id, g.uuid[: len(entry)])), None)
+        if match is None:
+            break
+        chosen.append(dataclasses.replace(match, id=entry))
+    return chosen
+
+
+def detect_gpus(env: Mapping[str, str] | None = None) -> list[GPU]:
+    """The GPUs this session may use, found without importing TensorFlow.
+
+    Uses ``nvidia-smi -L`` (bounded by a timeout) or ``PYTEST_KERASMP_FAKE_GPUS``, then
+    applies an outer ``CUDA_VISIBLE_DEVICES``.
+    """
+    env = os.environ if env is None else env
+    return apply_visible_devices(_physical_gpus(env), env.get("CUDA_VISIBLE_DEVICES"))
+
+
+def usable_cores() -> tuple[int, ...]:
+    """The cores this process may run on (its CPU affinity)."""
+    import psutil
+
+    return tuple(sorted(psutil.Process().cpu_affinity() or range(os.cpu_count() or 1)))
+
+
+def parse_slot_count(value: int | str) -> int | Literal["auto"]:
+    """``"auto"`` or a positive integer; ``ValueError`` otherwise."""
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if text == "auto":
+            return "auto"
+        if not re.fullmatch(r"\+?\d+", text):
+            raise ValueError(f"{value!r} is not a positive integer or 'auto'")
+        value = int(text)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{value!r} is not a positive integer or 'auto'")
+    return value
+
+
+def split_cores(cores: Sequence[int], n: int) -> list[tuple[int, ...]]:
+    """``n`` disjoint, contiguous, near-equal core sets; round-robin single cores if n > cores."""
+    if n > len(cores):
+        return [(cores[i % len(cores)],) for i in range(n)]
+    base, extra = divmod(len(cores), n)
+    sets, start = [], 0
+    for i in range(n):
+        size = base + (1 if i < extra else 0)
+        sets.append(tuple(cores[start : start + size]))
+        start += size
+    return sets
+
+
+def plan_slots(
+    n: int | str = "auto",
+    *,
+    gpus: Iterable[GPU] | None = None,
+    cores: Sequence[int] | None = None,
+    memory_limit_mb: int | None = None,
+) -> tuple[DeviceSlot, ...]:
+    """Plan ``n`` device slots over the session's GPUs, or over its CPU cores without GPU.
+
+    With G >= 1 GPUs slot i uses GPU (i mod G); slots that share a GPU are marked shared
+    (memory growth on). Without GPU the usable cores are split into ``n`` disjoint sets.
+    ``"auto"`` is one slot per GPU, or one CPU slot per usable core.
+
+    Args:
+        n: Number of slots, or ``"auto"``.
+        gpus: The GPUs to plan over; detected when omitted.
+        cores: The usable cores; this process's affinity when omitted.
+        memory_limit_mb: Per-process GPU memory cap for every GPU slot.
+    """
+    count = parse_slot_count(n)
+    if memory_limit_mb is not None and memory_limit_mb < 1:
+        raise ValueError(f"memory_limit_mb={memory_limit_mb!r} must be a positive number of MB")
+    gpu_list = detect_gpus() if gpus is None else list(gpus)
+    if gpu_list:
+        if count == "auto":
+            count = len(gpu_list)
+        chosen = [gpu_list[i % len(gpu_list)] for i in range(count)]
+        uses = Counter(g.id for g in chosen)
+        return tuple(
+            DeviceSlot(
+                index=i,
+                kind="GPU",
+                gpu=g.id,
+                shared=uses[g.id] > 1,
+                memory_limit_mb=memory_limit_mb,
+                gpu_name=g.name,
+            )
+            for i, g in enumerate(chosen)
+        )
+    core_list = tuple(sorted(usable_cores() if cores is None else cores))
+    if not core_list:
+        raise ValueError("no usable CPU core to plan slots on")
+    if count == "auto":
+        count = len(core_list)
+    if count > len(core_list):
+        warnings.warn(
+            CORES_REUSED.format(slots=count, cores=len(core_list), core_set=set(core_list)),
+            KerasMPWarning,
+            stacklevel=2,
+        )
+    sets = split_cores(core_list, count)
+    uses = Counter(c for s in sets for c in s)
+    return tuple(
+        DeviceSlot(index=i, kind="CPU", cores=s, shared=any(uses[c] > 1 for c in s))
+        for i, s in enumerate(sets)
+    )
+
+
+def dumps_slots(slots: Sequence[DeviceSlot]) -> str:
+    return json.dumps([s.to_json() for s in slots])
+
+
+def loads_slots(text: str) -> tuple[DeviceSlot, ...]:
+    return tuple(DeviceSlot.from_json(d) for d in json.loads(text))

@@ -1,0 +1,88 @@
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from collections.abc import Callable
+
+import pytest
+
+#: Bound for every child pytest or Python process a test starts.
+CHILD_TIMEOUT_S = 120
+
+XDIST_ENV = ("PYTEST_XDIST_WORKER", "PYTEST_XDIST_WORKER_COUNT", "PYTEST_XDIST_TESTRUNUID")
+
+
+@pytest.fixture(autouse=True)
+def _deterministic_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Child processes see no GPU unless a test fakes some, and no outer kerasmp settings."""
+    for key in [k for k in os.environ if k.startswith("PYTEST_KERASMP_")] + list(XDIST_ENV):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("PYTEST_KERASMP_FAKE_GPUS", "0")
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    monkeypatch.setenv("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+@pytest.fixture
+def run_pytest(pytester: pytest.Pytester) -> Callable[..., pytest.RunResult]:
+    """Run pytest in a subprocess of the pytester directory, bounded by CHILD_TIMEOUT_S."""
+
+    def run(*args: str) -> pytest.RunResult:
+        return pytester.runpytest_subprocess("-p", "no:cacheprovider", *args, timeout=CHILD_TIMEOUT_S)
+
+    return run
+
+
+@pytest.fixture
+def run_python(tmp_path) -> Callable[[str], subprocess.CompletedProcess[str]]:
+    """Run a Python script in a fresh interpreter, bounded by CHILD_TIMEOUT_S."""
+
+    def run(source: str) -> subprocess.CompletedProcess[str]:
+        script = tmp_path / "script.py"
+        script.write_text(textwrap.dedent(source))
+        return subprocess.run(
+            [sys.executable, str(script)], capture_output=True, text=True, timeout=CHILD_TIMEOUT_S
+        )
+
+    return run
+
+
+#: A test module that records, per process, what it is pinned to and what TensorFlow sees.
+PROBE = """
+import json, os, pathlib
+
+def test_probe(kerasmp_device, kerasmp_slots):
+    record = {
+        "worker": os.environ.get("PYTEST_XDIST_WORKER", "main"),
+        "cores": sorted(os.sched_getaffinity(0)),
+        "slot": kerasmp_device.to_json() if kerasmp_device else None,
+        "n_slots": len(kerasmp_slots),
+        "cuda_visible": os.environ.get("CUDA_VISIBLE_DEVICES"),
+        "growth": os.environ.get("TF_FORCE_GPU_ALLOW_GROWTH"),
+    }
+    if os.environ.get("PROBE_TF"):
+        import tensorflow as tf
+        assert float(tf.reduce_sum(tf.ones((64, 64)))) == 4096.0
+        record["intra"] = tf.config.threading.get_intra_op_parallelism_threads()
+        record["inter"] = tf.config.threading.get_inter_op_parallelism_threads()
+        record["tf_cpus"] = len(tf.config.list_physical_devices("CPU"))
+        record["tf_gpus"] = len(tf.config.list_physical_devices("GPU"))
+    out = pathlib.Path(os.environ["PROBE_DIR"]) / (record["worker"] + ".json")
+    out.write_text(json.dumps(record))
+"""
+
+
+@pytest.fixture
+def probe(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch):
+    """Writes PROBE as the test module; returns a reader of the per-process records."""
+    pytester.makepyfile(test_probe=PROBE)
+    out = pytester.mkdir("probe-out")
+    monkeypatch.setenv("PROBE_DIR", str(out))
+
+    def records() -> dict[str, dict]:
+        """Records by process: "main" or the xdist worker id."""
+        return {p.stem: json.loads(p.read_text()) for p in sorted(out.glob("*.json"))}
+
+    return records
