@@ -6,8 +6,19 @@ Importing this package never imports TensorFlow.
 from __future__ import annotations
 
 from pytest_kerasmp.devices import GPU, DeviceSlot, detect_gpus, plan_slots
-from pytest_kerasmp.errors import DeviceAlreadyInitializedError, KerasMPError, KerasMPWarning
+from pytest_kerasmp.errors import (
+    DeviceAlreadyInitializedError,
+    KerasMPError,
+    KerasMPWarning,
+    PoolClosedError,
+    RemoteTraceback,
+    TaskTimeoutError,
+    WorkerCrashedError,
+    WorkerStartupError,
+)
+from pytest_kerasmp.modelref import ModelRef
 from pytest_kerasmp.pinning import configure_tensorflow, current_slot, pin_process
+from pytest_kerasmp.pool import WorkerPool
 
 __all__ = [
     "GPU",
@@ -15,6 +26,13 @@ __all__ = [
     "DeviceSlot",
     "KerasMPError",
     "KerasMPWarning",
+    "ModelRef",
+    "PoolClosedError",
+    "RemoteTraceback",
+    "TaskTimeoutError",
+    "WorkerCrashedError",
+    "WorkerPool",
+    "WorkerStartupError",
     "configure_tensorflow",
     "current_slot",
     "detect_gpus",

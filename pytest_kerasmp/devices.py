@@ -112,6 +112,9 @@ class DeviceSlot:
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def to_json_text(self) -> str:
+        return json.dumps(self.to_json())
+
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> DeviceSlot:
         fields = dict(data)

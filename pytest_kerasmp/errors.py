@@ -33,3 +33,54 @@ CORES_REUSED = (
     "reused round-robin, so slots share cores and timings will be slower than planned; "
     "use --kerasmp-gpus={cores} or fewer"
 )
+
+
+class WorkerStartupError(KerasMPError):
+    """A worker process could not start: pinning, the TensorFlow import or the initializer failed."""
+
+
+class WorkerCrashedError(KerasMPError):
+    """A worker process died while running a task; the pool replaced it."""
+
+
+class TaskTimeoutError(KerasMPError, TimeoutError):
+    """A task ran past its timeout; its worker was killed and replaced."""
+
+
+class PoolClosedError(KerasMPError, RuntimeError):
+    """The pool was closed before the task could run."""
+
+
+class RemoteTraceback(Exception):
+    """The traceback text of an exception raised in a worker, attached as ``__cause__``."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__(text)
+        self.text = text
+
+    def __str__(self) -> str:
+        return "\n\n" + self.text
+
+
+FORK_REFUSED = (
+    "start_method='fork' is refused: TensorFlow is imported in this process, and a child forked "
+    "after TensorFlow ran any op deadlocks at its first op; use 'spawn' (default) or 'forkserver'"
+)
+WORKER_STARTUP_FAILED = (
+    "worker {index} ({slot}) of pool {pool!r} failed to start: {reason}; the child's traceback "
+    "is attached above"
+)
+WORKER_START_TIMEOUT = (
+    "worker {index} ({slot}) of pool {pool!r} was not ready after {timeout:g} s (TensorFlow "
+    "import and initializer); the machine may be overloaded: start fewer workers or raise "
+    "start_timeout_s"
+)
+WORKER_CRASHED = (
+    "worker {index} ({slot}, pid {pid}) of pool {pool!r} died with {how} while running task "
+    "{task} ({fn}); the pool replaced it; {hint}"
+)
+TASK_TIMED_OUT = (
+    "task {task} ({fn}) ran past its {timeout:g} s timeout on worker {index} ({slot}, pid {pid}); "
+    "the worker was killed and replaced; raise the timeout or make the task smaller"
+)
+POOL_CLOSED = "pool {pool!r} is closed; task {fn} was not run; submit before close()"

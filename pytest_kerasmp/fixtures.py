@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
 import pytest
 
 from pytest_kerasmp.config import session_plan
 from pytest_kerasmp.devices import DeviceSlot
 from pytest_kerasmp.pinning import current_slot
+from pytest_kerasmp.pool import WorkerPool
 
 
 @pytest.fixture(scope="session")
@@ -19,3 +23,28 @@ def kerasmp_slots(pytestconfig: pytest.Config) -> tuple[DeviceSlot, ...]:
 def kerasmp_device() -> DeviceSlot | None:
     """The slot this process is pinned to, or None when it is not pinned (--kerasmp-gpus)."""
     return current_slot()
+
+
+@pytest.fixture(scope="session")
+def kerasmp_pool(kerasmp_slots: tuple[DeviceSlot, ...]) -> Iterator[WorkerPool]:
+    """A warm WorkerPool, one spawn worker per session slot (session scope; --kerasmp-gpus)."""
+    with WorkerPool(kerasmp_slots, name="session") as pool:
+        yield pool
+
+
+@pytest.fixture
+def kerasmp_pool_factory(
+    kerasmp_slots: tuple[DeviceSlot, ...],
+) -> Iterator[Callable[..., WorkerPool]]:
+    """Factory: make_pool(slots=None, **options) -> WorkerPool, closed at test end (function)."""
+    pools: list[WorkerPool] = []
+
+    def make_pool(slots: Sequence[DeviceSlot] | None = None, **options: Any) -> WorkerPool:
+        options.setdefault("name", f"factory{len(pools)}")
+        pool = WorkerPool(kerasmp_slots if slots is None else slots, **options)
+        pools.append(pool)
+        return pool
+
+    yield make_pool
+    for pool in pools:
+        pool.close(timeout=30.0, cancel_pending=True)

@@ -57,7 +57,7 @@ def pin_process(slot: DeviceSlot, *, memory_growth: bool | None = None) -> None:
         )
     os.environ.update(slot.environ(memory_growth=memory_growth))
     os.environ.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")  # the order nvidia-smi numbers in
-    os.environ[SLOT_ENV] = _slot_json(slot)
+    os.environ[SLOT_ENV] = slot.to_json_text()
     if slot.cores:
         _bind_cores(slot.cores)
     _pinned = slot
@@ -82,12 +82,6 @@ def configure_tensorflow(tf: Any, slot: DeviceSlot) -> None:
             tf.config.set_logical_device_configuration(
                 gpus[0], [tf.config.LogicalDeviceConfiguration(memory_limit=slot.memory_limit_mb)]
             )
-
-
-def _slot_json(slot: DeviceSlot) -> str:
-    import json
-
-    return json.dumps(slot.to_json())
 
 
 def _bind_cores(cores: Sequence[int]) -> None:

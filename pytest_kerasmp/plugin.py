@@ -17,7 +17,12 @@ import pytest
 from pytest_kerasmp import config as cfg
 from pytest_kerasmp.devices import DeviceSlot, detect_gpus, dumps_slots, loads_slots, plan_slots
 from pytest_kerasmp.errors import KerasMPError
-from pytest_kerasmp.fixtures import kerasmp_device, kerasmp_slots  # noqa: F401  (fixtures)
+from pytest_kerasmp.fixtures import (  # noqa: F401  (fixtures registered with the plugin)
+    kerasmp_device,
+    kerasmp_pool,
+    kerasmp_pool_factory,
+    kerasmp_slots,
+)
 from pytest_kerasmp.pinning import pin_process
 
 #: Set by the xdist controller for its workers: the plan and the controller's pid.

@@ -86,3 +86,32 @@ def probe(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch):
         return {p.stem: json.loads(p.read_text()) for p in sorted(out.glob("*.json"))}
 
     return records
+
+
+def _leftover_children() -> set[int]:
+    import psutil
+
+    keep = ("forkserver", "resource_tracker")  # multiprocessing's own helpers, one per parent
+    return {
+        p.pid
+        for p in psutil.Process().children(recursive=True)
+        if not any(k in " ".join(p.cmdline()) for k in keep)
+    }
+
+
+def _kerasmp_segments() -> set[str]:
+    return {n for n in os.listdir("/dev/shm") if n.startswith("kerasmp_")}
+
+
+@pytest.fixture
+def no_leftovers():
+    """After the test: no child process of this test and no kerasmp shared-memory segment."""
+    import time
+
+    children, segments = _leftover_children(), _kerasmp_segments()
+    yield
+    deadline = time.monotonic() + 10
+    while _leftover_children() - children and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _leftover_children() - children, "worker processes outlived their pool"
+    assert not _kerasmp_segments() - segments, "shared-memory segments outlived their owner"

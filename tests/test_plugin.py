@@ -33,6 +33,10 @@ def test_fixtures_and_markers_are_documented(run_pytest, pytester):
             "*All device slots of this session*",
             "kerasmp_device*",
             "*The slot this process is pinned to, or None*",
+            "kerasmp_pool [[]session scope[]]*",
+            "*A warm WorkerPool, one spawn worker per session slot*",
+            "kerasmp_pool_factory*",
+            "*Factory: make_pool(slots=None, **options) -> WorkerPool*",
         ]
     )
     run_pytest("--markers").stdout.fnmatch_lines(["@pytest.mark." + plugin.MARKER_HELP])

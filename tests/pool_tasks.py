@@ -1,0 +1,80 @@
+"""Module-level functions that tests send to worker processes (they travel by reference)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+import time
+
+import numpy as np
+
+
+def whoami() -> dict:
+    import tensorflow as tf
+
+    return {
+        "pid": os.getpid(),
+        "cores": sorted(os.sched_getaffinity(0)),
+        "intra": tf.config.threading.get_intra_op_parallelism_threads(),
+        "tf_was_imported": "tensorflow" in sys.modules,
+    }
+
+
+def add(a, b=0):
+    return a + b
+
+
+def raise_value_error(text):
+    raise ValueError(text)
+
+
+def exit_now(code):
+    os._exit(code)
+
+
+def kill_self():
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def sleep_then(seconds, value=None):
+    time.sleep(seconds)
+    return value
+
+
+def a_lock():
+    return threading.Lock()
+
+
+def scale(array, factor):
+    return array * factor
+
+
+def failing_initializer():
+    raise RuntimeError("initializer exploded on purpose")
+
+
+def exiting_initializer():
+    os._exit(5)
+
+
+def predict_sum(ref, x):
+    t0 = time.perf_counter()
+    model = ref.load()
+    load_s = time.perf_counter() - t0
+    from pytest_kerasmp.modelref import loaded_models
+
+    return float(np.asarray(model(x)).sum()), load_s, id(model), loaded_models()
+
+
+def build_custom(units=3):
+    import keras
+
+    @keras.saving.register_keras_serializable(package="tests")
+    class Doubler(keras.layers.Layer):
+        def call(self, x):
+            return 2 * x
+
+    inputs = keras.Input((4,))
+    return keras.Model(inputs, keras.layers.Dense(units, kernel_initializer="ones")(Doubler()(inputs)))
