@@ -249,6 +249,7 @@ def test_interrupted_session_leaves_no_worker(pytester, run_pytest, tmp_path):
         def test_interrupted(kerasmp_pool_factory):
             pool = kerasmp_pool_factory([DeviceSlot(index=0, kind="CPU", cores=(0,))], import_tensorflow=False)
             open({str(pidfile)!r}, "w").write(" ".join(map(str, pool.pids())))
+            signal.signal(signal.SIGINT, signal.default_int_handler)  # even if launched ignoring it
             os.kill(os.getpid(), signal.SIGINT)
         """
     )
