@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import pytest
 
 from pytest_kerasmp import config as cfg
-from pytest_kerasmp.devices import DeviceSlot, detect_gpus, dumps_slots, loads_slots, plan_slots
+from pytest_kerasmp.devices import DeviceSlot, detect_gpus, plan_slots
 from pytest_kerasmp.errors import KerasMPError
 from pytest_kerasmp.fixtures import (  # noqa: F401  (fixtures registered with the plugin)
     kerasmp_device,
@@ -70,7 +70,7 @@ def _inherited_plan() -> tuple[tuple[DeviceSlot, ...], int] | None:
     data = json.loads(raw)
     if data["controller"] != os.getppid():  # a nested pytest, not the controller's worker
         return None
-    return loads_slots(json.dumps(data["slots"])), int(data["gpus_found"])
+    return tuple(DeviceSlot.from_json(d) for d in data["slots"]), int(data["gpus_found"])
 
 
 def slot_for_worker(worker_id: str, slots: Sequence[DeviceSlot]) -> DeviceSlot:
@@ -112,7 +112,7 @@ def pytest_load_initial_conftests(early_config: pytest.Config) -> None:
         elif _uses_xdist(early_config):
             slots, found = _plan(early_config, settings)
             os.environ[PLAN_ENV] = json.dumps(
-                {"controller": os.getpid(), "gpus_found": found, "slots": json.loads(dumps_slots(slots))}
+                {"controller": os.getpid(), "gpus_found": found, "slots": [s.to_json() for s in slots]}
             )
             plan = cfg.SessionPlan(slots, found, "controller")
         else:

@@ -71,7 +71,6 @@ class _Worker:
     pid: int | None = None
     task: _Task | None = None
     deadline: float | None = None
-    started: float = dataclasses.field(default_factory=time.perf_counter)
     crashed_at: float | None = None
     startup_error: str | None = None
 
