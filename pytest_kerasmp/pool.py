@@ -302,11 +302,15 @@ class WorkerPool:
         else:
             text = msg[1]
             reason = text.strip().splitlines()[-1]
+        raise self._startup_error(w, reason, text)
+
+    def _startup_error(self, w: _Worker, reason: str, text: str | None) -> WorkerStartupError:
+        """The error for a worker that could not start, with the child's traceback attached."""
         error = WorkerStartupError(
             WORKER_STARTUP_FAILED.format(index=w.index, slot=w.describe(), pool=self.name, reason=reason)
         )
         error.__cause__ = RemoteTraceback(text) if text else None
-        raise error
+        return error
 
     def _shutdown_workers(self, timeout: float) -> None:
         for w in self._workers:
@@ -512,11 +516,7 @@ class WorkerPool:
 
     def _give_up_on(self, w: _Worker, reason: str, text: str | None) -> None:
         """A replacement could not start: fail what only it could run, or all if none is left."""
-        error = WorkerStartupError(
-            WORKER_STARTUP_FAILED.format(index=w.index, slot=w.describe(), pool=self.name, reason=reason)
-        )
-        if text:
-            error.__cause__ = RemoteTraceback(text)
+        error = self._startup_error(w, reason, text)
         alive = any(x.state != "dead" for x in self._workers)
         with self._lock:
             doomed = [t for t in self._pending if not alive or t.worker == w.index]

@@ -161,15 +161,11 @@ def dumps(obj: Any, what: str, created: list[str]) -> bytes:
     mark = len(created)
     try:
         _Pickler(buf, what, created).dump(obj)
-    except TypeError as exc:
+    except (TypeError, pickle.PicklingError, AttributeError) as exc:
         unlink_segments(created[mark:])
         del created[mark:]
-        if str(exc).startswith(what):
-            raise
-        raise TypeError(NOT_PICKLABLE.format(what=what, error=exc)) from exc
-    except (pickle.PicklingError, AttributeError) as exc:
-        unlink_segments(created[mark:])
-        del created[mark:]
+        if isinstance(exc, TypeError) and str(exc).startswith(what):
+            raise  # our own message (a live model): already names what and the fix
         raise TypeError(NOT_PICKLABLE.format(what=what, error=exc)) from exc
     return buf.getvalue()
 
