@@ -1,9 +1,15 @@
 """Code that runs in worker processes. Import-light: pins the slot first, imports TF after.
 
-Wire protocol (tuples over one duplex pipe per worker, plain picklable types):
-    parent -> child: ("task", task_id, call_bytes) | ("stop",)
+Wire protocol (tuples over one duplex socket pair per worker, plain picklable types):
+    parent -> child: ("task", task_id, call_bytes, layout, grew) | ("stop",)
     child -> parent: ("ready", pid) | ("startup-error", text)
-                     | ("ok", task_id, result_bytes) | ("error", task_id, exc_bytes, traceback_text)
+                     | ("ok", task_id, result_bytes, layout, grew, retired)
+                     | ("error", task_id, exc_bytes, traceback_text, retired)
+``layout`` places the pickle's out-of-band buffers in the sender's arena (see transport);
+when ``grew`` is true the sender made a bigger arena and its descriptor follows at once
+(``multiprocessing.reduction.send_handle``). The task's array arguments are views of the
+worker's inbox arena; ``retired`` says the task kept one, so the parent must write the next
+call into a new arena.
 """
 
 from __future__ import annotations
@@ -76,28 +82,44 @@ def main(
 
 
 def _serve(conn: Connection) -> None:
-    from pytest_kerasmp.transport import dumps, loads_call, unlink_segments
+    from multiprocessing.reduction import recv_handle, send_handle
 
+    from pytest_kerasmp.transport import Arena, dumps, loads_call
+
+    inbox, outbox = Arena(), Arena()
     while True:
         try:
             msg = conn.recv()
+            if msg[0] == "stop":
+                conn.close()
+                return
+            _, task_id, call, layout, grew = msg
+            if grew:
+                inbox.adopt(recv_handle(conn))
         except (EOFError, OSError):
             return  # the pool went away
-        if msg[0] == "stop":
-            conn.close()
-            return
-        _, task_id, call = msg
-        created: list[str] = []
         try:
-            fn, args, kwargs = loads_call(call)
+            fn, args, kwargs = loads_call(call, inbox.views(layout))
             del call
             result: Any = fn(*args, **kwargs)
             del args, kwargs
-            reply = ("ok", task_id, dumps(result, f"the result of task {task_id}", created))
+            buffers: list[Any] = []
+            data = dumps(result, f"the result of task {task_id}", buffers)
+            del result
+            out_layout = outbox.write(buffers)
+            reply: list[Any] = ["ok", task_id, data, out_layout, outbox.fresh]
         except BaseException as exc:  # the task's failure (SystemExit too), reported to its caller
-            reply = ("error", task_id, _pickle_exception(exc), traceback.format_exc())
+            reply = ["error", task_id, _pickle_exception(exc), traceback.format_exc()]
+        fn = args = kwargs = result = buffers = None
+        # The arguments are views of the inbox: if the task kept one, the inbox is its now.
+        retired = inbox.in_use()
+        if retired:
+            inbox.abandon()
+        reply.append(retired)
         try:
-            conn.send(reply)
-        except OSError:  # the pool went away mid-reply
-            unlink_segments(created)
-            return
+            conn.send(tuple(reply))
+            if reply[0] == "ok" and outbox.fresh:
+                send_handle(conn, outbox.fd, os.getppid())
+                outbox.fresh = False
+        except OSError:
+            return  # the pool went away mid-reply

@@ -84,3 +84,7 @@ TASK_TIMED_OUT = (
     "the worker was killed and replaced; raise the timeout or make the task smaller"
 )
 POOL_CLOSED = "pool {pool!r} is closed; task {fn} was not run; submit before close()"
+ARENA_FAILED = (
+    "task {task} ({fn}) was not run: its arrays could not be copied into the worker's shared "
+    "memory ({error}); free memory or send smaller arrays"
+)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -11,6 +12,7 @@ from pytest_kerasmp.config import session_plan
 from pytest_kerasmp.devices import DeviceSlot
 from pytest_kerasmp.pinning import current_slot
 from pytest_kerasmp.pool import WorkerPool
+from pytest_kerasmp.speedup import Comparison, measure
 
 
 @pytest.fixture(scope="session")
@@ -48,3 +50,9 @@ def kerasmp_pool_factory(
     yield make_pool
     for pool in pools:
         pool.close(timeout=30.0, cancel_pending=True)
+
+
+@pytest.fixture
+def kerasmp_speedup(request: pytest.FixtureRequest, benchmark: Any) -> Callable[..., Comparison]:
+    """measure(serial, parallel, *, workers, rounds=5, variant="", check=None) -> Comparison."""
+    return functools.partial(measure, request.node, benchmark)

@@ -22,8 +22,10 @@ from pytest_kerasmp.fixtures import (  # noqa: F401  (fixtures registered with t
     kerasmp_pool,
     kerasmp_pool_factory,
     kerasmp_slots,
+    kerasmp_speedup,
 )
 from pytest_kerasmp.pinning import pin_process
+from pytest_kerasmp.speedup import COMPARISONS_KEY, summary_lines
 
 #: Set by the xdist controller for its workers: the plan and the controller's pid.
 PLAN_ENV = "PYTEST_KERASMP_PLAN"
@@ -183,3 +185,12 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
         if cfg.session_settings(item.config).require_gpu:
             pytest.fail(MARKER_FAIL.format(n=args[0], found=found), pytrace=False)
         pytest.skip(MARKER_SKIP.format(n=args[0], found=found))
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, config: pytest.Config) -> None:
+    comparisons = config.stash.get(COMPARISONS_KEY, [])
+    if not comparisons:
+        return
+    terminalreporter.write_sep("-", "kerasmp: serial vs parallel, measured side by side (medians)")
+    for line in summary_lines(comparisons):
+        terminalreporter.write_line(line)

@@ -23,11 +23,13 @@ import weakref
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future
 from multiprocessing.connection import Connection, wait
+from multiprocessing.reduction import recv_handle, send_handle
 from typing import Any
 
 from pytest_kerasmp import _worker
 from pytest_kerasmp.devices import DeviceSlot
 from pytest_kerasmp.errors import (
+    ARENA_FAILED,
     FORK_REFUSED,
     POOL_CLOSED,
     TASK_TIMED_OUT,
@@ -41,7 +43,7 @@ from pytest_kerasmp.errors import (
     WorkerCrashedError,
     WorkerStartupError,
 )
-from pytest_kerasmp.transport import dumps_call, sweep_segments, unlink_segments
+from pytest_kerasmp.transport import Arena, dumps_call
 
 START_METHODS = ("spawn", "forkserver", "fork")
 #: The dispatcher wakes at least this often even when nothing happens.
@@ -54,7 +56,7 @@ _live_pools: weakref.WeakSet[WorkerPool] = weakref.WeakSet()
 class _Task:
     id: int
     call: bytes
-    segments: list[str]
+    buffers: list[bytearray]  # out-of-band buffers of the call, copied at submit
     future: Future[Any]
     fn: str
     timeout_s: float | None
@@ -73,6 +75,8 @@ class _Worker:
     deadline: float | None = None
     crashed_at: float | None = None
     startup_error: str | None = None
+    to_worker: Arena = dataclasses.field(default_factory=Arena)
+    from_worker: Arena = dataclasses.field(default_factory=Arena)
 
     def describe(self) -> str:
         return self.slot.describe()
@@ -80,8 +84,13 @@ class _Worker:
 
 @dataclasses.dataclass
 class PoolStats:
-    """What the pool has done; ``replacement_ready_s`` is crash-to-ready time per replacement."""
+    """What the pool has done.
 
+    ``start_s`` is the time from construction to every worker ready; ``replacement_ready_s``
+    the time from a worker's death to its replacement being ready, one per replacement.
+    """
+
+    start_s: float | None = None
     tasks_done: int = 0
     tasks_failed: int = 0
     crashes: int = 0
@@ -164,9 +173,8 @@ class WorkerPool:
             preload = ["pytest_kerasmp._worker"] + (["tensorflow"] if preload_tensorflow else [])
             self._ctx.set_forkserver_preload(preload)
         self._init_call: bytes | None = None
-        self._init_segments: list[str] = []
         if initializer is not None:
-            self._init_call, self._init_segments = dumps_call(initializer, tuple(initargs), {})
+            self._init_call, _ = dumps_call(initializer, tuple(initargs), {}, out_of_band=False)
         self._lock = threading.Lock()
         self._pending: collections.deque[_Task] = collections.deque()
         self._ids = itertools.count()
@@ -178,8 +186,10 @@ class WorkerPool:
         self._thread: threading.Thread | None = None
         _live_pools.add(self)
         try:
+            t0 = time.perf_counter()
             self._workers = [self._spawn(i, s) for i, s in enumerate(self.slots)]
             self._wait_ready()
+            self.stats.start_s = time.perf_counter() - t0
         except BaseException:
             self._shutdown_workers(timeout=2.0)
             self._release()
@@ -219,7 +229,7 @@ class WorkerPool:
         """Finish queued tasks (within ``timeout``), stop the workers, then terminate and kill.
 
         With ``cancel_pending`` tasks not yet started fail with :class:`PoolClosedError`.
-        No worker process and no shared-memory segment outlives this call.
+        No worker process and no shared memory outlives this call.
         """
         with self._lock:
             if self._closing and self._thread is None:
@@ -331,13 +341,15 @@ class WorkerPool:
             if w.process.is_alive():
                 w.process.kill()
                 w.process.join(2.0)
-            w.conn.close()
-            w.state = "dead"
-            if w.pid:
-                sweep_segments(w.pid)
+            self._bury(w)
+
+    def _bury(self, w: _Worker) -> None:
+        w.conn.close()
+        w.to_worker.close()
+        w.from_worker.close()
+        w.state = "dead"
 
     def _release(self) -> None:
-        unlink_segments(self._init_segments)
         for task in list(self._pending):
             self._fail(task, PoolClosedError(POOL_CLOSED.format(pool=self.name, fn=task.fn)))
         self._pending.clear()
@@ -361,11 +373,11 @@ class WorkerPool:
     ) -> Future[Any]:
         if self._closing:
             raise PoolClosedError(POOL_CLOSED.format(pool=self.name, fn=getattr(fn, "__name__", fn)))
-        call, segments = dumps_call(fn, args, kwargs)
+        call, buffers = dumps_call(fn, args, kwargs)
         task = _Task(
             id=next(self._ids),
             call=call,
-            segments=segments,
+            buffers=buffers,
             future=Future(),
             fn=f"{getattr(fn, '__module__', '?')}:{getattr(fn, '__qualname__', fn)}",
             timeout_s=timeout_s,
@@ -373,7 +385,6 @@ class WorkerPool:
         )
         with self._lock:
             if self._closing:
-                unlink_segments(segments)
                 raise PoolClosedError(POOL_CLOSED.format(pool=self.name, fn=task.fn))
             self._pending.append(task)
         self._wake()
@@ -386,7 +397,7 @@ class WorkerPool:
             pass  # already awake, or closed
 
     def _fail(self, task: _Task, error: BaseException) -> None:
-        unlink_segments(task.segments)
+        task.buffers = []
         self.stats.tasks_failed += 1
         if not task.future.done():
             task.future.set_exception(error)
@@ -430,6 +441,8 @@ class WorkerPool:
             return False
         try:
             msg = w.conn.recv()
+            if msg[0] == "ok" and msg[4]:
+                w.from_worker.adopt(recv_handle(w.conn))
         except (EOFError, OSError):
             return False  # it died; its sentinel says how
         kind = msg[0]
@@ -441,16 +454,17 @@ class WorkerPool:
             w.startup_error = msg[1]
         elif kind in ("ok", "error") and w.task is not None and w.task.id == msg[1]:
             task, w.task, w.state, w.deadline = w.task, None, "idle", None
-            unlink_segments(task.segments)
+            if msg[-1]:  # the task kept a view of its arguments' arena: leave it to the worker
+                w.to_worker.close()
             if kind == "ok":
-                self._resolve(task, msg[2])
+                self._resolve(task, msg[2], w.from_worker.read(msg[3]))
             else:
                 self._reject(task, msg[2], msg[3])
         return True
 
-    def _resolve(self, task: _Task, data: bytes) -> None:
+    def _resolve(self, task: _Task, data: bytes, buffers: list[bytearray]) -> None:
         try:
-            result = pickle.loads(data)
+            result = pickle.loads(data, buffers=buffers)
         except Exception as exc:
             self._fail(task, TypeError(f"the result of task {task.id} ({task.fn}) could not be unpickled: {exc}"))
             return
@@ -477,11 +491,8 @@ class WorkerPool:
                 break
         w.process.join(1.0)
         how, hint = _how_it_died(w.process.exitcode)
-        w.conn.close()
-        if w.pid:
-            sweep_segments(w.pid)
         was_starting = w.state == "starting"
-        w.state = "dead"
+        self._bury(w)
         if w.task is not None:
             self.stats.crashes += 1
             self._fail(
@@ -559,15 +570,23 @@ class WorkerPool:
                     continue
                 self._pending.remove(task)
             if task.future.cancelled():
-                unlink_segments(task.segments)
                 continue
             try:
-                w.conn.send(("task", task.id, task.call))
+                layout = w.to_worker.write(task.buffers)
+            except OSError as exc:
+                self._fail(task, OSError(ARENA_FAILED.format(task=task.id, fn=task.fn, error=exc)))
+                continue
+            try:
+                w.conn.send(("task", task.id, task.call, layout, w.to_worker.fresh))
+                if w.to_worker.fresh:
+                    send_handle(w.conn, w.to_worker.fd, w.pid)
+                    w.to_worker.fresh = False
             except OSError:  # died just now: run it elsewhere, the sentinel reports the death
                 with self._lock:
                     self._pending.appendleft(task)
                 continue
             task.future.set_running_or_notify_cancel()
+            task.buffers = []  # in the worker's arena now
             w.state, w.task = "busy", task
             w.deadline = time.perf_counter() + task.timeout_s if task.timeout_s else None
 

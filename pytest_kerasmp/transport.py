@@ -1,9 +1,10 @@
-"""What crosses a process boundary: pickling with large arrays in shared memory, references only.
+"""What crosses a process boundary: pickles whose large buffers travel through shared memory.
 
-Large numpy arrays travel as files in ``/dev/shm``: the sender writes one, the receiver maps
-it and unlinks it at once, so the name never outlives the hand-over and the memory lives as
-long as the received array (no copy on the receiving side). Segment names start with
-``kerasmp_<creator pid>_``, so the owner of a crashed process can sweep what it left.
+Calls and results are pickled with protocol 5; buffers of at least :data:`SHM_MIN_BYTES`
+(numpy arrays) are taken out of band and cross through an :class:`Arena`: a shared-memory
+file (``memfd``) that both ends keep mapped for the life of a worker, so a call moves each
+array with plain memory copies and no new pages. The file has no name in ``/dev/shm``; the
+kernel frees it when the last process holding it exits, crashed or not.
 
 Live Keras models, layers, optimizers and variables are refused: they cross as a
 :class:`~pytest_kerasmp.modelref.ModelRef`.
@@ -11,24 +12,18 @@ Live Keras models, layers, optimizers and variables are refused: they cross as a
 
 from __future__ import annotations
 
-import dataclasses
+import functools
 import io
-import itertools
 import mmap
 import os
 import pickle
-import secrets
 import sys
-from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Sequence
+from typing import Any
 
-if TYPE_CHECKING:
-    import numpy as np
-
-SHM_DIR = "/dev/shm"
-#: Arrays of at least this many bytes go through shared memory.
+#: Buffers of at least this many bytes go out of band, through shared memory.
 SHM_MIN_BYTES = 64 * 1024
-PREFIX = "kerasmp_"
+_ALIGN = 64
 
 LIVE_OBJECT = (
     "{what} cannot be sent to a worker process: a live {kind} would be pickled and rebuilt "
@@ -42,76 +37,93 @@ NOT_IMPORTABLE = (
     "method of an instance); move it to module level"
 )
 
-_counter = itertools.count()
-_MAP_FLAGS = mmap.MAP_SHARED
+#: A pickle and its out-of-band buffers.
+Payload = tuple[bytes, list[Any]]
 
 
-@dataclasses.dataclass(frozen=True)
-class ShmArray:
-    """A numpy array waiting in a shared-memory file."""
+class Arena:
+    """A growable shared-memory buffer mapped by a writer and a reader process.
 
-    name: str
-    shape: tuple[int, ...]
-    dtype: str
+    The writer calls :meth:`write`; when the buffers do not fit it makes a bigger file and
+    sets :attr:`fresh` until it has handed the descriptor :attr:`fd` to the reader, which
+    maps it with :meth:`adopt`.
+    """
 
+    def __init__(self) -> None:
+        self.fd: int | None = None
+        self.map: mmap.mmap | None = None
+        self.fresh = False
+        self._refs = 0
 
-def segment_prefix(pid: int | None = None) -> str:
-    return f"{PREFIX}{os.getpid() if pid is None else pid}_"
+    @property
+    def capacity(self) -> int:
+        return 0 if self.map is None else len(self.map)
 
+    def write(self, buffers: Sequence[Any]) -> list[tuple[int, int]]:
+        """Copy ``buffers`` in; returns their ``(offset, size)`` layout."""
+        layout, end = [], 0
+        for buf in buffers:
+            size = memoryview(buf).nbytes
+            layout.append((end, size))
+            end += -(-size // _ALIGN) * _ALIGN
+        if end > self.capacity:
+            size = max(end, 2 * self.capacity)
+            fd = os.memfd_create("kerasmp-arena", os.MFD_CLOEXEC)
+            os.ftruncate(fd, -(-size // mmap.PAGESIZE) * mmap.PAGESIZE)
+            self.adopt(fd)
+            self.fresh = True
+        if layout:
+            assert self.map is not None
+            for buf, (offset, size) in zip(buffers, layout, strict=True):
+                with memoryview(buf) as view, view.cast("B") as flat:
+                    self.map[offset : offset + size] = flat
+        return layout
 
-def put_array(array: np.ndarray) -> ShmArray:
-    """Copy ``array`` into a new shared-memory file (the caller owns it until taken)."""
-    import numpy as np
+    def views(self, layout: Sequence[tuple[int, int]]) -> list[memoryview]:
+        """The buffers at ``layout``, in place (no copy); see :meth:`in_use`."""
+        if not layout:
+            return []
+        assert self.map is not None
+        with memoryview(self.map) as whole:
+            return [whole[offset : offset + size] for offset, size in layout]
 
-    name = f"{segment_prefix()}{next(_counter)}_{secrets.token_hex(4)}"
-    path = os.path.join(SHM_DIR, name)
-    fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
-    try:
-        os.ftruncate(fd, array.nbytes)
-        with mmap.mmap(fd, array.nbytes, flags=_MAP_FLAGS) as mm:
-            np.copyto(np.ndarray(array.shape, array.dtype, buffer=mm), array, casting="no")
-    except BaseException:
-        os.unlink(path)
-        raise
-    finally:
-        os.close(fd)
-    return ShmArray(name, tuple(array.shape), array.dtype.str)
+    def in_use(self) -> bool:
+        """Whether a view of the arena is still alive (each view holds the map)."""
+        return self.map is not None and sys.getrefcount(self.map) > self._refs
 
+    def abandon(self) -> None:
+        """Leave the map to the views that still use it; the next write makes a new file."""
+        self.map = None
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
 
-def take_array(ref: ShmArray) -> np.ndarray:
-    """Map a shared-memory array and unlink its name; the memory lives as long as the array."""
-    import numpy as np
+    def read(self, layout: Sequence[tuple[int, int]]) -> list[bytearray]:
+        """Copies of the buffers at ``layout`` (the arena is reused by the next call)."""
+        if not layout:
+            return []
+        assert self.map is not None
+        copies = []
+        with memoryview(self.map) as view:
+            for offset, size in layout:
+                with view[offset : offset + size] as part:
+                    copies.append(bytearray(part))
+        return copies
 
-    path = os.path.join(SHM_DIR, ref.name)
-    fd = os.open(path, os.O_RDWR)
-    try:
-        size = os.fstat(fd).st_size
-        mm = mmap.mmap(fd, size, flags=_MAP_FLAGS) if size else None
-    finally:
-        os.close(fd)
-        os.unlink(path)
-    if mm is None:
-        return np.empty(ref.shape, np.dtype(ref.dtype))
-    return np.ndarray(ref.shape, np.dtype(ref.dtype), buffer=mm)
+    def adopt(self, fd: int) -> None:
+        """Map the file ``fd`` instead of the current one (which is released)."""
+        self.close()
+        self.fd = fd
+        self.map = mmap.mmap(fd, os.fstat(fd).st_size)
+        self._refs = sys.getrefcount(self.map)
 
-
-def unlink_segments(names: Iterable[str]) -> None:
-    for name in names:
-        try:
-            os.unlink(os.path.join(SHM_DIR, name))
-        except FileNotFoundError:
-            pass
-
-
-def sweep_segments(pid: int) -> list[str]:
-    """Unlink every segment created by process ``pid``; returns their names."""
-    prefix = segment_prefix(pid)
-    try:
-        names = [n for n in os.listdir(SHM_DIR) if n.startswith(prefix)]
-    except FileNotFoundError:
-        return []
-    unlink_segments(names)
-    return names
+    def close(self) -> None:
+        if self.map is not None:
+            self.map.close()
+            self.map = None
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
 
 
 def _live_kind(obj: Any) -> str | None:
@@ -132,65 +144,79 @@ def _live_kind(obj: Any) -> str | None:
     return None
 
 
+def _take_buffer(buffers: list[Any], buf: pickle.PickleBuffer) -> bool:
+    raw = buf.raw()
+    if raw.nbytes < SHM_MIN_BYTES:
+        return True  # small: in band
+    buffers.append(raw)
+    return False
+
+
 class _Pickler(pickle.Pickler):
-    def __init__(self, file: io.BytesIO, what: str, created: list[str]) -> None:
-        super().__init__(file, protocol=pickle.HIGHEST_PROTOCOL)
+    def __init__(self, file: io.BytesIO, what: str, buffers: list[Any] | None) -> None:
+        # the callback holds the list, not the pickler: no cycle keeps the memo's objects alive
+        callback = None if buffers is None else functools.partial(_take_buffer, buffers)
+        super().__init__(file, protocol=5, buffer_callback=callback)
         self.what = what
-        self.created = created
 
     def reducer_override(self, obj: Any) -> Any:
-        np = sys.modules.get("numpy")  # an array can only exist once numpy is imported
-        if np is not None and type(obj) is np.ndarray and obj.nbytes >= SHM_MIN_BYTES and not obj.dtype.hasobject:
-            ref = put_array(obj)
-            self.created.append(ref.name)
-            return take_array, (ref,)
         kind = _live_kind(obj)
         if kind is not None:
             raise TypeError(LIVE_OBJECT.format(what=self.what, kind=kind))
         return NotImplemented
 
 
-def dumps(obj: Any, what: str, created: list[str]) -> bytes:
-    """Pickle ``obj``; large arrays go to shared memory and their names into ``created``.
+def dumps(obj: Any, what: str, buffers: list[Any] | None = None) -> bytes:
+    """Pickle ``obj``; large buffers are appended (as views, not copies) to ``buffers``.
+
+    With ``buffers=None`` everything is pickled in band.
 
     Raises:
         TypeError: ``obj`` holds a live model (names ModelRef as the fix) or cannot be
-            pickled; the message names ``what``. Segments made before the failure are removed.
+            pickled; the message names ``what``.
     """
-    buf = io.BytesIO()
-    mark = len(created)
+    file = io.BytesIO()
+    mark = None if buffers is None else len(buffers)
     try:
-        _Pickler(buf, what, created).dump(obj)
+        _Pickler(file, what, buffers).dump(obj)
     except (TypeError, pickle.PicklingError, AttributeError) as exc:
-        unlink_segments(created[mark:])
-        del created[mark:]
+        if buffers is not None:
+            del buffers[mark:]
         if isinstance(exc, TypeError) and str(exc).startswith(what):
             raise  # our own message (a live model): already names what and the fix
         raise TypeError(NOT_PICKLABLE.format(what=what, error=exc)) from exc
-    return buf.getvalue()
+    return file.getvalue()
 
 
-def dumps_call(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[bytes, list[str]]:
-    """Pickle a call for a worker, naming the argument that cannot travel."""
+def loads(data: bytes, buffers: Sequence[Any] = ()) -> Any:
+    return pickle.loads(data, buffers=buffers)
+
+
+def dumps_call(
+    fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], *, out_of_band: bool = True
+) -> Payload:
+    """Pickle a call for a worker, naming the argument that cannot travel.
+
+    The out-of-band buffers are copies, so the caller may change its arrays at once.
+    """
     check_importable(fn)
-    created: list[str] = []
-    parts = [dumps(fn, f"function {fn!r}", created)]
-    try:
-        parts += [dumps(a, f"argument {i} of {_name(fn)}", created) for i, a in enumerate(args)]
-        parts += [dumps(v, f"argument {k!r} of {_name(fn)}", created) for k, v in kwargs.items()]
-        parts.append(pickle.dumps(list(kwargs)))
-    except TypeError:
-        unlink_segments(created)
-        raise
-    return pickle.dumps(parts, protocol=pickle.HIGHEST_PROTOCOL), created
+    buffers: list[Any] | None = [] if out_of_band else None
+    name = _name(fn)
+    items = [(f"function {fn!r}", fn)]
+    items += [(f"argument {i} of {name}", a) for i, a in enumerate(args)]
+    items += [(f"argument {k!r} of {name}", v) for k, v in kwargs.items()]
+    parts = [dumps(value, what, buffers) for what, value in items]
+    data = pickle.dumps((parts, list(kwargs)), protocol=5)
+    return data, [bytearray(b) for b in buffers or ()]
 
 
-def loads_call(data: bytes) -> tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any]]:
-    parts = pickle.loads(data)
-    keys = pickle.loads(parts[-1])
-    values = [pickle.loads(p) for p in parts[1:-1]]
+def loads_call(data: bytes, buffers: Sequence[Any] = ()) -> tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any]]:
+    parts, keys = pickle.loads(data)
+    it = iter(buffers)
+    values = [pickle.loads(p, buffers=it) for p in parts]
+    fn, values = values[0], values[1:]
     n_args = len(values) - len(keys)
-    return pickle.loads(parts[0]), tuple(values[:n_args]), dict(zip(keys, values[n_args:], strict=True))
+    return fn, tuple(values[:n_args]), dict(zip(keys, values[n_args:], strict=True))
 
 
 def _name(fn: Callable[..., Any]) -> str:

@@ -100,12 +100,23 @@ def _leftover_children() -> set[int]:
 
 
 def _kerasmp_segments() -> set[str]:
-    return {n for n in os.listdir("/dev/shm") if n.startswith("kerasmp_")}
+    return set(os.listdir("/dev/shm"))
+
+
+def arena_fds() -> list[str]:
+    """This process's open shared-memory arenas (memfd files) of pytest-kerasmp."""
+    links = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            links.append(os.readlink(f"/proc/self/fd/{fd}"))
+        except OSError:
+            pass
+    return [link for link in links if "kerasmp-arena" in link]
 
 
 @pytest.fixture
 def no_leftovers():
-    """After the test: no child process of this test and no kerasmp shared-memory segment."""
+    """After the test: no child process of this test and no new file in /dev/shm."""
     import time
 
     children, segments = _leftover_children(), _kerasmp_segments()

@@ -78,3 +78,26 @@ def build_custom(units=3):
 
     inputs = keras.Input((4,))
     return keras.Model(inputs, keras.layers.Dense(units, kernel_initializer="ones")(Doubler()(inputs)))
+
+
+def echo(value):
+    return value
+
+
+_kept = []
+
+
+def keep(array):
+    """Keep a reference to an argument after the task (it must stay intact)."""
+    _kept.append(array)
+    return float(array.sum())
+
+
+def kept_sums():
+    return [float(a.sum()) for a in _kept]
+
+
+def slot_env(_=None):
+    import json
+
+    return json.loads(os.environ["PYTEST_KERASMP_SLOT"])

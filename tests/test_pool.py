@@ -42,6 +42,16 @@ def test_each_worker_is_pinned_and_warm(kerasmp_pool, kerasmp_slots):
         assert info["tf_was_imported"]
 
 
+def test_forkserver_workers_get_their_own_slot(kerasmp_pool_factory, no_leftovers):
+    slots = [DeviceSlot(index=i, kind="CPU", cores=(c,)) for i, c in enumerate(sorted(os.sched_getaffinity(0))[:2])]
+    pool = kerasmp_pool_factory(slots, start_method="forkserver")  # forked from a server that imported TF
+    infos = pool.broadcast(pool_tasks.whoami)
+    for info, slot in zip(infos, slots, strict=True):
+        assert info["cores"] == list(slot.cores) and info["intra"] == 1
+    envs = pool.broadcast(pool_tasks.slot_env)
+    assert [e["index"] for e in envs] == [s.index for s in slots]
+
+
 def test_map_keeps_input_order_and_submit_takes_kwargs(kerasmp_pool):
     assert kerasmp_pool.map(pool_tasks.add, range(20), range(20)) == [2 * i for i in range(20)]
     assert kerasmp_pool.submit(pool_tasks.add, 2, b=5).result(timeout=30) == 7
@@ -87,12 +97,29 @@ def test_live_models_are_refused_naming_modelref(kerasmp_pool, tmp_path):
         WorkerPool([CPU0], initializer=pool_tasks.add, initargs=(model,))
 
 
-def test_large_arrays_travel_through_shared_memory_and_leave_nothing(kerasmp_pool, no_leftovers):
-    array = np.random.default_rng(0).random((32, 64, 64, 3), dtype=np.float32)
-    out = kerasmp_pool.submit(pool_tasks.scale, array, 2.0).result(timeout=30)
-    np.testing.assert_array_equal(out, array * 2.0)
-    results = kerasmp_pool.map(pool_tasks.scale, [array] * 6, [1.0] * 6)
-    assert all(np.array_equal(r, array) for r in results)
+def test_large_arrays_travel_through_shared_memory_and_leave_nothing(kerasmp_pool_factory, no_leftovers):
+    from conftest import arena_fds
+
+    pool = kerasmp_pool_factory([CPU0], import_tensorflow=False)
+    rng = np.random.default_rng(0)
+    array = rng.random((32, 64, 64, 3), dtype=np.float32)
+    sent = array.copy()
+    future = pool.submit(pool_tasks.scale, array, 2.0)
+    array[:] = 0  # copied at submit: changing it now does not change the call
+    np.testing.assert_array_equal(future.result(timeout=30), sent * 2.0)
+    assert arena_fds(), "the array did not go through a shared-memory arena"
+    sizes = [rng.random(n, dtype=np.float32) for n in (20_000, 200_000, 50_000, 400_000, 30_000)]
+    results = pool.map(pool_tasks.scale, sizes, [1.0] * len(sizes))  # arenas grow and are reused
+    assert all(np.array_equal(r, a) for r, a in zip(results, sizes, strict=True))
+    parts = pool.submit(pool_tasks.scale, np.asfortranarray(sent[..., 0]), 1.0).result(timeout=30)
+    np.testing.assert_array_equal(parts, sent[..., 0])
+    results[0][:] = 5  # results are the caller's own, writable
+    ones, twos = np.ones(100_000), np.full(100_000, 2.0)
+    assert pool.submit(pool_tasks.keep, ones).result(timeout=30) == 1e5  # the task keeps its view
+    assert pool.submit(pool_tasks.keep, twos).result(timeout=30) == 2e5
+    assert pool.submit(pool_tasks.kept_sums).result(timeout=30) == [1e5, 2e5]  # not overwritten
+    pool.close()
+    assert not arena_fds(), "a shared-memory arena outlived its pool"
 
 
 def test_modelref_loads_once_per_worker_and_reloads_a_changed_file(kerasmp_pool, tmp_path):
