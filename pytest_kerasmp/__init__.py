@@ -12,6 +12,8 @@ from pytest_kerasmp.errors import (
     KerasMPWarning,
     PoolClosedError,
     RemoteTraceback,
+    ServerBusyError,
+    ServerDiedError,
     TaskTimeoutError,
     WorkerCrashedError,
     WorkerStartupError,
@@ -19,16 +21,21 @@ from pytest_kerasmp.errors import (
 from pytest_kerasmp.modelref import ModelRef
 from pytest_kerasmp.pinning import configure_tensorflow, current_slot, pin_process
 from pytest_kerasmp.pool import WorkerPool
+from pytest_kerasmp.server import InferenceClient, InferenceServer
 
 __all__ = [
     "GPU",
     "DeviceAlreadyInitializedError",
+    "InferenceClient",
+    "InferenceServer",
     "DeviceSlot",
     "KerasMPError",
     "KerasMPWarning",
     "ModelRef",
     "PoolClosedError",
     "RemoteTraceback",
+    "ServerBusyError",
+    "ServerDiedError",
     "TaskTimeoutError",
     "WorkerCrashedError",
     "WorkerPool",

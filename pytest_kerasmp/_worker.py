@@ -82,8 +82,6 @@ def main(
 
 
 def _serve(conn: Connection) -> None:
-    from multiprocessing.reduction import recv_handle, send_handle
-
     from pytest_kerasmp.transport import Arena, dumps, loads_call
 
     inbox, outbox = Arena(), Arena()
@@ -95,7 +93,7 @@ def _serve(conn: Connection) -> None:
                 return
             _, task_id, call, layout, grew = msg
             if grew:
-                inbox.adopt(recv_handle(conn))
+                inbox.receive(conn)
         except (EOFError, OSError):
             return  # the pool went away
         try:
@@ -118,8 +116,7 @@ def _serve(conn: Connection) -> None:
         reply.append(retired)
         try:
             conn.send(tuple(reply))
-            if reply[0] == "ok" and outbox.fresh:
-                send_handle(conn, outbox.fd, os.getppid())
-                outbox.fresh = False
+            if reply[0] == "ok":
+                outbox.hand_over(conn)
         except OSError:
             return  # the pool went away mid-reply

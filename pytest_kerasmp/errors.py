@@ -51,6 +51,14 @@ class PoolClosedError(KerasMPError, RuntimeError):
     """The pool was closed before the task could run."""
 
 
+class ServerDiedError(KerasMPError, ConnectionError):
+    """The inference server process is gone; its pending and later requests fail with this."""
+
+
+class ServerBusyError(KerasMPError):
+    """The inference server's queue stayed full for the whole wait."""
+
+
 class RemoteTraceback(Exception):
     """The traceback text of an exception raised in a worker, attached as ``__cause__``."""
 
@@ -88,3 +96,22 @@ ARENA_FAILED = (
     "task {task} ({fn}) was not run: its arrays could not be copied into the worker's shared "
     "memory ({error}); free memory or send smaller arrays"
 )
+SERVER_DIED = (
+    "inference server {name!r} (pid {pid}, {slot}) is gone{how}; request {what} was not "
+    "answered; start a new server, and check its output for the reason (SIGKILL is usually "
+    "the OOM killer)"
+)
+SERVER_DIED_STARTING = (
+    "inference server {name!r} ({slot}) died with {how} while loading and warming its model; "
+    "check that the model loads in one process, and the machine's memory"
+)
+SERVER_BUSY = (
+    "inference server {name!r} had its queue full ({queue} requests waiting) for {waited:g} s, "
+    "so request {what} was refused; raise max_queue, add servers, or let callers wait "
+    "longer (busy_timeout_s)"
+)
+SERVER_NO_ANSWER = (
+    "inference server {name!r} did not answer request {what} within {timeout:g} s (its batch "
+    "may be stuck or the model slow); raise request_timeout_s or check server.stats()"
+)
+BAD_REQUEST = "request {what} does not fit the model's input {index} ({expected}): {problem}"

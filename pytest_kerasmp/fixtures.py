@@ -11,7 +11,9 @@ import pytest
 from pytest_kerasmp.config import session_plan
 from pytest_kerasmp.devices import DeviceSlot
 from pytest_kerasmp.pinning import current_slot
+from pytest_kerasmp.modelref import ModelRef
 from pytest_kerasmp.pool import WorkerPool
+from pytest_kerasmp.server import InferenceServer
 from pytest_kerasmp.speedup import Comparison, measure
 
 
@@ -56,3 +58,21 @@ def kerasmp_pool_factory(
 def kerasmp_speedup(request: pytest.FixtureRequest, benchmark: Any) -> Callable[..., Comparison]:
     """measure(serial, parallel, *, workers, rounds=5, variant="", check=None) -> Comparison."""
     return functools.partial(measure, request.node, benchmark)
+
+
+@pytest.fixture
+def kerasmp_inference_server(
+    kerasmp_slots: tuple[DeviceSlot, ...],
+) -> Iterator[Callable[..., InferenceServer]]:
+    """Factory: start(model_ref, slot=None, **options) -> InferenceServer on slot 0, closed at test end."""
+    servers: list[InferenceServer] = []
+
+    def start(model_ref: ModelRef, slot: DeviceSlot | None = None, **options: Any) -> InferenceServer:
+        options.setdefault("name", f"server{len(servers)}")
+        server = InferenceServer(model_ref, kerasmp_slots[0] if slot is None else slot, **options)
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.close(timeout=30.0)

@@ -19,6 +19,7 @@ from pytest_kerasmp.devices import DeviceSlot, detect_gpus, plan_slots
 from pytest_kerasmp.errors import KerasMPError
 from pytest_kerasmp.fixtures import (  # noqa: F401  (fixtures registered with the plugin)
     kerasmp_device,
+    kerasmp_inference_server,
     kerasmp_pool,
     kerasmp_pool_factory,
     kerasmp_slots,

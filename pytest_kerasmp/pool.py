@@ -23,7 +23,6 @@ import weakref
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future
 from multiprocessing.connection import Connection, wait
-from multiprocessing.reduction import recv_handle, send_handle
 from typing import Any
 
 from pytest_kerasmp import _worker
@@ -98,7 +97,17 @@ class PoolStats:
     replacement_ready_s: list[float] = dataclasses.field(default_factory=list)
 
 
-def _how_it_died(exitcode: int | None) -> tuple[str, str]:
+def end_process(process: Any, grace_s: float = 2.0) -> None:
+    """Terminate ``process`` if it still runs, then kill it; reaped either way."""
+    if process.is_alive():
+        process.terminate()
+        process.join(grace_s)
+    if process.is_alive():
+        process.kill()
+        process.join(grace_s)
+
+
+def how_it_died(exitcode: int | None) -> tuple[str, str]:
     if exitcode is None:
         return "an unknown status", "check the worker's output above"
     if exitcode < 0:
@@ -307,7 +316,7 @@ class WorkerPool:
             return
         if msg is None:
             w.process.join(1.0)
-            how, _ = _how_it_died(w.process.exitcode)
+            how, _ = how_it_died(w.process.exitcode)
             text, reason = "", f"the process exited with {how} before it was ready"
         else:
             text = msg[1]
@@ -335,12 +344,7 @@ class WorkerPool:
         for w in self._workers:
             w.process.join(max(0.0, deadline - time.perf_counter()))
         for w in self._workers:
-            if w.process.is_alive():
-                w.process.terminate()
-                w.process.join(2.0)
-            if w.process.is_alive():
-                w.process.kill()
-                w.process.join(2.0)
+            end_process(w.process)
             self._bury(w)
 
     def _bury(self, w: _Worker) -> None:
@@ -442,7 +446,7 @@ class WorkerPool:
         try:
             msg = w.conn.recv()
             if msg[0] == "ok" and msg[4]:
-                w.from_worker.adopt(recv_handle(w.conn))
+                w.from_worker.receive(w.conn)
         except (EOFError, OSError):
             return False  # it died; its sentinel says how
         kind = msg[0]
@@ -490,7 +494,7 @@ class WorkerPool:
             except (EOFError, OSError):
                 break
         w.process.join(1.0)
-        how, hint = _how_it_died(w.process.exitcode)
+        how, hint = how_it_died(w.process.exitcode)
         was_starting = w.state == "starting"
         self._bury(w)
         if w.task is not None:
@@ -578,9 +582,7 @@ class WorkerPool:
                 continue
             try:
                 w.conn.send(("task", task.id, task.call, layout, w.to_worker.fresh))
-                if w.to_worker.fresh:
-                    send_handle(w.conn, w.to_worker.fd, w.pid)
-                    w.to_worker.fresh = False
+                w.to_worker.hand_over(w.conn)
             except OSError:  # died just now: run it elsewhere, the sentinel reports the death
                 with self._lock:
                     self._pending.appendleft(task)

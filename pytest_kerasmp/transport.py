@@ -19,6 +19,7 @@ import os
 import pickle
 import sys
 from collections.abc import Callable, Sequence
+from multiprocessing.reduction import recv_handle, send_handle
 from typing import Any
 
 #: Buffers of at least this many bytes go out of band, through shared memory.
@@ -44,20 +45,25 @@ Payload = tuple[bytes, list[Any]]
 class Arena:
     """A growable shared-memory buffer mapped by a writer and a reader process.
 
-    The writer calls :meth:`write`; when the buffers do not fit it makes a bigger file and
-    sets :attr:`fresh` until it has handed the descriptor :attr:`fd` to the reader, which
-    maps it with :meth:`adopt`.
+    The writer calls :meth:`write`; when the buffers do not fit it makes a bigger file, and
+    after sending the message that says so it calls :meth:`hand_over`, which passes the file
+    over the connection; the reader calls :meth:`receive`. Neither side keeps a descriptor
+    beyond that: the mapping alone holds the memory, so dropping an arena frees it.
     """
 
     def __init__(self) -> None:
-        self.fd: int | None = None
         self.map: mmap.mmap | None = None
-        self.fresh = False
+        self._fd: int | None = None  # a new file not yet handed over
         self._refs = 0
 
     @property
     def capacity(self) -> int:
         return 0 if self.map is None else len(self.map)
+
+    @property
+    def fresh(self) -> bool:
+        """Whether the last write made a new file the reader has not got yet."""
+        return self._fd is not None
 
     def write(self, buffers: Sequence[Any]) -> list[tuple[int, int]]:
         """Copy ``buffers`` in; returns their ``(offset, size)`` layout."""
@@ -69,15 +75,34 @@ class Arena:
         if end > self.capacity:
             size = max(end, 2 * self.capacity)
             fd = os.memfd_create("kerasmp-arena", os.MFD_CLOEXEC)
-            os.ftruncate(fd, -(-size // mmap.PAGESIZE) * mmap.PAGESIZE)
-            self.adopt(fd)
-            self.fresh = True
+            try:
+                os.ftruncate(fd, -(-size // mmap.PAGESIZE) * mmap.PAGESIZE)
+                self._map(fd)
+            except BaseException:
+                os.close(fd)
+                raise
+            self._fd = fd
         if layout:
             assert self.map is not None
             for buf, (offset, size) in zip(buffers, layout, strict=True):
                 with memoryview(buf) as view, view.cast("B") as flat:
                     self.map[offset : offset + size] = flat
         return layout
+
+    def hand_over(self, conn: Any) -> None:
+        """Send a new file to the reader (after the message that says ``fresh``)."""
+        if self._fd is not None:
+            send_handle(conn, self._fd, 0)
+            os.close(self._fd)
+            self._fd = None
+
+    def receive(self, conn: Any) -> None:
+        """Map the new file the writer hands over, instead of the current one."""
+        fd = recv_handle(conn)
+        try:
+            self._map(fd)
+        finally:
+            os.close(fd)
 
     def views(self, layout: Sequence[tuple[int, int]]) -> list[memoryview]:
         """The buffers at ``layout``, in place (no copy); see :meth:`in_use`."""
@@ -94,9 +119,6 @@ class Arena:
     def abandon(self) -> None:
         """Leave the map to the views that still use it; the next write makes a new file."""
         self.map = None
-        if self.fd is not None:
-            os.close(self.fd)
-            self.fd = None
 
     def read(self, layout: Sequence[tuple[int, int]]) -> list[bytearray]:
         """Copies of the buffers at ``layout`` (the arena is reused by the next call)."""
@@ -110,20 +132,27 @@ class Arena:
                     copies.append(bytearray(part))
         return copies
 
-    def adopt(self, fd: int) -> None:
-        """Map the file ``fd`` instead of the current one (which is released)."""
+    def _map(self, fd: int) -> None:
+        new = mmap.mmap(fd, os.fstat(fd).st_size)
         self.close()
-        self.fd = fd
-        self.map = mmap.mmap(fd, os.fstat(fd).st_size)
+        self.map = new
+        del new
         self._refs = sys.getrefcount(self.map)
 
     def close(self) -> None:
         if self.map is not None:
-            self.map.close()
+            try:
+                self.map.close()
+            except BufferError:  # views still use it: it goes when they do
+                pass
             self.map = None
-        if self.fd is not None:
-            os.close(self.fd)
-            self.fd = None
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def __del__(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
 
 
 def _live_kind(obj: Any) -> str | None:

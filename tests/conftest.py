@@ -92,26 +92,26 @@ def _leftover_children() -> set[int]:
     import psutil
 
     keep = ("forkserver", "resource_tracker")  # multiprocessing's own helpers, one per parent
-    return {
-        p.pid
-        for p in psutil.Process().children(recursive=True)
-        if not any(k in " ".join(p.cmdline()) for k in keep)
-    }
+    me = psutil.Process()
+    found = set()
+    for p in me.children(recursive=True):
+        try:
+            helper = p.ppid() == me.pid and any(k in " ".join(p.cmdline()) for k in keep)
+        except psutil.Error:
+            continue  # gone meanwhile
+        if not helper:  # a forkserver's children are workers: they count
+            found.add(p.pid)
+    return found
 
 
 def _kerasmp_segments() -> set[str]:
     return set(os.listdir("/dev/shm"))
 
 
-def arena_fds() -> list[str]:
-    """This process's open shared-memory arenas (memfd files) of pytest-kerasmp."""
-    links = []
-    for fd in os.listdir("/proc/self/fd"):
-        try:
-            links.append(os.readlink(f"/proc/self/fd/{fd}"))
-        except OSError:
-            pass
-    return [link for link in links if "kerasmp-arena" in link]
+def arena_maps() -> list[str]:
+    """This process's mappings of pytest-kerasmp shared-memory arenas (memfd files)."""
+    with open("/proc/self/maps") as maps:
+        return [line for line in maps if "kerasmp-arena" in line]
 
 
 @pytest.fixture

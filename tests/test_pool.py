@@ -42,7 +42,7 @@ def test_each_worker_is_pinned_and_warm(kerasmp_pool, kerasmp_slots):
         assert info["tf_was_imported"]
 
 
-def test_forkserver_workers_get_their_own_slot(kerasmp_pool_factory, no_leftovers):
+def test_forkserver_workers_get_their_own_slot(no_leftovers, kerasmp_pool_factory):
     slots = [DeviceSlot(index=i, kind="CPU", cores=(c,)) for i, c in enumerate(sorted(os.sched_getaffinity(0))[:2])]
     pool = kerasmp_pool_factory(slots, start_method="forkserver")  # forked from a server that imported TF
     infos = pool.broadcast(pool_tasks.whoami)
@@ -97,8 +97,8 @@ def test_live_models_are_refused_naming_modelref(kerasmp_pool, tmp_path):
         WorkerPool([CPU0], initializer=pool_tasks.add, initargs=(model,))
 
 
-def test_large_arrays_travel_through_shared_memory_and_leave_nothing(kerasmp_pool_factory, no_leftovers):
-    from conftest import arena_fds
+def test_large_arrays_travel_through_shared_memory_and_leave_nothing(no_leftovers, kerasmp_pool_factory):
+    from conftest import arena_maps
 
     pool = kerasmp_pool_factory([CPU0], import_tensorflow=False)
     rng = np.random.default_rng(0)
@@ -107,7 +107,7 @@ def test_large_arrays_travel_through_shared_memory_and_leave_nothing(kerasmp_poo
     future = pool.submit(pool_tasks.scale, array, 2.0)
     array[:] = 0  # copied at submit: changing it now does not change the call
     np.testing.assert_array_equal(future.result(timeout=30), sent * 2.0)
-    assert arena_fds(), "the array did not go through a shared-memory arena"
+    assert arena_maps(), "the array did not go through a shared-memory arena"
     sizes = [rng.random(n, dtype=np.float32) for n in (20_000, 200_000, 50_000, 400_000, 30_000)]
     results = pool.map(pool_tasks.scale, sizes, [1.0] * len(sizes))  # arenas grow and are reused
     assert all(np.array_equal(r, a) for r, a in zip(results, sizes, strict=True))
@@ -119,7 +119,7 @@ def test_large_arrays_travel_through_shared_memory_and_leave_nothing(kerasmp_poo
     assert pool.submit(pool_tasks.keep, twos).result(timeout=30) == 2e5
     assert pool.submit(pool_tasks.kept_sums).result(timeout=30) == [1e5, 2e5]  # not overwritten
     pool.close()
-    assert not arena_fds(), "a shared-memory arena outlived its pool"
+    assert not arena_maps(), "a shared-memory arena outlived its pool"
 
 
 def test_modelref_loads_once_per_worker_and_reloads_a_changed_file(kerasmp_pool, tmp_path):
@@ -169,7 +169,7 @@ def test_modelref_bad_input(kwargs, message):
 
 
 @pytest.fixture
-def pool(kerasmp_pool_factory, no_leftovers):
+def pool(no_leftovers, kerasmp_pool_factory):
     return kerasmp_pool_factory([CPU0, CPU0], name="crashy", start_method="forkserver")
 
 
@@ -212,7 +212,7 @@ def test_task_timeout_kills_and_replaces_the_worker(pool):
     ],
     ids=["initializer-raises", "initializer-exits", "bad-slot"],
 )
-def test_startup_failures_raise_worker_startup_error(options, reason, no_leftovers):
+def test_startup_failures_raise_worker_startup_error(no_leftovers, options, reason):
     slots = options.pop("slots", [CPU0])
     with pytest.raises(WorkerStartupError, match="worker 0 .* failed to start") as info:
         WorkerPool(slots, import_tensorflow=False, **options)

@@ -1,0 +1,228 @@
+"""Scenario: one process owns the model, many processes send it single samples.
+
+Pattern: M client processes (a ``WorkerPool`` without TensorFlow) send single-sample
+requests, 4 in flight each, to an ``InferenceServer`` that owns the model on slot 0 and
+batches them (max 32 rows, 2 ms). Two models: a tiny MLP, where transport and batching
+dominate, and a CNN on 64x64x3 whose full batch takes about 20 ms on one core.
+Asserted: every request is answered once and its prediction equals direct
+``model.predict`` of the same sample within 1e-4 (max abs difference reported).
+Measured, each against its reference in the same run:
+- served throughput vs the limit, in-process ``model(x)`` on full batches (M = 1, 2, 4, 8);
+- served (M = 8) vs per-sample ``model.predict`` in one process;
+- served (M = 8) vs 8 processes that each load their own copy of the model (throughput,
+  and the memory of all processes involved).
+Known hazard: the usual recipe forks children holding a live model, lets them exit on a
+0.1 s ``queue.Empty`` and collects with a 0.1 s timeout: it hangs or loses results.
+"""
+
+from __future__ import annotations
+
+import collections
+import time
+
+import numpy as np
+import psutil
+import pytest
+
+from pytest_kerasmp import InferenceServer, ModelRef, WorkerPool
+
+MAX_BATCH = 32
+IN_FLIGHT = 4
+TOLERANCE = 1e-4
+
+
+def build_tiny():
+    import keras
+
+    keras.utils.set_random_seed(0)
+    return keras.Sequential(
+        [keras.Input((32,)), keras.layers.Dense(64, activation="relu"), keras.layers.Dense(10)], name="tiny"
+    )
+
+
+def build_cnn():
+    import keras
+
+    keras.utils.set_random_seed(0)
+    return keras.Sequential(
+        [
+            keras.Input((64, 64, 3)),
+            keras.layers.Conv2D(48, 3, activation="relu"),
+            keras.layers.Conv2D(96, 3, strides=2, activation="relu"),
+            keras.layers.Conv2D(128, 3, strides=2, activation="relu"),
+            keras.layers.GlobalAveragePooling2D(),
+            keras.layers.Dense(10),
+        ],
+        name="cnn",
+    )
+
+
+MODELS = {"tiny": (build_tiny, (32,), 1024), "cnn": (build_cnn, (64, 64, 3), 512)}
+
+
+# ---------------------------------------------------------- run in the client processes
+
+
+def send_requests(client, xs: np.ndarray, in_flight: int) -> dict:
+    """Send each row of ``xs`` as one single-sample request, ``in_flight`` at a time."""
+    outputs: list = [None] * len(xs)
+    latency: list[float] = []
+    pending: collections.deque = collections.deque()
+
+    def collect() -> None:
+        i, t0, future = pending.popleft()
+        outputs[i] = future.result(timeout=120)
+        latency.append(time.perf_counter() - t0)
+
+    for i, x in enumerate(xs):
+        if len(pending) >= in_flight:
+            collect()
+        pending.append((i, time.perf_counter(), client.submit(x)))
+    while pending:
+        collect()
+    client.close()
+    return {"outputs": np.stack(outputs), "latency_s": latency}
+
+
+def predict_own_copy(ref: ModelRef, xs: np.ndarray) -> np.ndarray:
+    """The usual alternative: this process loads its own model and predicts sample by sample."""
+    model = ref.load()
+    return np.stack([np.asarray(model(x[None], training=False))[0] for x in xs])
+
+
+# ------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def served(kerasmp_slots, tmp_path_factory):
+    """For each model: its ModelRef, the live model here, and a server on slot 0."""
+    directory = tmp_path_factory.mktemp("served")
+    setups, servers = {}, []
+    try:
+        for name, (build, shape, n) in MODELS.items():
+            model = build()
+            ref = ModelRef.save(model, directory, name)
+            server = InferenceServer(ref, kerasmp_slots[0], max_batch_size=MAX_BATCH, max_delay_ms=2, name=name)
+            servers.append(server)
+            xs = np.random.default_rng(1).random((n, *shape), dtype=np.float32)
+            setups[name] = {"ref": ref, "model": model, "server": server, "xs": xs}
+        yield setups
+    finally:
+        for server in servers:
+            server.close()
+
+
+@pytest.fixture(scope="module")
+def clients(kerasmp_slots):
+    """Eight client processes spread over the session's slots (no TensorFlow in them)."""
+    with WorkerPool([kerasmp_slots[i % len(kerasmp_slots)] for i in range(8)], import_tensorflow=False, name="clients") as pool:
+        yield pool
+
+
+def serve_from(clients: WorkerPool, server: InferenceServer, xs: np.ndarray, m: int) -> dict:
+    chunks = np.array_split(xs, m)
+    reports = clients.map(send_requests, [server.client()] * m, chunks, [IN_FLIGHT] * m)
+    return {
+        "outputs": np.concatenate([r["outputs"] for r in reports]),
+        "latency_s": [t for r in reports for t in r["latency_s"]],
+    }
+
+
+def rss_mb(pids) -> float:
+    return sum(psutil.Process(p).memory_info().rss for p in pids) / 2**20
+
+
+# ------------------------------------------------------------------------ scenarios
+
+
+@pytest.mark.parametrize("m", [1, 2, 4, 8])
+@pytest.mark.parametrize("model_name", ["tiny", "cnn"])
+def test_served_throughput_vs_in_process_full_batches(kerasmp_speedup, benchmark, served, clients, model_name, m):
+    setup = served[model_name]
+    model, server, xs = setup["model"], setup["server"], setup["xs"]
+    import tensorflow as tf
+
+    forward = tf.function(lambda x: model(x, training=False), input_signature=[tf.TensorSpec((None, *xs.shape[1:]), tf.float32)])
+    reference = model.predict(xs, batch_size=MAX_BATCH, verbose=0)
+    runs: list[dict] = []
+
+    def limit() -> np.ndarray:  # the model alone, in full batches, in one process
+        return np.concatenate([forward(xs[i : i + MAX_BATCH]).numpy() for i in range(0, len(xs), MAX_BATCH)])
+
+    def serve() -> np.ndarray:
+        runs.append(serve_from(clients, server, xs, m))
+        return runs[-1]["outputs"]
+
+    def check(limit_out: np.ndarray, served_out: np.ndarray) -> None:
+        assert served_out.shape == reference.shape, "a request was lost or duplicated"
+        diff = float(np.max(np.abs(served_out - reference)))
+        benchmark.extra_info["max_abs_diff_vs_predict"] = diff
+        assert diff <= TOLERANCE, f"served predictions differ from model.predict by {diff}"
+
+    comparison = kerasmp_speedup(limit, serve, workers=m, rounds=3, variant=f"{model_name}-limit-M{m}", check=check)
+    latency = np.concatenate([r["latency_s"] for r in runs])
+    stats = server.stats()
+    benchmark.extra_info.update(
+        {
+            "requests_per_s": len(xs) / comparison.parallel_median_s,
+            "fraction_of_limit": comparison.speedup,
+            "latency_p50_ms": float(np.percentile(latency, 50) * 1e3),
+            "latency_p99_ms": float(np.percentile(latency, 99) * 1e3),
+            "server_mean_batch_size": stats["mean_batch_size"],
+            "server_traces": stats["traces"],
+        }
+    )
+    print(
+        f"\n{model_name} M={m}: {len(xs) / comparison.parallel_median_s:.0f} requests/s = "
+        f"{comparison.speedup:.0%} of in-process full batches "
+        f"({len(xs) / comparison.serial_median_s:.0f} rows/s); latency p50 "
+        f"{np.percentile(latency, 50) * 1e3:.2f} ms, p99 {np.percentile(latency, 99) * 1e3:.2f} ms; "
+        f"mean batch {stats['mean_batch_size']:.1f}; max |diff| vs predict "
+        f"{benchmark.extra_info.get('max_abs_diff_vs_predict', float('nan')):.2e}"
+    )
+
+
+@pytest.mark.parametrize("model_name", ["tiny", "cnn"])
+def test_served_vs_per_sample_predict(kerasmp_speedup, served, clients, model_name):
+    setup = served[model_name]
+    model, server = setup["model"], setup["server"]
+    xs = setup["xs"][:48]  # per-sample predict costs tens of ms a call
+
+    def per_sample_predict() -> np.ndarray:
+        return np.concatenate([model.predict(x[None], verbose=0) for x in xs])
+
+    def check(expected: np.ndarray, got: np.ndarray) -> None:
+        np.testing.assert_allclose(got, expected, atol=TOLERANCE, rtol=0)
+
+    comparison = kerasmp_speedup(
+        per_sample_predict, lambda: serve_from(clients, server, xs, 8)["outputs"],
+        workers=8, rounds=3, variant=f"{model_name}-vs-predict", check=check,
+    )
+    print(f"\n{model_name}: served (M=8) {comparison.speedup:.1f}x per-sample model.predict")
+
+
+@pytest.mark.parametrize("model_name", ["tiny", "cnn"])
+def test_served_vs_a_model_copy_in_every_client(kerasmp_speedup, benchmark, served, clients, kerasmp_slots, model_name):
+    setup = served[model_name]
+    ref, server, xs = setup["ref"], setup["server"], setup["xs"]
+    slots = [kerasmp_slots[i % len(kerasmp_slots)] for i in range(8)]
+    with WorkerPool(slots, name="copies") as copies:
+        copies.broadcast(predict_own_copy, ref, xs[:1])  # each loads its copy once, untimed
+
+        def own_copies() -> np.ndarray:
+            return np.concatenate(copies.map(predict_own_copy, [ref] * 8, np.array_split(xs, 8)))
+
+        def check(own: np.ndarray, got: np.ndarray) -> None:
+            np.testing.assert_allclose(got, own, atol=TOLERANCE, rtol=0)
+
+        comparison = kerasmp_speedup(
+            own_copies, lambda: serve_from(clients, server, xs, 8)["outputs"],
+            workers=8, rounds=3, variant=f"{model_name}-vs-copies", check=check,
+        )
+        copies_mb = rss_mb(copies.pids())
+    served_mb = rss_mb([server.pid, *clients.pids()])
+    benchmark.extra_info.update({"rss_copies_mb": copies_mb, "rss_served_mb": served_mb})
+    print(
+        f"\n{model_name}: served (M=8) {comparison.speedup:.2f}x 8 own-copy processes; memory "
+        f"(RSS, all processes) served {served_mb:.0f} MB vs own copies {copies_mb:.0f} MB"
+    )
