@@ -4,7 +4,7 @@
     python3 dev.py harness [pytest args]   # the scenarios, with their report
     python3 dev.py test    [pytest args]   # the test suite
 
-Each creates ./.venv and installs the project into it (editable, with the test extra) when
+Each creates ./.venv and installs the project into it (editable, with the test and plot extras) when
 missing or when pyproject.toml changed, then runs pytest from it.
 """
 
@@ -21,6 +21,7 @@ ROOT = Path(__file__).resolve().parent
 VENV = ROOT / ".venv"
 PYTHON = VENV / "bin" / "python"
 STAMP = VENV / ".kerasmp-installed"
+EXTRAS = "test,plot"
 
 COMMANDS = {
     "test": ["-m", "pytest", "tests"],
@@ -29,7 +30,7 @@ COMMANDS = {
 
 
 def ensure_venv() -> None:
-    digest = hashlib.sha256((ROOT / "pyproject.toml").read_bytes()).hexdigest()
+    digest = hashlib.sha256((ROOT / "pyproject.toml").read_bytes() + EXTRAS.encode()).hexdigest()
     if PYTHON.exists() and STAMP.exists() and STAMP.read_text() == digest:
         return
     if not PYTHON.exists():
@@ -38,7 +39,7 @@ def ensure_venv() -> None:
     pip = [str(PYTHON), "-m", "pip", "install", "--disable-pip-version-check", "-q"]
     print("dev.py: installing pytest-kerasmp and its dependencies into .venv", flush=True)
     subprocess.run([*pip, "--upgrade", "pip"], check=True)
-    subprocess.run([*pip, "-e", f"{ROOT}[test]"], check=True)
+    subprocess.run([*pip, "-e", f"{ROOT}[{EXTRAS}]"], check=True)
     STAMP.write_text(digest)
 
 

@@ -76,3 +76,9 @@ def kerasmp_inference_server(
     yield start
     for server in servers:
         server.close(timeout=30.0)
+
+
+@pytest.fixture(scope="session")
+def kerasmp_scale(pytestconfig: pytest.Config) -> float:
+    """Workload scale factor for scenarios (session; --kerasmp-scale, default 1)."""
+    return float(pytestconfig.getoption("kerasmp_scale") or 1)

@@ -22,11 +22,17 @@ from pytest_kerasmp.fixtures import (  # noqa: F401  (fixtures registered with t
     kerasmp_inference_server,
     kerasmp_pool,
     kerasmp_pool_factory,
+    kerasmp_scale,
     kerasmp_slots,
     kerasmp_speedup,
 )
 from pytest_kerasmp.pinning import pin_process
+from pytest_kerasmp.report import REPORT_JSON, REPORT_PNG, gate, parse_floors, run_record, write_report
 from pytest_kerasmp.speedup import COMPARISONS_KEY, summary_lines
+
+FLOORS_KEY = pytest.StashKey[list]()
+GATE_KEY = pytest.StashKey[list]()
+REPORT_KEY = pytest.StashKey[list]()
 
 #: Set by the xdist controller for its workers: the plan and the controller's pid.
 PLAN_ENV = "PYTEST_KERASMP_PLAN"
@@ -54,6 +60,22 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     )
     group.addoption(
         cfg.REQUIRE_OPTION, dest="kerasmp_require_gpu", action="store_true", help=cfg.REQUIRE_HELP
+    )
+    group.addoption(
+        "--kerasmp-report", dest="kerasmp_report", metavar="DIR", default=None,
+        help=f"Write the run record ({REPORT_JSON}: every comparison, versions, slots, the "
+        f"command) and, with matplotlib installed, a speedup plot ({REPORT_PNG}) into DIR",
+    )
+    group.addoption(
+        "--kerasmp-min-speedup", dest="kerasmp_min_speedup", metavar="SCENARIO[:VARIANT]:FLOOR",
+        action="append", default=[],
+        help="Fail the session (not a test) when a comparison's speedup measured in this run "
+        "is below FLOOR, or was not measured; repeat or comma-separate, e.g. augmentation:pool:1.5",
+    )
+    group.addoption(
+        "--kerasmp-scale", dest="kerasmp_scale", metavar="F", default="1",
+        help="Scale the scenarios' workloads by F (e.g. 0.25 for a quick CI pass, 4 on a GPU "
+        "machine); the kerasmp_scale fixture. Default: 1",
     )
     parser.addini(cfg.GPUS_INI, cfg.GPUS_HELP, type="string", default="")
     parser.addini(cfg.MEMORY_INI, cfg.MEMORY_HELP, type="string", default="")
@@ -130,6 +152,34 @@ def pytest_load_initial_conftests(early_config: pytest.Config) -> None:
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", MARKER_HELP)
+    try:
+        config.stash[FLOORS_KEY] = parse_floors(config.getoption("kerasmp_min_speedup") or [])
+    except ValueError as exc:
+        raise pytest.UsageError(str(exc)) from None
+    raw = config.getoption("kerasmp_scale")
+    try:
+        scale = float(raw)
+    except (TypeError, ValueError):
+        scale = float("nan")
+    if not scale > 0:
+        raise pytest.UsageError(f"--kerasmp-scale={raw!r} is invalid: use a positive number, e.g. 0.25 or 4")
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    config = session.config
+    comparisons = config.stash.get(COMPARISONS_KEY, [])
+    failures = gate(comparisons, config.stash.get(FLOORS_KEY, []))
+    config.stash[GATE_KEY] = failures
+    if failures and session.exitstatus == pytest.ExitCode.OK:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+    directory = config.getoption("kerasmp_report")
+    if directory and not hasattr(config, "workerinput"):
+        record = run_record(
+            comparisons, cfg.session_plan(config).slots,
+            args=config.invocation_params.args, exit_status=int(session.exitstatus), gate_failures=failures,
+        )
+        config.stash[REPORT_KEY] = write_report(directory, record, comparisons)
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
@@ -190,8 +240,16 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, config: pytest.Config) -> None:
     comparisons = config.stash.get(COMPARISONS_KEY, [])
-    if not comparisons:
-        return
-    terminalreporter.write_sep("-", "kerasmp: serial vs parallel, measured side by side (medians)")
-    for line in summary_lines(comparisons):
-        terminalreporter.write_line(line)
+    if comparisons:
+        terminalreporter.write_sep("-", "kerasmp: serial vs parallel, measured side by side (medians)")
+        for line in summary_lines(comparisons):
+            terminalreporter.write_line(line)
+    for path in config.stash.get(REPORT_KEY, []):
+        terminalreporter.write_line(f"kerasmp: wrote {path}")
+    if config.getoption("kerasmp_report") and not any(p.suffix == ".png" for p in config.stash.get(REPORT_KEY, [])) and comparisons:
+        terminalreporter.write_line("kerasmp: no plot: install matplotlib (pip install 'pytest-kerasmp[plot]')")
+    failures = config.stash.get(GATE_KEY, [])
+    if failures:
+        terminalreporter.write_sep("=", "kerasmp: speedup below its floor: session failed", red=True)
+        for line in failures:
+            terminalreporter.write_line(line, red=True)

@@ -118,9 +118,10 @@ def measure(
         comparison.parallel_s.append(time.perf_counter() - t0)
 
     if getattr(benchmark, "disabled", True):  # e.g. under xdist: our own timing still counts
-        for _ in range(rounds):
+        for _ in range(rounds - 1):
             timed_serial()
             timed_parallel()
+        benchmark.pedantic(timed_parallel, setup=timed_serial)  # disabled: one more round
     else:
         benchmark.group = f"{comparison.key} ({item.name})"
         benchmark.pedantic(timed_parallel, setup=timed_serial, rounds=rounds, iterations=1)
@@ -141,7 +142,7 @@ def summary_lines(comparisons: list[Comparison]) -> list[str]:
         rows.append(
             (
                 c.scenario, c.variant or "-", str(c.workers),
-                _seconds(c.serial_median_s), _seconds(c.parallel_median_s),
+                seconds_text(c.serial_median_s), seconds_text(c.parallel_median_s),
                 f"{c.speedup:.2f}x", f"{c.efficiency:.0%}", _verdict(c),
             )
         )
@@ -153,5 +154,5 @@ def _verdict(c: Comparison) -> str:
     return {None: "not checked", True: "equal", False: "DIFFERENT"}[c.correct]
 
 
-def _seconds(s: float) -> str:
+def seconds_text(s: float) -> str:
     return f"{s * 1e3:.1f} ms" if s < 1 else f"{s:.2f} s"
