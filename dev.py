@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Set-up and entry point for the README's two commands; needs only Python 3.11+.
 
-    python3 dev.py harness [pytest args]   # the scenarios, with their report
+    python3 dev.py harness [pytest args]   # the scenarios, with their report (./kerasmp-report/)
     python3 dev.py test    [pytest args]   # the test suite
 
 Each creates ./.venv and installs the project into it (editable, with the test and plot extras) when
@@ -25,7 +25,7 @@ EXTRAS = "test,plot"
 
 COMMANDS = {
     "test": ["-m", "pytest", "tests"],
-    "harness": ["-m", "pytest", "scenarios", "--kerasmp-gpus=auto"],
+    "harness": ["-m", "pytest", "scenarios", "--kerasmp-gpus=auto", "--kerasmp-report=kerasmp-report"],
 }
 
 

@@ -72,7 +72,8 @@ class RemoteTraceback(Exception):
 
 FORK_REFUSED = (
     "start_method='fork' is refused: TensorFlow is imported in this process, and a child forked "
-    "after TensorFlow ran any op deadlocks at its first op; use 'spawn' (default) or 'forkserver'"
+    "after TensorFlow has run (model.predict, fit, a tf.function) deadlocks in its first "
+    "TensorFlow call; use 'spawn' (default) or 'forkserver'"
 )
 WORKER_STARTUP_FAILED = (
     "worker {index} ({slot}) of pool {pool!r} failed to start: {reason}; the child's traceback "

@@ -162,8 +162,8 @@ class WorkerPool:
         if start_method == "fork":
             self._refuse_fork()
             warnings.warn(
-                "start_method='fork': a worker forked after this process runs a TensorFlow op "
-                "deadlocks; prefer 'spawn' or 'forkserver'",
+                "start_method='fork': a worker forked after this process runs TensorFlow (model.predict, "
+                "fit, a tf.function) deadlocks; prefer 'spawn' or 'forkserver'",
                 KerasMPWarning,
                 stacklevel=2,
             )

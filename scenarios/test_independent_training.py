@@ -98,3 +98,60 @@ def test_independent_training_one_model_per_slot(kerasmp_speedup, kerasmp_pool, 
             print(f"{p['name']:6}  {p['val_loss']:.4f}    {p['val_accuracy']:.4f}        {p['model'].path}")
 
     kerasmp_speedup(serial, parallel, workers=len(kerasmp_slots), rounds=3, variant="sweep", check=same_weights)
+
+
+def split_cpu(replicas: int) -> None:
+    """Worker initializer: one logical CPU device per replica (before TensorFlow starts)."""
+    import tensorflow as tf
+
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * replicas)
+
+
+def train_mirrored(x: np.ndarray, y: np.ndarray, replicas: int) -> dict:
+    """The same model from the same seed, on one device and mirrored over ``replicas``."""
+    import keras
+    import tensorflow as tf
+
+    def fit(strategy) -> list[np.ndarray]:
+        keras.utils.set_random_seed(7)
+        with strategy.scope():
+            model = keras.Sequential([keras.Input((x.shape[1],)), keras.layers.Dense(64, activation="relu"), keras.layers.Dense(10)])
+            model.compile(optimizer=keras.optimizers.SGD(0.05), loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        model.fit(x, y, epochs=2, batch_size=128, shuffle=False, verbose=0)
+        return model.get_weights()
+
+    devices = [d.name for d in tf.config.list_logical_devices("CPU")]
+    return {
+        "devices": devices,
+        "single": fit(tf.distribute.OneDeviceStrategy(devices[0])),
+        "mirrored": fit(tf.distribute.MirroredStrategy(devices[:replicas])),
+    }
+
+
+MIRRORED_ATOL = 1e-4
+
+
+def test_mirrored_strategy_over_the_slots_matches_one_device(kerasmp_pool_factory, kerasmp_slots):
+    """MirroredStrategy over the slots' devices (logical CPUs without a GPU) vs one device.
+
+    Tolerance: weights within 1e-4 absolute after 2 epochs (the replicas' gradients are summed
+    in a different order than one device's, so bitwise equality is not expected).
+    """
+    if len(kerasmp_slots) < 2:
+        pytest.skip("needs 2 or more slots: run with --kerasmp-gpus=2")
+    if kerasmp_slots[0].kind == "GPU":
+        pytest.skip("on GPUs, run MirroredStrategy in a worker given every slot's GPU")
+    from pytest_kerasmp import DeviceSlot
+
+    cores = tuple(sorted({c for s in kerasmp_slots for c in s.cores}))
+    replicas = len(kerasmp_slots)
+    pool = kerasmp_pool_factory(
+        [DeviceSlot(index=0, kind="CPU", cores=cores)], initializer=split_cpu, initargs=(replicas,), name="mirrored"
+    )
+    x, y = make_data(4096, seed=3)
+    result = pool.submit(train_mirrored, x, y, replicas).result(timeout=600)
+    assert len(result["devices"]) == replicas
+    worst = max(float(np.max(np.abs(a - b))) for a, b in zip(result["single"], result["mirrored"], strict=True))
+    print(f"\nMirroredStrategy over {replicas} logical CPUs vs one device: max |weight diff| {worst:.2e}")
+    assert worst <= MIRRORED_ATOL

@@ -1,7 +1,7 @@
 """Scenario: one process owns the model, many processes send it single samples.
 
-Pattern: M client processes (a ``WorkerPool`` without TensorFlow) send single-sample
-requests, 4 in flight each, to an ``InferenceServer`` that owns the model on slot 0 and
+Pattern: M preprocessing processes (a ``WorkerPool`` without TensorFlow) normalise raw
+uint8 samples and send them as single-sample requests, 4 in flight each, to an ``InferenceServer`` that owns the model on slot 0 and
 batches them (max 32 rows, 2 ms). Two models: a tiny MLP, where transport and batching
 dominate, and a CNN on 64x64x3 whose full batch takes about 20 ms on one core.
 Asserted: every request is answered once and its prediction equals direct
@@ -57,15 +57,20 @@ def build_cnn():
     )
 
 
-MODELS = {"tiny": (build_tiny, (32,), 1024), "cnn": (build_cnn, (64, 64, 3), 512)}
+MODELS = {"tiny": (build_tiny, (32,), 1024), "cnn": (build_cnn, (64, 64, 3), 512)}  # name: build, shape, requests
 
 
 # ---------------------------------------------------------- run in the client processes
 
 
-def send_requests(client, xs: np.ndarray, in_flight: int) -> dict:
-    """Send each row of ``xs`` as one single-sample request, ``in_flight`` at a time."""
-    outputs: list = [None] * len(xs)
+def preprocess(raw: np.ndarray) -> np.ndarray:
+    """What each client does before sending: uint8 to float32 in [-1, 1]."""
+    return raw.astype(np.float32) / 127.5 - 1.0
+
+
+def send_requests(client, raw: np.ndarray, in_flight: int) -> dict:
+    """Preprocess each row of ``raw`` and send it as one request, ``in_flight`` at a time."""
+    outputs: list = [None] * len(raw)
     latency: list[float] = []
     pending: collections.deque = collections.deque()
 
@@ -74,27 +79,27 @@ def send_requests(client, xs: np.ndarray, in_flight: int) -> dict:
         outputs[i] = future.result(timeout=120)
         latency.append(time.perf_counter() - t0)
 
-    for i, x in enumerate(xs):
+    for i, sample in enumerate(raw):
         if len(pending) >= in_flight:
             collect()
-        pending.append((i, time.perf_counter(), client.submit(x)))
+        pending.append((i, time.perf_counter(), client.submit(preprocess(sample))))
     while pending:
         collect()
     client.close()
     return {"outputs": np.stack(outputs), "latency_s": latency}
 
 
-def predict_own_copy(ref: ModelRef, xs: np.ndarray) -> np.ndarray:
+def predict_own_copy(ref: ModelRef, raw: np.ndarray) -> np.ndarray:
     """The usual alternative: this process loads its own model and predicts sample by sample."""
     model = ref.load()
-    return np.stack([np.asarray(model(x[None], training=False))[0] for x in xs])
+    return np.stack([np.asarray(model(preprocess(x)[None], training=False))[0] for x in raw])
 
 
 # ------------------------------------------------------------------------- fixtures
 
 
 @pytest.fixture(scope="module")
-def served(kerasmp_slots, tmp_path_factory):
+def served(kerasmp_slots, kerasmp_scale, tmp_path_factory):
     """For each model: its ModelRef, the live model here, and a server on slot 0."""
     directory = tmp_path_factory.mktemp("served")
     setups, servers = {}, []
@@ -104,8 +109,9 @@ def served(kerasmp_slots, tmp_path_factory):
             ref = ModelRef.save(model, directory, name)
             server = InferenceServer(ref, kerasmp_slots[0], max_batch_size=MAX_BATCH, max_delay_ms=2, name=name)
             servers.append(server)
-            xs = np.random.default_rng(1).random((n, *shape), dtype=np.float32)
-            setups[name] = {"ref": ref, "model": model, "server": server, "xs": xs}
+            n = max(64, int(n * kerasmp_scale))
+            raw = np.random.default_rng(1).integers(0, 256, size=(n, *shape), dtype=np.uint8)
+            setups[name] = {"ref": ref, "model": model, "server": server, "raw": raw, "xs": preprocess(raw)}
         yield setups
     finally:
         for server in servers:
@@ -119,8 +125,8 @@ def clients(kerasmp_slots):
         yield pool
 
 
-def serve_from(clients: WorkerPool, server: InferenceServer, xs: np.ndarray, m: int) -> dict:
-    chunks = np.array_split(xs, m)
+def serve_from(clients: WorkerPool, server: InferenceServer, raw: np.ndarray, m: int) -> dict:
+    chunks = np.array_split(raw, m)
     reports = clients.map(send_requests, [server.client()] * m, chunks, [IN_FLIGHT] * m)
     return {
         "outputs": np.concatenate([r["outputs"] for r in reports]),
@@ -139,7 +145,7 @@ def rss_mb(pids) -> float:
 @pytest.mark.parametrize("model_name", ["tiny", "cnn"])
 def test_served_throughput_vs_in_process_full_batches(kerasmp_speedup, benchmark, served, clients, model_name, m):
     setup = served[model_name]
-    model, server, xs = setup["model"], setup["server"], setup["xs"]
+    model, server, xs, raw = setup["model"], setup["server"], setup["xs"], setup["raw"]
     import tensorflow as tf
 
     forward = tf.function(lambda x: model(x, training=False), input_signature=[tf.TensorSpec((None, *xs.shape[1:]), tf.float32)])
@@ -150,7 +156,7 @@ def test_served_throughput_vs_in_process_full_batches(kerasmp_speedup, benchmark
         return np.concatenate([forward(xs[i : i + MAX_BATCH]).numpy() for i in range(0, len(xs), MAX_BATCH)])
 
     def serve() -> np.ndarray:
-        runs.append(serve_from(clients, server, xs, m))
+        runs.append(serve_from(clients, server, raw, m))
         return runs[-1]["outputs"]
 
     def check(limit_out: np.ndarray, served_out: np.ndarray) -> None:
@@ -186,7 +192,7 @@ def test_served_throughput_vs_in_process_full_batches(kerasmp_speedup, benchmark
 def test_served_vs_per_sample_predict(kerasmp_speedup, served, clients, model_name):
     setup = served[model_name]
     model, server = setup["model"], setup["server"]
-    xs = setup["xs"][:48]  # per-sample predict costs tens of ms a call
+    xs, raw = setup["xs"][:48], setup["raw"][:48]  # per-sample predict costs tens of ms a call
 
     def per_sample_predict() -> np.ndarray:
         return np.concatenate([model.predict(x[None], verbose=0) for x in xs])
@@ -195,7 +201,7 @@ def test_served_vs_per_sample_predict(kerasmp_speedup, served, clients, model_na
         np.testing.assert_allclose(got, expected, atol=TOLERANCE, rtol=0)
 
     comparison = kerasmp_speedup(
-        per_sample_predict, lambda: serve_from(clients, server, xs, 8)["outputs"],
+        per_sample_predict, lambda: serve_from(clients, server, raw, 8)["outputs"],
         workers=8, rounds=3, variant=f"{model_name}-vs-predict", check=check,
     )
     print(f"\n{model_name}: served (M=8) {comparison.speedup:.1f}x per-sample model.predict")
@@ -204,19 +210,19 @@ def test_served_vs_per_sample_predict(kerasmp_speedup, served, clients, model_na
 @pytest.mark.parametrize("model_name", ["tiny", "cnn"])
 def test_served_vs_a_model_copy_in_every_client(kerasmp_speedup, benchmark, served, clients, kerasmp_slots, model_name):
     setup = served[model_name]
-    ref, server, xs = setup["ref"], setup["server"], setup["xs"]
+    ref, server, raw = setup["ref"], setup["server"], setup["raw"]
     slots = [kerasmp_slots[i % len(kerasmp_slots)] for i in range(8)]
     with WorkerPool(slots, name="copies") as copies:
-        copies.broadcast(predict_own_copy, ref, xs[:1])  # each loads its copy once, untimed
+        copies.broadcast(predict_own_copy, ref, raw[:1])  # each loads its copy once, untimed
 
         def own_copies() -> np.ndarray:
-            return np.concatenate(copies.map(predict_own_copy, [ref] * 8, np.array_split(xs, 8)))
+            return np.concatenate(copies.map(predict_own_copy, [ref] * 8, np.array_split(raw, 8)))
 
         def check(own: np.ndarray, got: np.ndarray) -> None:
             np.testing.assert_allclose(got, own, atol=TOLERANCE, rtol=0)
 
         comparison = kerasmp_speedup(
-            own_copies, lambda: serve_from(clients, server, xs, 8)["outputs"],
+            own_copies, lambda: serve_from(clients, server, raw, 8)["outputs"],
             workers=8, rounds=3, variant=f"{model_name}-vs-copies", check=check,
         )
         copies_mb = rss_mb(copies.pids())
