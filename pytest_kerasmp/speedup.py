@@ -32,6 +32,8 @@ class Comparison:
     parallel_s: list[float]
     correct: bool | None = None  # None: no check was given
     nodeid: str = ""
+    #: Further figures a test measured alongside (latency, memory, ...); go into the report.
+    extra: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     @property
     def serial_median_s(self) -> float:
@@ -69,6 +71,7 @@ class Comparison:
             "speedup": self.speedup,
             "efficiency": self.efficiency,
             "correct": self.correct,
+            "extra": self.extra,
         }
 
 

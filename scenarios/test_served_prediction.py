@@ -168,9 +168,12 @@ def test_served_throughput_vs_in_process_full_batches(kerasmp_speedup, benchmark
     comparison = kerasmp_speedup(limit, serve, workers=m, rounds=3, variant=f"{model_name}-limit-M{m}", check=check)
     latency = np.concatenate([r["latency_s"] for r in runs])
     stats = server.stats()
-    benchmark.extra_info.update(
+    comparison.extra.update(
         {
             "requests_per_s": len(xs) / comparison.parallel_median_s,
+            "limit_rows_per_s": len(xs) / comparison.serial_median_s,
+            "added_ms_per_request": (comparison.parallel_median_s - comparison.serial_median_s) / len(xs) * 1e3,
+            "max_abs_diff_vs_predict": benchmark.extra_info.get("max_abs_diff_vs_predict"),
             "fraction_of_limit": comparison.speedup,
             "latency_p50_ms": float(np.percentile(latency, 50) * 1e3),
             "latency_p99_ms": float(np.percentile(latency, 99) * 1e3),
@@ -178,6 +181,7 @@ def test_served_throughput_vs_in_process_full_batches(kerasmp_speedup, benchmark
             "server_traces": stats["traces"],
         }
     )
+    benchmark.extra_info.update(comparison.extra)
     print(
         f"\n{model_name} M={m}: {len(xs) / comparison.parallel_median_s:.0f} requests/s = "
         f"{comparison.speedup:.0%} of in-process full batches "
@@ -227,7 +231,8 @@ def test_served_vs_a_model_copy_in_every_client(kerasmp_speedup, benchmark, serv
         )
         copies_mb = rss_mb(copies.pids())
     served_mb = rss_mb([server.pid, *clients.pids()])
-    benchmark.extra_info.update({"rss_copies_mb": copies_mb, "rss_served_mb": served_mb})
+    comparison.extra.update({"rss_copies_mb": copies_mb, "rss_served_mb": served_mb})
+    benchmark.extra_info.update(comparison.extra)
     print(
         f"\n{model_name}: served (M=8) {comparison.speedup:.2f}x 8 own-copy processes; memory "
         f"(RSS, all processes) served {served_mb:.0f} MB vs own copies {copies_mb:.0f} MB"
