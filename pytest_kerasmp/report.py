@@ -101,7 +101,7 @@ def run_record(
             "python": sys.version.split()[0],
             "platform": platform.platform(),
             "cpu_count": os.cpu_count(),
-            "usable_cores": sorted(os.sched_getaffinity(0)),
+            "cores_of_this_process": sorted(os.sched_getaffinity(0)),  # after pinning, if pinned
             **{name: _version(name) for name in ("tensorflow", "keras", "numpy", "pytest", "pytest-xdist", "pytest-benchmark")},
         },
         "slots": [{**s.to_json(), "describe": s.describe()} for s in slots],
