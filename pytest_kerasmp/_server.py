@@ -5,10 +5,12 @@ forward function with a ``None`` batch axis (one trace for every batch size: no 
 no retracing), then serves a Unix socket in the abstract namespace (no file to clean up).
 
 Client connection protocol (tuples; arrays always in the connection's arenas, see transport):
-    client -> server: ("hello",) | ("predict", req_id, layout, grew) | ("stats",)
-    server -> client: ("spec", inputs, outputs) | ("ok", req_id, layout, grew)
+    client -> server: ("predict", req_id, layout, grew) | ("stats",)
+    server -> client: ("ok", req_id, layout, grew)
                       | ("error", req_id, exc_bytes, text) | ("busy", req_id) | ("stats", dict)
-Control pipe from the owner: ("stop",); to the owner: ("ready", pid, inputs) | ("startup-error", text).
+Control pipe from the owner: ("stop",); to the owner: ("ready", pid, inputs, outputs)
+| ("startup-error", text). The owner hands ``inputs`` to its clients, which check requests
+with :func:`input_problem` before sending; the server checks again.
 """
 
 from __future__ import annotations
@@ -16,15 +18,41 @@ from __future__ import annotations
 import collections
 import dataclasses
 import os
-import signal
 import socket
-import threading
 import time
 import traceback
 from multiprocessing.connection import Connection, wait
 from typing import Any
 
 STATS_WINDOW = 100_000
+
+#: A model input: per-sample shape (None for any size), dtype string, name.
+InputSpec = tuple[tuple[Any, ...], str, str]
+
+
+def input_problem(arrays: list[Any], inputs: list[InputSpec], what: str) -> str | None:
+    """Why ``arrays`` (batch axis first) cannot be a batch for a model taking ``inputs``.
+
+    None when they can; same-kind casts (float64 to float32) are allowed.
+    """
+    import numpy as np
+
+    from pytest_kerasmp.errors import BAD_REQUEST
+
+    if len(arrays) != len(inputs):
+        return f"the model takes {len(inputs)} input(s), request {what} has {len(arrays)}"
+    for k, (a, (shape, dtype, name)) in enumerate(zip(arrays, inputs, strict=True)):
+        expected = f"{name}: per-sample shape {shape}, dtype {np.dtype(dtype)}"
+        if a.ndim != len(shape) + 1 or any(d is not None and d != s for d, s in zip(shape, a.shape[1:], strict=True)):
+            problem = f"shape {a.shape}"
+        elif not np.can_cast(a.dtype, dtype, "same_kind"):
+            problem = f"dtype {a.dtype}"
+        elif a.shape[0] != arrays[0].shape[0]:
+            problem = "row counts differ between inputs"
+        else:
+            continue
+        return BAD_REQUEST.format(what=what, index=k, expected=expected, problem=problem)
+    return None
 
 
 @dataclasses.dataclass(eq=False)
@@ -80,9 +108,7 @@ class _Server:
     def on_message(self, client: _Client) -> None:
         msg = client.conn.recv()
         kind = msg[0]
-        if kind == "hello":
-            self.reply(client, ("spec", self.inputs, self.outputs))
-        elif kind == "stats":
+        if kind == "stats":
             self.reply(client, ("stats", self.snapshot()))
         elif kind == "predict":
             _, req_id, layout, grew = msg
@@ -97,7 +123,7 @@ class _Server:
                 self.np.ndarray(shape, dtype, buffer=view)
                 for view, (_, _, shape, dtype) in zip(views, layout, strict=True)
             ]
-            problem = self.check(arrays)
+            problem = input_problem(arrays, self.inputs, str(req_id))
             if problem is not None:
                 self.fail_one(client, req_id, ValueError(problem))
                 return
@@ -106,20 +132,6 @@ class _Server:
             self.stats["requests"] += 1
             for start in range(0, req.rows, self.max_batch):  # oversize requests are split
                 self.pending.append((req, start, min(start + self.max_batch, req.rows)))
-
-    def check(self, arrays: list[Any]) -> str | None:
-        """Why these arrays cannot be a batch for the model (the client checks first, too)."""
-        if len(arrays) != len(self.inputs):
-            return f"the model takes {len(self.inputs)} input(s), the request has {len(arrays)}"
-        rows = {a.shape[0] if a.ndim else None for a in arrays}
-        if len(rows) != 1 or None in rows:
-            return "every input needs the same number of rows"
-        for a, (shape, dtype, name) in zip(arrays, self.inputs, strict=True):
-            if len(a.shape) - 1 != len(shape) or any(d is not None and d != s for d, s in zip(shape, a.shape[1:], strict=True)):
-                return f"input {name!r} has per-sample shape {a.shape[1:]}, the model wants {shape}"
-            if not self.np.can_cast(a.dtype, dtype, "same_kind"):
-                return f"input {name!r} has dtype {a.dtype}, the model wants {self.np.dtype(dtype)}"
-        return None
 
     def due(self, closing: bool) -> float | None:
         """Seconds until the next batch must run (0: now), or None when nothing waits."""
@@ -201,15 +213,10 @@ class _Server:
                 client.alive = False
 
     def fail_one(self, client: _Client, req_id: int, exc: BaseException) -> None:
-        import pickle
+        from pytest_kerasmp.errors import pack_exception
 
         text = "".join(traceback.format_exception(exc))
-        try:
-            data = pickle.dumps(exc)
-            pickle.loads(data)
-        except Exception:
-            data = pickle.dumps(RuntimeError(f"{type(exc).__qualname__}: {exc}"))
-        self.reply(client, ("error", req_id, data, text))
+        self.reply(client, ("error", req_id, pack_exception(exc), text))
 
     def reply(self, client: _Client, msg: tuple[Any, ...]) -> None:
         if not client.alive:
@@ -236,17 +243,10 @@ class _Server:
 
 def main(control: Connection, slot_json: str, parent_pid: int, ref: Any, options: dict[str, Any], address: bytes) -> None:
     """Entry point of the server process."""
-    from pytest_kerasmp._worker import _watch_parent
+    from pytest_kerasmp._worker import start_child
 
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    threading.Thread(target=_watch_parent, args=(parent_pid,), daemon=True, name="kerasmp-watch").start()
     try:
-        import json
-
-        from pytest_kerasmp.devices import DeviceSlot
-        from pytest_kerasmp.pinning import pin_process
-
-        pin_process(DeviceSlot.from_json(json.loads(slot_json)))
+        start_child(slot_json, parent_pid)
         server = _Server(ref.load(), options)
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         listener.bind(address)

@@ -15,7 +15,6 @@ call into a new arena.
 from __future__ import annotations
 
 import os
-import pickle
 import signal
 import threading
 import time
@@ -41,13 +40,17 @@ def _watch_parent(parent_pid: int) -> None:
             pass
 
 
-def _pickle_exception(exc: BaseException) -> bytes:
-    try:
-        data = pickle.dumps(exc)
-        pickle.loads(data)
-        return data
-    except Exception:
-        return pickle.dumps(RuntimeError(f"{type(exc).__qualname__}: {exc}"))
+def start_child(slot_json: str, parent_pid: int) -> None:
+    """What every process the plugin starts does first: leave Ctrl-C to its owner, exit with
+    the owner, and pin itself to its slot before anything imports TensorFlow."""
+    import json
+
+    from pytest_kerasmp.devices import DeviceSlot
+    from pytest_kerasmp.pinning import pin_process
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the group; the owner decides
+    threading.Thread(target=_watch_parent, args=(parent_pid,), daemon=True, name="kerasmp-watch").start()
+    pin_process(DeviceSlot.from_json(json.loads(slot_json)))
 
 
 def main(
@@ -58,16 +61,10 @@ def main(
     initializer: bytes | None,
 ) -> None:
     """Entry point of a worker process."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the group; the pool decides
-    threading.Thread(target=_watch_parent, args=(parent_pid,), daemon=True, name="kerasmp-watch").start()
     try:
-        import json
-
-        from pytest_kerasmp.devices import DeviceSlot
-        from pytest_kerasmp.pinning import pin_process
         from pytest_kerasmp.transport import loads_call
 
-        pin_process(DeviceSlot.from_json(json.loads(slot_json)))
+        start_child(slot_json, parent_pid)
         if import_tensorflow:
             import tensorflow  # noqa: F401  (warm: pay the import once, before any task)
         if initializer is not None:
@@ -82,6 +79,7 @@ def main(
 
 
 def _serve(conn: Connection) -> None:
+    from pytest_kerasmp.errors import pack_exception
     from pytest_kerasmp.transport import Arena, dumps, loads_call
 
     inbox, outbox = Arena(), Arena()
@@ -107,7 +105,7 @@ def _serve(conn: Connection) -> None:
             out_layout = outbox.write(buffers)
             reply: list[Any] = ["ok", task_id, data, out_layout, outbox.fresh]
         except BaseException as exc:  # the task's failure (SystemExit too), reported to its caller
-            reply = ["error", task_id, _pickle_exception(exc), traceback.format_exc()]
+            reply = ["error", task_id, pack_exception(exc), traceback.format_exc()]
         fn = args = kwargs = result = buffers = None
         # The arguments are views of the inbox: if the task kept one, the inbox is its now.
         retired = inbox.in_use()

@@ -6,6 +6,8 @@ tests match live here as constants.
 
 from __future__ import annotations
 
+import pickle
+
 import pytest
 
 
@@ -70,6 +72,26 @@ class RemoteTraceback(Exception):
         return "\n\n" + self.text
 
 
+def pack_exception(exc: BaseException) -> bytes:
+    """``exc`` pickled for the other process, or a RuntimeError naming it if it will not pickle."""
+    try:
+        data = pickle.dumps(exc)
+        pickle.loads(data)
+        return data
+    except Exception:
+        return pickle.dumps(RuntimeError(f"{type(exc).__qualname__}: {exc}"))
+
+
+def unpack_exception(data: bytes, text: str) -> BaseException:
+    """The exception from :func:`pack_exception`, with the remote traceback ``text`` as cause."""
+    try:
+        error = pickle.loads(data)
+    except Exception:
+        error = RuntimeError(text.strip().splitlines()[-1])
+    error.__cause__ = RemoteTraceback(text)
+    return error
+
+
 FORK_REFUSED = (
     "start_method='fork' is refused: TensorFlow is imported in this process, and a child forked "
     "after TensorFlow has run (model.predict, fit, a tf.function) deadlocks in its first "
@@ -101,6 +123,10 @@ SERVER_DIED = (
     "inference server {name!r} (pid {pid}, {slot}) is gone{how}; request {what} was not "
     "answered; start a new server, and check its output for the reason (SIGKILL is usually "
     "the OOM killer)"
+)
+SERVER_STARTUP_FAILED = (
+    "inference server {name!r} ({slot}) failed to start: {reason}; the child's traceback is "
+    "attached above"
 )
 SERVER_DIED_STARTING = (
     "inference server {name!r} ({slot}) died with {how} while loading and warming its model; "

@@ -41,6 +41,7 @@ from pytest_kerasmp.errors import (
     TaskTimeoutError,
     WorkerCrashedError,
     WorkerStartupError,
+    unpack_exception,
 )
 from pytest_kerasmp.transport import Arena, dumps_call
 
@@ -477,12 +478,7 @@ class WorkerPool:
             task.future.set_result(result)
 
     def _reject(self, task: _Task, data: bytes, text: str) -> None:
-        try:
-            error = pickle.loads(data)
-        except Exception:
-            error = RuntimeError(text.strip().splitlines()[-1])
-        error.__cause__ = RemoteTraceback(text)
-        self._fail(task, error)
+        self._fail(task, unpack_exception(data, text))
 
     def _on_death(self, w: _Worker) -> None:
         if w.state == "dead":

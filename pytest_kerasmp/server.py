@@ -12,7 +12,6 @@ import atexit
 import itertools
 import multiprocessing
 import os
-import pickle
 import secrets
 import socket
 import threading
@@ -24,18 +23,20 @@ from multiprocessing.connection import Connection, wait
 from typing import Any
 
 from pytest_kerasmp import _server
+from pytest_kerasmp._server import input_problem
 from pytest_kerasmp.devices import DeviceSlot
 from pytest_kerasmp.errors import (
-    BAD_REQUEST,
     SERVER_BUSY,
     SERVER_DIED,
     SERVER_DIED_STARTING,
     SERVER_NO_ANSWER,
+    SERVER_STARTUP_FAILED,
     WORKER_START_TIMEOUT,
     RemoteTraceback,
     ServerBusyError,
     ServerDiedError,
     WorkerStartupError,
+    unpack_exception,
 )
 from pytest_kerasmp.modelref import ModelRef
 from pytest_kerasmp.pool import end_process, how_it_died
@@ -71,7 +72,6 @@ class InferenceClient:
         self.busy_timeout_s = busy_timeout_s
         self._local = threading.local()
         self._executor: ThreadPoolExecutor | None = None
-        self._owner = os.getpid()
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
@@ -111,12 +111,7 @@ class InferenceClient:
             time.sleep(pause)
             pause = min(pause * 2, 0.05)
         if msg[0] == "error":
-            try:
-                error = pickle.loads(msg[2])
-            except Exception:
-                error = RuntimeError(msg[3].strip().splitlines()[-1])
-            error.__cause__ = RemoteTraceback(msg[3])
-            raise error
+            raise unpack_exception(msg[2], msg[3])
         results = [np.frombuffer(b, dtype).reshape(shape) for b, (_, _, shape, dtype) in zip(outputs, msg[2], strict=True)]
         if single:
             results = [r[0] for r in results]
@@ -130,9 +125,7 @@ class InferenceClient:
 
     def close(self) -> None:
         """Close this thread's connection and the background threads (optional)."""
-        conn = getattr(self._local, "conn", None)
-        if conn is not None:
-            self._forget()
+        self._forget()
         if self._executor is not None:
             self._executor.shutdown(wait=True)
             self._executor = None
@@ -148,20 +141,12 @@ class InferenceClient:
                 raise ValueError(f"request lacks input(s) {missing}; the model's inputs are {[n for *_, n in self.inputs]}")
             x = [x[name] for _, _, name in self.inputs]
         arrays = [np.asarray(a) for a in (x if isinstance(x, (list, tuple)) else [x])]
-        if len(arrays) != len(self.inputs):
-            raise ValueError(f"the model takes {len(self.inputs)} input(s), the request has {len(arrays)}")
-        single = arrays[0].ndim == len(self.inputs[0][0])
-        if single:
+        single = len(arrays) == len(self.inputs) and arrays[0].ndim == len(self.inputs[0][0])
+        if single:  # one sample without its batch axis
             arrays = [a[None] for a in arrays]
-        for k, (a, (shape, dtype, name)) in enumerate(zip(arrays, self.inputs, strict=True)):
-            expected = f"{name}: per-sample shape {shape}, dtype {np.dtype(dtype)}"
-            what = "of this process"
-            if a.ndim != len(shape) + 1 or any(d is not None and d != s for d, s in zip(shape, a.shape[1:], strict=True)):
-                raise ValueError(BAD_REQUEST.format(what=what, index=k, expected=expected, problem=f"shape {a.shape}"))
-            if not np.can_cast(a.dtype, dtype, "same_kind"):
-                raise ValueError(BAD_REQUEST.format(what=what, index=k, expected=expected, problem=f"dtype {a.dtype}"))
-            if a.shape[0] != arrays[0].shape[0]:
-                raise ValueError(BAD_REQUEST.format(what=what, index=k, expected=expected, problem="row counts differ between inputs"))
+        problem = input_problem(arrays, self.inputs, "of this process")
+        if problem is not None:
+            raise ValueError(problem)
         return [np.ascontiguousarray(a, dtype) for a, (_, dtype, _) in zip(arrays, self.inputs, strict=True)], single
 
     def _connection(self, what: str) -> tuple[Connection, Arena, Arena]:
@@ -191,24 +176,31 @@ class InferenceClient:
     def _died(self, what: str, how: str = "") -> str:
         return SERVER_DIED.format(name=self.name, pid=self.pid, slot=self.slot, how=how, what=what)
 
+    def _ask(
+        self, conn: Connection, msg: tuple[Any, ...], what: str, deadline: float, outbox: Arena | None = None
+    ) -> tuple[Any, ...]:
+        """Send ``msg`` and wait for the answer until ``deadline``: ServerDiedError or TimeoutError."""
+        try:
+            conn.send(msg)
+            if outbox is not None:
+                outbox.hand_over(conn)
+            answered = conn.poll(max(0.0, deadline - time.monotonic()))
+            reply = conn.recv() if answered else None
+        except (EOFError, OSError):
+            self._forget()
+            raise ServerDiedError(self._died(what)) from None
+        if reply is None:
+            self._forget()  # its late answer must not reach the next request
+            raise TimeoutError(SERVER_NO_ANSWER.format(name=self.name, what=what, timeout=self.request_timeout_s))
+        return reply
+
     def _round_trip(self, arrays: list[Any], what: str, deadline: float) -> tuple[tuple[Any, ...], list[bytearray]]:
         conn, outbox, inbox = self._connection(what)
-        try:
-            layout = outbox.write(arrays)
-            specs = [(o, s, a.shape, a.dtype.str) for (o, s), a in zip(layout, arrays, strict=True)]
-            conn.send(("predict", 0, specs, outbox.fresh))
-            outbox.hand_over(conn)
-            if not conn.poll(max(0.0, deadline - time.monotonic())):
-                self._forget()  # its late answer must not reach the next request
-                raise TimeoutError(SERVER_NO_ANSWER.format(name=self.name, what=what, timeout=self.request_timeout_s))
-            msg = conn.recv()
-            if msg[0] == "ok" and msg[3]:
-                inbox.receive(conn)
-        except (EOFError, OSError) as exc:
-            self._forget()
-            if isinstance(exc, TimeoutError):
-                raise
-            raise ServerDiedError(self._died(what)) from None
+        layout = outbox.write(arrays)
+        specs = [(o, s, a.shape, a.dtype.str) for (o, s), a in zip(layout, arrays, strict=True)]
+        msg = self._ask(conn, ("predict", 0, specs, outbox.fresh), what, deadline, outbox)
+        if msg[0] == "ok" and msg[3]:
+            inbox.receive(conn)
         outputs = inbox.read([(o, s) for o, s, _, _ in msg[2]]) if msg[0] == "ok" else []
         return msg, outputs
 
@@ -291,17 +283,9 @@ class InferenceServer:
     def stats(self) -> dict[str, Any]:
         """requests, batches, mean_batch_size, queue_wait_p50_s/p99_s, compute_p50_s/p99_s,
         errors, busy (refused), waiting, traces (of the forward function)."""
-        conn, _, _ = self._client._connection("stats")
-        try:
-            conn.send(("stats",))
-            if not conn.poll(self.request_timeout_s):
-                raise TimeoutError(SERVER_NO_ANSWER.format(name=self.name, what="stats", timeout=self.request_timeout_s))
-            return conn.recv()[1]
-        except (EOFError, OSError) as exc:
-            self._client._forget()
-            if isinstance(exc, TimeoutError):
-                raise
-            raise ServerDiedError(self._client._died("stats")) from None
+        client = self._client
+        conn, _, _ = client._connection("stats")
+        return client._ask(conn, ("stats",), "stats", time.monotonic() + self.request_timeout_s)[1]
 
     def is_alive(self) -> bool:
         return self._process.is_alive()
@@ -333,10 +317,8 @@ class InferenceServer:
             return msg[1], msg[2], msg[3]
         slot = self.slot.describe()
         if msg is not None:
-            error = WorkerStartupError(
-                f"inference server {self.name!r} ({slot}) failed to start: "
-                f"{msg[1].strip().splitlines()[-1]}; the child's traceback is attached above"
-            )
+            reason = msg[1].strip().splitlines()[-1]
+            error = WorkerStartupError(SERVER_STARTUP_FAILED.format(name=self.name, slot=slot, reason=reason))
             error.__cause__ = RemoteTraceback(msg[1])
             raise error
         if not ready:

@@ -217,10 +217,6 @@ def dumps(obj: Any, what: str, buffers: list[Any] | None = None) -> bytes:
     return file.getvalue()
 
 
-def loads(data: bytes, buffers: Sequence[Any] = ()) -> Any:
-    return pickle.loads(data, buffers=buffers)
-
-
 def dumps_call(
     fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], *, out_of_band: bool = True
 ) -> Payload:

@@ -66,7 +66,7 @@ def square(i: int) -> int:
 
 def test_fork_after_tensorflow_started_hangs_and_the_pool_does_not(kerasmp_pool):
     status, done = run_bounded(
-        f"""
+        """
         import multiprocessing
         import numpy as np
         import keras
