@@ -30,25 +30,35 @@ def _watch_parent(parent_pid: int) -> None:
     ppid = os.getppid()
     while True:
         time.sleep(PARENT_POLL_S)
-        if os.getppid() != ppid:
-            os._exit(3)
         try:
-            os.kill(parent_pid, 0)
+            if os.getppid() == ppid:
+                os.kill(parent_pid, 0)
+                continue
         except ProcessLookupError:
-            os._exit(3)
-        except PermissionError:
             pass
+        except PermissionError:
+            continue
+        _exit_with_group()
+
+
+def _exit_with_group() -> None:
+    """The owner is gone: exit, and take along what the tasks started (a fork pool, say)."""
+    if os.getpgrp() == os.getpid():
+        os.killpg(os.getpid(), signal.SIGKILL)
+    os._exit(3)
 
 
 def start_child(slot_json: str, parent_pid: int) -> None:
-    """What every process the plugin starts does first: leave Ctrl-C to its owner, exit with
-    the owner, and pin itself to its slot before anything imports TensorFlow."""
+    """What every process the plugin starts does first: lead a process group of its own (so
+    that what its tasks start ends with it), leave Ctrl-C to its owner, exit with the owner,
+    and pin itself to its slot before anything imports TensorFlow."""
     import json
 
     from pytest_kerasmp.devices import DeviceSlot
     from pytest_kerasmp.pinning import pin_process
 
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the group; the owner decides
+    os.setpgid(0, 0)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the owner decides what Ctrl-C ends
     threading.Thread(target=_watch_parent, args=(parent_pid,), daemon=True, name="kerasmp-watch").start()
     pin_process(DeviceSlot.from_json(json.loads(slot_json)))
 
@@ -93,7 +103,7 @@ def _serve(conn: Connection) -> None:
             if grew:
                 inbox.receive(conn)
         except (EOFError, OSError):
-            return  # the pool went away
+            _exit_with_group()  # the pool went away
         try:
             fn, args, kwargs = loads_call(call, inbox.views(layout))
             del call
@@ -117,4 +127,4 @@ def _serve(conn: Connection) -> None:
             if reply[0] == "ok":
                 outbox.hand_over(conn)
         except OSError:
-            return  # the pool went away mid-reply
+            _exit_with_group()  # the pool went away mid-reply

@@ -28,7 +28,7 @@ from pytest_kerasmp.fixtures import (  # noqa: F401  (fixtures registered with t
 )
 from pytest_kerasmp.pinning import pin_process
 from pytest_kerasmp.report import REPORT_JSON, REPORT_PNG, gate, parse_floors, run_record, write_report
-from pytest_kerasmp.speedup import COMPARISONS_KEY, summary_lines
+from pytest_kerasmp.speedup import COMPARISONS_KEY, ITEM_COMPARISONS_KEY, Comparison, summary_lines
 
 FLOORS_KEY = pytest.StashKey[list]()
 GATE_KEY = pytest.StashKey[list]()
@@ -152,6 +152,8 @@ def pytest_load_initial_conftests(early_config: pytest.Config) -> None:
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", MARKER_HELP)
+    if not hasattr(config, "workerinput"):
+        config.pluginmanager.register(_WorkerComparisons(config), "kerasmp-worker-comparisons")
     try:
         config.stash[FLOORS_KEY] = parse_floors(config.getoption("kerasmp_min_speedup") or [])
     except ValueError as exc:
@@ -165,16 +167,43 @@ def pytest_configure(config: pytest.Config) -> None:
         raise pytest.UsageError(f"--kerasmp-scale={raw!r} is invalid: use a positive number, e.g. 0.25 or 4")
 
 
+#: The attribute of a test report that carries an xdist worker's comparisons to the controller.
+REPORT_ATTR = "kerasmp_comparisons"
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):  # type: ignore[no-untyped-def]
+    report = yield
+    if call.when == "teardown" and hasattr(item.config, "workerinput"):
+        made = item.stash.get(ITEM_COMPARISONS_KEY, [])
+        if made:
+            setattr(report, REPORT_ATTR, [c.to_wire() for c in made])
+    return report
+
+
+class _WorkerComparisons:
+    """On the xdist controller: collects the comparisons its workers made."""
+
+    def __init__(self, config: pytest.Config) -> None:
+        self.config = config
+
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        for data in getattr(report, REPORT_ATTR, None) or []:
+            self.config.stash.setdefault(COMPARISONS_KEY, []).append(Comparison.from_json(data))
+
+
 @pytest.hookimpl(tryfirst=True)
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     config = session.config
+    if hasattr(config, "workerinput"):
+        return  # the controller gates and reports what its workers measured
     comparisons = config.stash.get(COMPARISONS_KEY, [])
     failures = gate(comparisons, config.stash.get(FLOORS_KEY, []))
     config.stash[GATE_KEY] = failures
     if failures and session.exitstatus == pytest.ExitCode.OK:
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
     directory = config.getoption("kerasmp_report")
-    if directory and not hasattr(config, "workerinput"):
+    if directory:
         record = run_record(
             comparisons, cfg.session_plan(config).slots,
             args=config.invocation_params.args, exit_status=int(session.exitstatus), gate_failures=failures,

@@ -99,13 +99,26 @@ class PoolStats:
 
 
 def end_process(process: Any, grace_s: float = 2.0) -> None:
-    """Terminate ``process`` if it still runs, then kill it; reaped either way."""
+    """Terminate ``process`` if it still runs, then kill it and its process group; reaped."""
     if process.is_alive():
         process.terminate()
         process.join(grace_s)
+    kill_group(process.pid)
     if process.is_alive():
         process.kill()
         process.join(grace_s)
+
+
+def kill_group(pid: int | None) -> None:
+    """SIGKILL the process group that ``pid`` leads: a child the plugin started and whatever
+    its tasks started (e.g. a ``PyDataset`` fork pool). A group id is not reused while any
+    member lives, so this is safe after the leader was reaped."""
+    if pid is None:
+        return
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
 
 
 def how_it_died(exitcode: int | None) -> tuple[str, str]:
@@ -490,6 +503,7 @@ class WorkerPool:
             except (EOFError, OSError):
                 break
         w.process.join(1.0)
+        kill_group(w.process.pid)  # what its tasks started does not outlive it
         how, hint = how_it_died(w.process.exitcode)
         was_starting = w.state == "starting"
         self._bury(w)
@@ -558,6 +572,7 @@ class WorkerPool:
                     ),
                 )
             w.deadline = None
+            kill_group(w.process.pid)  # the worker and what its task started
             w.process.kill()  # its sentinel fires next round: _on_death replaces it
 
     def _assign(self) -> None:

@@ -5,12 +5,14 @@ parallel, round after round, so that a noisy machine slows both alike), checks o
 they agree, and records a :class:`Comparison`. The parallel rounds are pytest-benchmark's
 own measurement (so ``--benchmark-save`` and ``--benchmark-compare`` work on them); the
 serial medians and the speedup ride along in ``extra_info``. The session collects every
-comparison for the terminal summary, the report and the ``--kerasmp-min-speedup`` gate.
+comparison for the terminal summary, the report and the ``--kerasmp-min-speedup`` gate;
+under pytest-xdist each worker sends its comparisons to the controller on the test's report.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import statistics
 import time
 from collections.abc import Callable
@@ -19,6 +21,8 @@ from typing import Any
 import pytest
 
 COMPARISONS_KEY = pytest.StashKey[list["Comparison"]]()
+#: The comparisons one test made, so that an xdist worker can send them with its report.
+ITEM_COMPARISONS_KEY = pytest.StashKey[list["Comparison"]]()
 
 
 @dataclasses.dataclass
@@ -74,6 +78,20 @@ class Comparison:
             "extra": self.extra,
         }
 
+    def to_wire(self) -> dict[str, Any]:
+        """:meth:`to_json` in plain JSON types (numpy scalars in ``extra`` become numbers)."""
+        return json.loads(json.dumps(self.to_json(), default=_plain))
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Comparison:
+        fields = ("scenario", "variant", "workers", "serial_s", "parallel_s", "correct", "nodeid", "extra")
+        return cls(**{name: data[name] for name in fields})
+
+
+def _plain(value: Any) -> Any:
+    item = getattr(value, "item", None)  # numpy scalars and 0-d arrays
+    return item() if callable(item) else str(value)
+
 
 def scenario_name(item: pytest.Item) -> str:
     """``test_augmentation.py`` -> ``augmentation``; what the summary and gate call it."""
@@ -103,6 +121,7 @@ def measure(
         serial_s=[], parallel_s=[], nodeid=item.nodeid,
     )
     item.config.stash.setdefault(COMPARISONS_KEY, []).append(comparison)
+    item.stash.setdefault(ITEM_COMPARISONS_KEY, []).append(comparison)
     serial_result, parallel_result = serial(), parallel()
     if check is not None:
         comparison.correct = False

@@ -3,22 +3,34 @@
 Pattern: a batch of 96x96x3 images is augmented (random crop of a padded copy, flip,
 rotation by a multiple of 90 degrees, brightness/contrast/saturation jitter, a blur) in
 numpy, serially, in the plugin's pool with 1, 2 and 4 workers (images through shared
-memory), and with ``tf.data`` ``map(num_parallel_calls=AUTOTUNE)`` around the same function.
+memory), with ``tf.data`` ``map(num_parallel_calls=AUTOTUNE)`` around the same function, and
+by a ``keras.utils.PyDataset(workers=2)`` feeding ``model.predict``, with threads and with
+``use_multiprocessing=True`` (a fork pool).
 Asserted: every sample's randomness comes from (seed, sample index), never from the worker,
-so the output is bitwise identical for 1, 2 and 4 workers, for tf.data, and to serial.
-Measured: serial vs each parallel form, side by side.
+so the output is bitwise identical for 1, 2 and 4 workers, for tf.data, for both PyDatasets,
+and to serial.
+Measured: serial vs each parallel form, side by side. The in-process forms (tf.data and
+PyDataset) get only the cores of the slot their process is pinned to.
 Known hazard: a process pool started per call, or one that pickles whole batches through
-its pipes, is slower than serial (0.78x measured with multiprocessing.Pool); and
-``PyDataset(use_multiprocessing=True)`` forks, which hangs once TensorFlow ops run.
+its pipes, is slower than serial (0.78x measured with multiprocessing.Pool).
+``PyDataset(use_multiprocessing=True)`` forks a process that has run TensorFlow: it is safe
+only while ``__getitem__`` runs no compiled TensorFlow (a ``tf.function`` there hangs, see
+test_pitfalls), and Keras waits for its workers without a bound, so here it runs inside a
+pool worker whose task has a timeout, and the pool ends the fork pool with its worker.
 """
 
 from __future__ import annotations
+
+import functools
+import multiprocessing
 
 import numpy as np
 import pytest
 
 SEED = 1234
 SIZE = 96
+PYDATASET_WORKERS = 2
+PYDATASET_TIMEOUT_S = 120.0
 
 
 def augment_one(image: np.ndarray, seed: int, index: int) -> np.ndarray:
@@ -66,6 +78,51 @@ def with_tf_data(images: np.ndarray) -> np.ndarray:
     return np.concatenate([b.numpy() for b in dataset])
 
 
+@functools.cache
+def augmenting_dataset() -> type:
+    """A PyDataset that augments batch ``i`` (made on first use: importing this module must
+    not import Keras, or every augmentation worker would pay for it)."""
+    import keras
+
+    class AugmentedImages(keras.utils.PyDataset):
+        def __init__(self, images: np.ndarray, batch_size: int, **kwargs: object) -> None:
+            super().__init__(**kwargs)
+            self.images, self.batch_size = images, batch_size
+
+        def __len__(self) -> int:
+            return -(-len(self.images) // self.batch_size)
+
+        def __getitem__(self, i: int) -> np.ndarray:
+            start = i * self.batch_size
+            return augment_batch(self.images[start : start + self.batch_size], SEED, start)
+
+    return AugmentedImages
+
+
+@functools.cache
+def identity_model():
+    import keras
+
+    inputs = keras.Input((SIZE, SIZE, 3))
+    return keras.Model(inputs, keras.layers.Identity()(inputs))
+
+
+def predict_through_pydataset(images: np.ndarray, workers: int, use_multiprocessing: bool) -> np.ndarray:
+    """Runs in a pool worker: a model fed by a PyDataset that augments; returns what it saw.
+
+    Keras starts its pool with the process's default start method: fork on Linux up to
+    Python 3.13, as in a user's script. A spawned worker's default is spawn, so fork is set
+    here for the call, and put back after it.
+    """
+    dataset = augmenting_dataset()(images, 32, workers=workers, use_multiprocessing=use_multiprocessing)
+    before = multiprocessing.get_start_method(allow_none=True)
+    multiprocessing.set_start_method("fork", force=True)
+    try:
+        return identity_model().predict(dataset, verbose=0)
+    finally:
+        multiprocessing.set_start_method(before, force=True)
+
+
 @pytest.fixture(scope="module")
 def images(kerasmp_scale):
     return make_images(max(64, int(768 * kerasmp_scale)))
@@ -98,4 +155,18 @@ def test_augmentation_with_tf_data_autotune(kerasmp_speedup, kerasmp_slots, imag
         lambda: augment_batch(images, SEED, 0), lambda: with_tf_data(images),
         workers=len(kerasmp_slots[0].cores) if kerasmp_slots[0].kind == "CPU" else 1,
         rounds=3, variant="tf.data", check=same,
+    )
+
+
+@pytest.mark.parametrize("use_multiprocessing", [False, True], ids=["threads", "fork"])
+def test_augmentation_in_a_pydataset_feeding_a_model(kerasmp_speedup, kerasmp_pool, images, serial_result, use_multiprocessing):
+    def parallel() -> np.ndarray:  # bounded: a hung fork pool becomes a TaskTimeoutError
+        return kerasmp_pool.submit_with_timeout(
+            PYDATASET_TIMEOUT_S, predict_through_pydataset, images, PYDATASET_WORKERS, use_multiprocessing
+        ).result()
+
+    same(serial_result, parallel())
+    kerasmp_speedup(
+        lambda: augment_batch(images, SEED, 0), parallel, workers=PYDATASET_WORKERS, rounds=3,
+        variant=f"pydataset-{'fork' if use_multiprocessing else 'threads'}-{PYDATASET_WORKERS}w", check=same,
     )

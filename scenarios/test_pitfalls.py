@@ -8,6 +8,9 @@ Asserted, per pitfall (the failure it really has with TF 2.21 / Keras 3.15 here)
   plain eager op before the fork did not hang here; a compiled function did);
 - a live model sent to a child: it is pickled and rebuilt with safe mode off, so a model
   that ``load_model`` would refuse (a Lambda layer) is silently rebuilt;
+- ``PyDataset(use_multiprocessing=True)`` whose ``__getitem__`` calls a ``tf.function``,
+  after the process ran ``model.predict``: the forked workers hang, and Keras waits for
+  them without a bound (eager ops and numpy there did not hang here);
 - ``fit(use_multiprocessing=True, workers=4)``: a TypeError in Keras 3;
 - a ``multiprocessing.Queue`` passed through ``Pool.starmap``: a RuntimeError;
 - ``set_visible_devices(gpus[i])`` on a machine without that GPU: an IndexError;
@@ -32,8 +35,9 @@ from pytest_kerasmp import ModelRef, WorkerPool, detect_gpus
 HANG_BOUND_S = 6.0
 
 
-def run_bounded(code: str, timeout: float) -> tuple[str, subprocess.CompletedProcess | None]:
-    """Run ``code`` in a new process group; ("hung", None) if it is not done in ``timeout``."""
+def run_bounded(code: str, timeout: float) -> tuple[str, subprocess.CompletedProcess]:
+    """Run ``code`` in a new process group: ("done", result), or ("hung", what it printed)
+    if it is not done in ``timeout``."""
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
     proc = subprocess.Popen(
         [sys.executable, "-c", textwrap.dedent(code)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -43,8 +47,8 @@ def run_bounded(code: str, timeout: float) -> tuple[str, subprocess.CompletedPro
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)  # the forked children too
-        proc.communicate(timeout=10)
-        return "hung", None
+        out, err = proc.communicate(timeout=10)
+        return "hung", subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
     return "done", subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
@@ -84,7 +88,7 @@ def test_fork_after_tensorflow_started_hangs_and_the_pool_does_not(kerasmp_pool)
         """,
         timeout=HANG_BOUND_S + 4,  # about 3 s of it is the TensorFlow import
     )
-    assert status == "hung", f"the forked pool finished: {done}"
+    assert status == "hung" and done.stdout.endswith("forking\n"), f"the forked pool finished: {done}"
     assert kerasmp_pool.map(tf_op, range(4)) == [16.0, 17.0, 18.0, 19.0]
     import tensorflow  # noqa: F401  (this process has TensorFlow too: fork is refused)
 
@@ -104,6 +108,43 @@ def test_a_live_model_sent_to_a_child_is_rebuilt_with_safe_mode_off(kerasmp_pool
         ref.load()  # the same model, by reference, in safe mode: refused, as it should be
     with pytest.raises(TypeError, match="send a pytest_kerasmp.ModelRef instead"):
         kerasmp_pool.submit(square, model)
+
+
+def flip_batch(i: int) -> np.ndarray:
+    import tensorflow as tf
+
+    return tf.function(tf.image.flip_left_right)(tf.fill((8, 4, 4, 3), float(i))).numpy()
+
+
+def test_pydataset_forking_into_a_tf_function_hangs_and_the_pool_does_not(kerasmp_pool):
+    status, done = run_bounded(
+        """
+        import numpy as np
+        import keras
+        import tensorflow as tf
+
+        flip = tf.function(tf.image.flip_left_right)
+
+        class Flipped(keras.utils.PyDataset):
+            def __len__(self):
+                return 4
+
+            def __getitem__(self, i):
+                return flip(tf.fill((8, 4, 4, 3), float(i))).numpy()  # compiled TensorFlow
+
+        inputs = keras.Input((4, 4, 3))
+        model = keras.Model(inputs, keras.layers.Identity()(inputs))
+        model.predict(np.ones((1, 4, 4, 3)), verbose=0)  # the process ran TensorFlow
+        print("threads", model.predict(Flipped(workers=2), verbose=0).shape, flush=True)
+        print("forking", flush=True)
+        print(model.predict(Flipped(workers=2, use_multiprocessing=True), verbose=0).shape, flush=True)
+        """,
+        timeout=HANG_BOUND_S + 4,
+    )
+    assert status == "hung", f"the forked PyDataset finished: {done}"
+    assert done.stdout == "threads (32, 4, 4, 3)\nforking\n", done  # threads worked; the fork hung
+    batches = kerasmp_pool.map(flip_batch, range(4))  # the same batches, in spawned workers
+    assert [float(b[0, 0, 0, 0]) for b in batches] == [0.0, 1.0, 2.0, 3.0]
 
 
 def test_fit_with_workers_and_use_multiprocessing_is_a_type_error_in_keras_3():

@@ -101,3 +101,17 @@ def slot_env(_=None):
     import json
 
     return json.loads(os.environ["PYTEST_KERASMP_SLOT"])
+
+
+def start_grandchild(pidfile: str, then: str = "return"):
+    """Start a long-sleeping process of our own, note its pid, then return, hang or die."""
+    import subprocess
+
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    with open(pidfile, "w") as f:
+        f.write(str(child.pid))
+    if then == "hang":
+        time.sleep(120)
+    elif then == "die":
+        os._exit(9)
+    return child.pid

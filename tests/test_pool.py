@@ -202,6 +202,29 @@ def test_task_timeout_kills_and_replaces_the_worker(pool):
     assert not before <= set(pool.pids())
 
 
+def _running(pid: int) -> bool:
+    return psutil.pid_exists(pid) and psutil.Process(pid).status() != "zombie"
+
+
+@pytest.mark.parametrize("end", ["close", "timeout", "crash"])
+def test_what_a_task_started_ends_with_its_worker(pool, tmp_path, end):
+    """A task's own children (say a PyDataset fork pool) go when its worker goes."""
+    pidfile = tmp_path / "grandchild"
+    if end == "close":
+        pool.submit(pool_tasks.start_grandchild, str(pidfile)).result(timeout=60)
+        assert _running(int(pidfile.read_text()))
+        pool.close(timeout=10)
+    else:
+        task = pool.submit_with_timeout(3, pool_tasks.start_grandchild, str(pidfile), "hang" if end == "timeout" else "die")
+        with pytest.raises(TaskTimeoutError if end == "timeout" else WorkerCrashedError):
+            task.result(timeout=60)
+    grandchild = int(pidfile.read_text())
+    deadline = time.monotonic() + 5
+    while _running(grandchild):
+        assert time.monotonic() < deadline, "a process started by a task outlived its worker"
+        time.sleep(0.1)
+
+
 @pytest.mark.parametrize(
     ("options", "reason"),
     [
@@ -249,16 +272,18 @@ def test_workers_die_when_the_parent_is_killed(tmp_path):
             import os, signal, sys
             sys.path.insert(0, {os.path.dirname(pool_tasks.__file__)!r})
             from pytest_kerasmp import WorkerPool, DeviceSlot
+            import pool_tasks
             if __name__ == "__main__":
                 pool = WorkerPool([DeviceSlot(index=0, kind="CPU", cores=(0,))] * 2, import_tensorflow=False)
-                print(*pool.pids(), flush=True)
+                grandchild = pool.submit(pool_tasks.start_grandchild, {str(tmp_path / "pid")!r}).result(60)
+                print(*pool.pids(), grandchild, flush=True)
                 os.kill(os.getpid(), signal.SIGKILL)
             """
         )
     )
     done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
-    pids = [int(p) for p in done.stdout.split()]
-    assert len(pids) == 2, done.stderr
+    pids = [int(p) for p in done.stdout.split()]  # the two workers and what a task started
+    assert len(pids) == 3, done.stderr
     deadline = time.monotonic() + 5
     while any(psutil.pid_exists(p) and psutil.Process(p).status() != "zombie" for p in pids):
         assert time.monotonic() < deadline, "workers outlived their killed parent"

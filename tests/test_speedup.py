@@ -133,3 +133,32 @@ def test_scale_option_reaches_the_fixture_and_is_checked(pytester, run_pytest):
     result = run_pytest("--kerasmp-scale=0")
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     result.stderr.fnmatch_lines(["*--kerasmp-scale='0' is invalid: use a positive number*"])
+
+
+def test_xdist_workers_send_their_comparisons_to_the_controller(pytester, run_pytest, tmp_path):
+    """Each worker measures; the controller's summary, report and gate see every comparison."""
+    import json
+
+    pytester.makepyfile(
+        test_gated=GATED
+        + """
+import numpy as np
+
+def test_extra(kerasmp_speedup):
+    c = kerasmp_speedup(slow, fast, workers=1, rounds=2, variant="extra")
+    c.extra["p50_ms"] = np.float64(1.5)  # numpy figures must travel as numbers
+"""
+    )
+    out = tmp_path / "report"
+    result = run_pytest("-n", "2", "--kerasmp-gpus=2", f"--kerasmp-report={out}", "--kerasmp-min-speedup=gated:bad:1")
+    result.assert_outcomes(passed=3)
+    assert result.ret == 1  # the gate failed on the controller, from a worker's figures
+    result.stdout.fnmatch_lines(["*kerasmp: speedup below its floor: session failed*", "*gated:bad measured 0.*x*"])
+    result.stdout.fnmatch_lines(["*kerasmp: serial vs parallel*"])
+    rows = {line.split()[1] for line in result.outlines if line.startswith("gated ")}
+    assert rows == {"good", "bad", "extra"}
+    record = json.loads((out / "kerasmp-report.json").read_text())
+    by_variant = {c["variant"]: c for c in record["comparisons"]}
+    assert sorted(by_variant) == ["bad", "extra", "good"]
+    assert by_variant["extra"]["extra"] == {"p50_ms": 1.5}
+    assert len(by_variant["good"]["serial_s"]) == 3 and by_variant["good"]["speedup"] > 1
