@@ -30,15 +30,18 @@ def _watch_parent(parent_pid: int) -> None:
     ppid = os.getppid()
     while True:
         time.sleep(PARENT_POLL_S)
-        try:
-            if os.getppid() == ppid:
-                os.kill(parent_pid, 0)
-                continue
-        except ProcessLookupError:
-            pass
-        except PermissionError:
-            continue
-        _exit_with_group()
+        if os.getppid() != ppid or not _alive(parent_pid):
+            _exit_with_group()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
 
 
 def _exit_with_group() -> None:

@@ -28,7 +28,7 @@ from pytest_kerasmp.fixtures import (  # noqa: F401  (fixtures registered with t
 )
 from pytest_kerasmp.pinning import pin_process
 from pytest_kerasmp.report import REPORT_JSON, REPORT_PNG, gate, parse_floors, run_record, write_report
-from pytest_kerasmp.speedup import COMPARISONS_KEY, ITEM_COMPARISONS_KEY, Comparison, summary_lines
+from pytest_kerasmp.speedup import COMPARISONS_KEY, Comparison, summary_lines
 
 FLOORS_KEY = pytest.StashKey[list]()
 GATE_KEY = pytest.StashKey[list]()
@@ -175,9 +175,9 @@ REPORT_ATTR = "kerasmp_comparisons"
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):  # type: ignore[no-untyped-def]
     report = yield
     if call.when == "teardown" and hasattr(item.config, "workerinput"):
-        made = item.stash.get(ITEM_COMPARISONS_KEY, [])
+        made = [c.to_json() for c in item.config.stash.get(COMPARISONS_KEY, []) if c.nodeid == item.nodeid]
         if made:
-            setattr(report, REPORT_ATTR, [c.to_wire() for c in made])
+            setattr(report, REPORT_ATTR, made)
     return report
 
 

@@ -106,7 +106,7 @@ def run_record(
         },
         "slots": [{**s.to_json(), "describe": s.describe()} for s in slots],
         "gpus": sorted({s.gpu_name for s in slots if s.gpu_name}),
-        "comparisons": [c.to_wire() for c in comparisons if c.serial_s and c.parallel_s],
+        "comparisons": [c.to_json() for c in comparisons if c.serial_s and c.parallel_s],
         "gate_failures": list(gate_failures),
     }
 

@@ -21,8 +21,6 @@ from typing import Any
 import pytest
 
 COMPARISONS_KEY = pytest.StashKey[list["Comparison"]]()
-#: The comparisons one test made, so that an xdist worker can send them with its report.
-ITEM_COMPARISONS_KEY = pytest.StashKey[list["Comparison"]]()
 
 
 @dataclasses.dataclass
@@ -62,7 +60,10 @@ class Comparison:
         return f"{self.scenario}:{self.variant}" if self.variant else self.scenario
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        """Every figure, in plain JSON types (numpy scalars in ``extra`` become numbers); the
+        medians and ratios are None when no round was timed (the check failed first)."""
+        timed = bool(self.serial_s and self.parallel_s)
+        data = {
             "scenario": self.scenario,
             "variant": self.variant,
             "nodeid": self.nodeid,
@@ -70,22 +71,18 @@ class Comparison:
             "rounds": len(self.parallel_s),
             "serial_s": self.serial_s,
             "parallel_s": self.parallel_s,
-            "serial_median_s": self.serial_median_s,
-            "parallel_median_s": self.parallel_median_s,
-            "speedup": self.speedup,
-            "efficiency": self.efficiency,
+            "serial_median_s": self.serial_median_s if timed else None,
+            "parallel_median_s": self.parallel_median_s if timed else None,
+            "speedup": self.speedup if timed else None,
+            "efficiency": self.efficiency if timed else None,
             "correct": self.correct,
             "extra": self.extra,
         }
-
-    def to_wire(self) -> dict[str, Any]:
-        """:meth:`to_json` in plain JSON types (numpy scalars in ``extra`` become numbers)."""
-        return json.loads(json.dumps(self.to_json(), default=_plain))
+        return json.loads(json.dumps(data, default=_plain))
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Comparison:
-        fields = ("scenario", "variant", "workers", "serial_s", "parallel_s", "correct", "nodeid", "extra")
-        return cls(**{name: data[name] for name in fields})
+        return cls(**{f.name: data[f.name] for f in dataclasses.fields(cls)})
 
 
 def _plain(value: Any) -> Any:
@@ -121,7 +118,6 @@ def measure(
         serial_s=[], parallel_s=[], nodeid=item.nodeid,
     )
     item.config.stash.setdefault(COMPARISONS_KEY, []).append(comparison)
-    item.stash.setdefault(ITEM_COMPARISONS_KEY, []).append(comparison)
     serial_result, parallel_result = serial(), parallel()
     if check is not None:
         comparison.correct = False

@@ -203,7 +203,10 @@ def test_task_timeout_kills_and_replaces_the_worker(pool):
 
 
 def _running(pid: int) -> bool:
-    return psutil.pid_exists(pid) and psutil.Process(pid).status() != "zombie"
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
 
 
 @pytest.mark.parametrize("end", ["close", "timeout", "crash"])
@@ -285,7 +288,7 @@ def test_workers_die_when_the_parent_is_killed(tmp_path):
     pids = [int(p) for p in done.stdout.split()]  # the two workers and what a task started
     assert len(pids) == 3, done.stderr
     deadline = time.monotonic() + 5
-    while any(psutil.pid_exists(p) and psutil.Process(p).status() != "zombie" for p in pids):
+    while any(_running(p) for p in pids):
         assert time.monotonic() < deadline, "workers outlived their killed parent"
         time.sleep(0.1)
 
@@ -308,4 +311,4 @@ def test_interrupted_session_leaves_no_worker(pytester, run_pytest, tmp_path):
     assert result.ret == pytest.ExitCode.INTERRUPTED
     pids = [int(p) for p in pidfile.read_text().split()]
     time.sleep(1.0)
-    assert not [p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != "zombie"]
+    assert not [p for p in pids if _running(p)]

@@ -147,16 +147,22 @@ import numpy as np
 def test_extra(kerasmp_speedup):
     c = kerasmp_speedup(slow, fast, workers=1, rounds=2, variant="extra")
     c.extra["p50_ms"] = np.float64(1.5)  # numpy figures must travel as numbers
+
+def test_disagree(kerasmp_speedup):  # fails its check before any round is timed
+    def check(a, b):
+        assert False, "serial and parallel disagree"
+    kerasmp_speedup(slow, fast, workers=1, rounds=2, variant="broken", check=check)
 """
     )
     out = tmp_path / "report"
     result = run_pytest("-n", "2", "--kerasmp-gpus=2", f"--kerasmp-report={out}", "--kerasmp-min-speedup=gated:bad:1")
-    result.assert_outcomes(passed=3)
-    assert result.ret == 1  # the gate failed on the controller, from a worker's figures
+    result.assert_outcomes(passed=3, failed=1)
+    assert result.ret == 1
     result.stdout.fnmatch_lines(["*kerasmp: speedup below its floor: session failed*", "*gated:bad measured 0.*x*"])
     result.stdout.fnmatch_lines(["*kerasmp: serial vs parallel*"])
     rows = {line.split()[1] for line in result.outlines if line.startswith("gated ")}
-    assert rows == {"good", "bad", "extra"}
+    assert rows == {"good", "bad", "extra", "broken"}
+    result.stdout.fnmatch_lines(["gated*broken*1*-*-*-*-*DIFFERENT"])
     record = json.loads((out / "kerasmp-report.json").read_text())
     by_variant = {c["variant"]: c for c in record["comparisons"]}
     assert sorted(by_variant) == ["bad", "extra", "good"]
