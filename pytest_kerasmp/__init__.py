@@ -1,48 +1,102 @@
 """pytest-kerasmp: device slots, process-safe Keras worker pools and inference servers.
 
-Importing this package never imports TensorFlow.
+Importing this package imports nothing else: each name below is loaded when first used, so
+that the plugin's child processes import only what they need before they pin themselves
+(never TensorFlow, never pytest).
 """
 
 from __future__ import annotations
 
-from pytest_kerasmp.devices import GPU, DeviceSlot, detect_gpus, plan_slots
-from pytest_kerasmp.errors import (
-    DeviceAlreadyInitializedError,
-    KerasMPError,
-    KerasMPWarning,
-    PoolClosedError,
-    RemoteTraceback,
-    ServerBusyError,
-    ServerDiedError,
-    TaskTimeoutError,
-    WorkerCrashedError,
-    WorkerStartupError,
-)
-from pytest_kerasmp.modelref import ModelRef
-from pytest_kerasmp.pinning import configure_tensorflow, current_slot, pin_process
-from pytest_kerasmp.pool import WorkerPool
-from pytest_kerasmp.server import InferenceClient, InferenceServer
+import importlib
+from typing import TYPE_CHECKING, Any
 
-__all__ = [
-    "GPU",
-    "DeviceAlreadyInitializedError",
-    "InferenceClient",
-    "InferenceServer",
-    "DeviceSlot",
-    "KerasMPError",
-    "KerasMPWarning",
-    "ModelRef",
-    "PoolClosedError",
-    "RemoteTraceback",
-    "ServerBusyError",
-    "ServerDiedError",
-    "TaskTimeoutError",
-    "WorkerCrashedError",
-    "WorkerPool",
-    "WorkerStartupError",
-    "configure_tensorflow",
-    "current_slot",
-    "detect_gpus",
-    "pin_process",
-    "plan_slots",
-]
+_WHERE = {
+    "GPU": "devices",
+    "DeviceSlot": "devices",
+    "detect_gpus": "devices",
+    "plan_slots": "devices",
+    "DeviceAlreadyInitializedError": "errors",
+    "KerasMPError": "errors",
+    "KerasMPWarning": "errors",
+    "PoolBrokenError": "errors",
+    "PoolClosedError": "errors",
+    "RemoteTraceback": "errors",
+    "ServerBusyError": "errors",
+    "ServerClosedError": "errors",
+    "ServerDiedError": "errors",
+    "TaskTimeoutError": "errors",
+    "WorkerCrashedError": "errors",
+    "WorkerStartupError": "errors",
+    "ModelRef": "modelref",
+    "configure_tensorflow": "pinning",
+    "current_slot": "pinning",
+    "pin_process": "pinning",
+    "WorkerPool": "pool",
+    "InferenceClient": "server",
+    "InferenceServer": "server",
+}
+
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str) -> Any:
+    module = _WHERE.get(name)
+    if module is None:
+        raise AttributeError(f"module 'pytest_kerasmp' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"pytest_kerasmp.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_WHERE])
+
+
+if TYPE_CHECKING:
+    from pytest_kerasmp.devices import GPU as GPU
+    from pytest_kerasmp.devices import DeviceSlot as DeviceSlot
+    from pytest_kerasmp.devices import detect_gpus as detect_gpus
+    from pytest_kerasmp.devices import plan_slots as plan_slots
+    from pytest_kerasmp.errors import (
+        DeviceAlreadyInitializedError as DeviceAlreadyInitializedError,
+    )
+    from pytest_kerasmp.errors import (
+        KerasMPError as KerasMPError,
+    )
+    from pytest_kerasmp.errors import (
+        KerasMPWarning as KerasMPWarning,
+    )
+    from pytest_kerasmp.errors import (
+        PoolBrokenError as PoolBrokenError,
+    )
+    from pytest_kerasmp.errors import (
+        PoolClosedError as PoolClosedError,
+    )
+    from pytest_kerasmp.errors import (
+        RemoteTraceback as RemoteTraceback,
+    )
+    from pytest_kerasmp.errors import (
+        ServerBusyError as ServerBusyError,
+    )
+    from pytest_kerasmp.errors import (
+        ServerClosedError as ServerClosedError,
+    )
+    from pytest_kerasmp.errors import (
+        ServerDiedError as ServerDiedError,
+    )
+    from pytest_kerasmp.errors import (
+        TaskTimeoutError as TaskTimeoutError,
+    )
+    from pytest_kerasmp.errors import (
+        WorkerCrashedError as WorkerCrashedError,
+    )
+    from pytest_kerasmp.errors import (
+        WorkerStartupError as WorkerStartupError,
+    )
+    from pytest_kerasmp.modelref import ModelRef as ModelRef
+    from pytest_kerasmp.pinning import configure_tensorflow as configure_tensorflow
+    from pytest_kerasmp.pinning import current_slot as current_slot
+    from pytest_kerasmp.pinning import pin_process as pin_process
+    from pytest_kerasmp.pool import WorkerPool as WorkerPool
+    from pytest_kerasmp.server import InferenceClient as InferenceClient
+    from pytest_kerasmp.server import InferenceServer as InferenceServer

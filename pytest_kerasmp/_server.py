@@ -4,13 +4,12 @@ Runs in a spawned child. It pins its slot, imports TensorFlow, loads the ModelRe
 forward function with a ``None`` batch axis (one trace for every batch size: no padding and
 no retracing), then serves a Unix socket in the abstract namespace (no file to clean up).
 
-Client connection protocol (tuples; arrays always in the connection's arenas, see transport):
-    client -> server: ("predict", req_id, layout, grew) | ("stats",)
-    server -> client: ("ok", req_id, layout, grew)
-                      | ("error", req_id, exc_bytes, text) | ("busy", req_id) | ("stats", dict)
-Control pipe from the owner: ("stop",); to the owner: ("ready", pid, inputs, outputs)
-| ("startup-error", text). The owner hands ``inputs`` to its clients, which check requests
-with :func:`input_problem` before sending; the server checks again.
+The messages are ``_wire``'s (arrays always in the connection's arenas, see transport); every
+answer carries its request's id. The owner's control connection gets ``Ready`` (with the
+model's input and output specs, which the owner hands to its clients so that they check
+requests with :func:`input_problem` before sending; the server checks again) and sends
+``Stop``: from then on the server answers what it accepted, tells new requests ``Closed``,
+and exits.
 """
 
 from __future__ import annotations
@@ -30,8 +29,9 @@ STATS_WINDOW = 100_000
 InputSpec = tuple[tuple[Any, ...], str, str]
 
 
-def input_problem(arrays: list[Any], inputs: list[InputSpec], what: str) -> str | None:
-    """Why ``arrays`` (batch axis first) cannot be a batch for a model taking ``inputs``.
+def input_problem(arrays: list[Any], inputs: list[InputSpec], what: str, batch_axis: bool = True) -> str | None:
+    """Why ``arrays`` cannot be a batch (or, without ``batch_axis``, one sample) for a model
+    taking ``inputs``, described as the caller sent them.
 
     None when they can; same-kind casts (float64 to float32) are allowed.
     """
@@ -41,13 +41,14 @@ def input_problem(arrays: list[Any], inputs: list[InputSpec], what: str) -> str 
 
     if len(arrays) != len(inputs):
         return f"the model takes {len(inputs)} input(s), request {what} has {len(arrays)}"
+    lead = 1 if batch_axis else 0
     for k, (a, (shape, dtype, name)) in enumerate(zip(arrays, inputs, strict=True)):
         expected = f"{name}: per-sample shape {shape}, dtype {np.dtype(dtype)}"
-        if a.ndim != len(shape) + 1 or any(d is not None and d != s for d, s in zip(shape, a.shape[1:], strict=True)):
+        if a.ndim != len(shape) + lead or any(d is not None and d != s for d, s in zip(shape, a.shape[lead:], strict=True)):
             problem = f"shape {a.shape}"
         elif not np.can_cast(a.dtype, dtype, "same_kind"):
             problem = f"dtype {a.dtype}"
-        elif a.shape[0] != arrays[0].shape[0]:
+        elif batch_axis and a.shape[0] != arrays[0].shape[0]:
             problem = "row counts differ between inputs"
         else:
             continue
@@ -105,33 +106,42 @@ class _Server:
 
     # --------------------------------------------------------------------------- requests
 
-    def on_message(self, client: _Client) -> None:
+    def on_message(self, client: _Client, closing: bool) -> None:
+        from pytest_kerasmp._wire import Busy, Closed, Predict, Stats, StatsRequest
+
         msg = client.conn.recv()
-        kind = msg[0]
-        if kind == "stats":
-            self.reply(client, ("stats", self.snapshot()))
-        elif kind == "predict":
-            _, req_id, layout, grew = msg
-            if grew:
-                client.inbox.receive(client.conn)
-            if self.waiting >= self.max_queue:
-                self.stats["busy"] += 1
-                self.reply(client, ("busy", req_id))
-                return
-            views = client.inbox.views([(offset, size) for offset, size, _, _ in layout])
-            arrays = [
-                self.np.ndarray(shape, dtype, buffer=view)
-                for view, (_, _, shape, dtype) in zip(views, layout, strict=True)
-            ]
-            problem = input_problem(arrays, self.inputs, str(req_id))
-            if problem is not None:
-                self.fail_one(client, req_id, ValueError(problem))
-                return
-            req = _Request(req_id, client, arrays, arrays[0].shape[0], time.perf_counter())
-            self.waiting += 1
-            self.stats["requests"] += 1
-            for start in range(0, req.rows, self.max_batch):  # oversize requests are split
-                self.pending.append((req, start, min(start + self.max_batch, req.rows)))
+        if isinstance(msg, StatsRequest):
+            self.reply(client, Stats(msg.id, self.snapshot()))
+            return
+        assert isinstance(msg, Predict), f"unexpected message {type(msg).__name__}"
+        if msg.grew:
+            client.inbox.receive(client.conn)
+        if closing:
+            self.reply(client, Closed(msg.id))
+            return
+        if self.waiting >= self.max_queue:
+            self.stats["busy"] += 1
+            self.reply(client, Busy(msg.id))
+            return
+        views = client.inbox.views([(offset, size) for offset, size, _, _ in msg.specs])
+        arrays = [
+            self.np.ndarray(shape, dtype, buffer=view)
+            for view, (_, _, shape, dtype) in zip(views, msg.specs, strict=True)
+        ]
+        problem = input_problem(arrays, self.inputs, str(msg.id))
+        if problem is not None:
+            self.fail_one(client, msg.id, ValueError(problem))
+            return
+        req = _Request(msg.id, client, arrays, arrays[0].shape[0], time.perf_counter())
+        self.waiting += 1
+        self.stats["requests"] += 1
+        if req.rows == 0:  # nothing to compute: answered at once, with 0 rows
+            req.outputs = [self.np.empty((0, *shape), dtype) for shape, dtype in self.outputs]
+            self.waiting -= 1
+            self.answer(req)
+            return
+        for start in range(0, req.rows, self.max_batch):  # oversize requests are split
+            self.pending.append((req, start, min(start + self.max_batch, req.rows)))
 
     def due(self, closing: bool) -> float | None:
         """Seconds until the next batch must run (0: now), or None when nothing waits."""
@@ -196,6 +206,8 @@ class _Server:
                 self.answer(req)
 
     def answer(self, req: _Request) -> None:
+        from pytest_kerasmp._wire import Answer
+
         client = req.client
         assert req.outputs is not None
         req.inputs = []  # the client may reuse its arena once answered
@@ -205,7 +217,7 @@ class _Server:
             self.fail_one(client, req.id, exc)
             return
         specs = [(o, s, a.shape, a.dtype.str) for (o, s), a in zip(layout, req.outputs, strict=True)]
-        self.reply(client, ("ok", req.id, specs, client.outbox.fresh))
+        self.reply(client, Answer(req.id, specs, client.outbox.fresh))
         if client.alive:
             try:
                 client.outbox.hand_over(client.conn)
@@ -213,12 +225,13 @@ class _Server:
                 client.alive = False
 
     def fail_one(self, client: _Client, req_id: int, exc: BaseException) -> None:
+        from pytest_kerasmp._wire import Failed
         from pytest_kerasmp.errors import pack_exception
 
         text = "".join(traceback.format_exception(exc))
-        self.reply(client, ("error", req_id, pack_exception(exc), text))
+        self.reply(client, Failed(req_id, pack_exception(exc), text))
 
-    def reply(self, client: _Client, msg: tuple[Any, ...]) -> None:
+    def reply(self, client: _Client, msg: Any) -> None:
         if not client.alive:
             return
         try:
@@ -241,21 +254,21 @@ class _Server:
         return stats
 
 
-def main(control: Connection, slot_json: str, parent_pid: int, ref: Any, options: dict[str, Any], address: bytes) -> None:
-    """Entry point of the server process."""
-    from pytest_kerasmp._worker import start_child
+def main(control: Connection, ref: Any, options: dict[str, Any], address: bytes) -> None:
+    """Entry point of the server process (after ``_child`` pinned it)."""
+    from pytest_kerasmp._child import send_startup_error
+    from pytest_kerasmp._wire import Ready
 
     try:
-        start_child(slot_json, parent_pid)
         server = _Server(ref.load(), options)
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         listener.bind(address)
         listener.listen(256)
         listener.setblocking(False)
     except BaseException:
-        control.send(("startup-error", traceback.format_exc()))
+        send_startup_error(control)
         return
-    control.send(("ready", os.getpid(), server.inputs, server.outputs))
+    control.send(Ready(os.getpid(), (server.inputs, server.outputs)))
     serve(server, control, listener)
 
 
@@ -297,7 +310,7 @@ def serve(server: _Server, control: Connection, listener: socket.socket | None) 
             else:
                 client = clients[obj]
                 try:
-                    server.on_message(client)
+                    server.on_message(client, closing)
                 except (EOFError, OSError):
                     client.alive = False
                 if not client.alive:

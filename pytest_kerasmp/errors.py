@@ -1,14 +1,14 @@
 """Errors and warnings raised by pytest-kerasmp.
 
-Every message names what happened, the likely cause and what to do. Message templates that
-tests match live here as constants.
+Every message names what happened, where (process, slot, pid), and what to do. Message
+templates that tests match live here as constants. Import-light: children import this module
+before they pin, so it never imports pytest (``KerasMPWarning`` is a ``UserWarning``; the
+plugin shows it like any other warning).
 """
 
 from __future__ import annotations
 
 import pickle
-
-import pytest
 
 
 class KerasMPError(Exception):
@@ -19,7 +19,7 @@ class DeviceAlreadyInitializedError(KerasMPError, RuntimeError):
     """TensorFlow initialised its devices before the process could be pinned to a slot."""
 
 
-class KerasMPWarning(pytest.PytestWarning):
+class KerasMPWarning(UserWarning):
     """A non-fatal problem with the plan or the use of pytest-kerasmp."""
 
 
@@ -42,15 +42,26 @@ class WorkerStartupError(KerasMPError):
 
 
 class WorkerCrashedError(KerasMPError):
-    """A worker process died while running a task; the pool replaced it."""
+    """A worker process died while running a task (the message says whether it was replaced)."""
 
 
 class TaskTimeoutError(KerasMPError, TimeoutError):
-    """A task ran past its timeout; its worker was killed and replaced."""
+    """A task (or a ``map``/``broadcast``) ran past its timeout; a stuck worker was killed,
+    its Python stacks attached as ``stacks``."""
+
+    stacks: str | None = None
 
 
 class PoolClosedError(KerasMPError, RuntimeError):
-    """The pool was closed before the task could run."""
+    """The pool was closed (or interrupted) before the task could finish."""
+
+
+class PoolBrokenError(KerasMPError, RuntimeError):
+    """The pool can run nothing more: its dispatcher failed, or no worker can start on any slot."""
+
+
+class ServerClosedError(KerasMPError, ConnectionError):
+    """The inference server was closed by its owner; the request was not accepted."""
 
 
 class ServerDiedError(KerasMPError, ConnectionError):
@@ -85,36 +96,77 @@ def pack_exception(exc: BaseException) -> bytes:
 def unpack_exception(data: bytes, text: str) -> BaseException:
     """The exception from :func:`pack_exception`, with the remote traceback ``text`` as cause."""
     try:
-        error = pickle.loads(data)
+        error: BaseException = pickle.loads(data)
     except Exception:
         error = RuntimeError(text.strip().splitlines()[-1])
     error.__cause__ = RemoteTraceback(text)
     return error
 
 
+def with_stacks(error: KerasMPError, stacks: str | None) -> KerasMPError:
+    """``error`` with the Python stacks of a stuck process (faulthandler's dump) attached:
+    as ``error.stacks`` and, so that they print with the traceback, as a note."""
+    if stacks:
+        error.stacks = stacks  # type: ignore[attr-defined]
+        error.add_note("Python stacks of the stuck process just before it was killed:\n" + stacks.rstrip())
+    return error
+
+
 FORK_REFUSED = (
-    "start_method='fork' is refused: TensorFlow is imported in this process, and a child forked "
-    "after TensorFlow has run (model.predict, fit, a tf.function) deadlocks in its first "
-    "TensorFlow call; use 'spawn' (default) or 'forkserver'"
+    "start_method='fork' is not supported: a worker forked after its parent ran TensorFlow "
+    "(model.predict, fit, a tf.function) deadlocks in its first TensorFlow call; use 'spawn' "
+    "(default) or 'forkserver' (forks from a server that imported but never ran TensorFlow)"
 )
-WORKER_STARTUP_FAILED = (
-    "worker {index} ({slot}) of pool {pool!r} failed to start: {reason}; the child's traceback "
-    "is attached above"
+STARTUP_FAILED = "{who} failed to start: {reason}; {advice}"
+#: What a startup error advises, by what is known of the failure.
+STARTUP_ADVICE_TRACEBACK = "the child's traceback is attached above"
+STARTUP_ADVICE_NONE = (
+    "it left no traceback (its last lines of output are attached above, if any); run its "
+    "initializer or model load in one process to see why"
 )
-WORKER_START_TIMEOUT = (
-    "worker {index} ({slot}) of pool {pool!r} was not ready after {timeout:g} s (TensorFlow "
-    "import and initializer); the machine may be overloaded: start fewer workers or raise "
-    "start_timeout_s"
+STARTUP_TIMED_OUT = (
+    "{who} was not ready after {timeout:g} s (TensorFlow import, initializer or model load; "
+    "its Python stacks are attached below); the machine may be overloaded: start fewer "
+    "processes or raise start_timeout_s"
+)
+MAIN_NOT_GUARDED = (
+    "the script {path} starts pytest-kerasmp processes when it is imported, and every worker "
+    "imports it again to find its task functions: put that code under "
+    "`if __name__ == \"__main__\":`"
 )
 WORKER_CRASHED = (
     "worker {index} ({slot}, pid {pid}) of pool {pool!r} died with {how} while running task "
-    "{task} ({fn}); the pool replaced it; {hint}"
+    "{task} ({fn}); {fate}; {hint}"
 )
 TASK_TIMED_OUT = (
     "task {task} ({fn}) ran past its {timeout:g} s timeout on worker {index} ({slot}, pid {pid}); "
-    "the worker was killed and replaced; raise the timeout or make the task smaller"
+    "the worker was killed ({fate}); its Python stacks are attached below; raise the timeout "
+    "or make the task smaller"
 )
 POOL_CLOSED = "pool {pool!r} is closed; task {fn} was not run; submit before close()"
+POOL_CLOSED_QUEUED = (
+    "pool {pool!r} was closed ({why}) before task {task} ({fn}) started; it was not run"
+)
+POOL_CLOSED_RUNNING = (
+    "pool {pool!r} was closed ({why}) while task {task} ({fn}) ran on worker {index} ({slot}, "
+    "pid {pid}); the worker was killed and the task's result is lost; give close() a longer "
+    "timeout to let running tasks finish"
+)
+POOL_BROKEN = "pool {pool!r} can run nothing more: {cause}; close it and start a new pool"
+SLOT_DEAD = (
+    "no worker of pool {pool!r} can run on {slot}: its worker failed to start {attempts} time(s) "
+    "in a row (last: {reason})"
+)
+MAP_TIMED_OUT = (
+    "{what} of {fn} on pool {pool!r} did not finish within {timeout:g} s ({done} of {total} "
+    "done); the tasks not yet started were cancelled; raise the timeout, or use "
+    "submit_with_timeout to bound each task"
+)
+TASK_NOT_IMPORTABLE = (
+    "{fn} cannot run in a worker process: workers import task functions by module name, and "
+    "module {module!r} {why}; put task functions in a module importable from sys.path (a "
+    "tasks.py next to your tests, with rootdir or pythonpath set so workers find it)"
+)
 ARENA_FAILED = (
     "task {task} ({fn}) was not run: its arrays could not be copied into the worker's shared "
     "memory ({error}); free memory or send smaller arrays"
@@ -124,13 +176,9 @@ SERVER_DIED = (
     "answered; start a new server, and check its output for the reason (SIGKILL is usually "
     "the OOM killer)"
 )
-SERVER_STARTUP_FAILED = (
-    "inference server {name!r} ({slot}) failed to start: {reason}; the child's traceback is "
-    "attached above"
-)
-SERVER_DIED_STARTING = (
-    "inference server {name!r} ({slot}) died with {how} while loading and warming its model; "
-    "check that the model loads in one process, and the machine's memory"
+SERVER_CLOSED = (
+    "inference server {name!r} (pid {pid}, {slot}) was closed by its owner (close()); request "
+    "{what} was not accepted; send requests before closing the server"
 )
 SERVER_BUSY = (
     "inference server {name!r} had its queue full ({queue} requests waiting) for {waited:g} s, "
@@ -138,7 +186,8 @@ SERVER_BUSY = (
     "longer (busy_timeout_s)"
 )
 SERVER_NO_ANSWER = (
-    "inference server {name!r} did not answer request {what} within {timeout:g} s (its batch "
-    "may be stuck or the model slow); raise request_timeout_s or check server.stats()"
+    "inference server {name!r} (pid {pid}, {slot}) did not answer request {what} within "
+    "{timeout:g} s (its batch may be stuck or the model slow); raise request_timeout_s or check "
+    "server.stats()"
 )
 BAD_REQUEST = "request {what} does not fit the model's input {index} ({expected}): {problem}"

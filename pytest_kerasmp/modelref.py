@@ -2,13 +2,48 @@
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import importlib
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
-_cache: dict[tuple[Any, ...], Any] = {}
+#: Models each process keeps loaded at most (least recently used first out); env
+#: ``PYTEST_KERASMP_MODEL_CACHE`` changes it.
+CACHE_SIZE = int(os.environ.get("PYTEST_KERASMP_MODEL_CACHE", "4"))
+_cache: collections.OrderedDict[tuple[Any, ...], Any] = collections.OrderedDict()
+
+
+def _freeze(value: Any, name: str) -> Any:
+    """A hashable stand-in for a builder argument (lists, tuples and dicts of plain values
+    kept apart by a tag, so :func:`_thaw` gives back the same types); refuses the rest."""
+    if isinstance(value, list):
+        return ("__list__", tuple(_freeze(v, name) for v in value))
+    if isinstance(value, tuple):
+        return ("__tuple__", tuple(_freeze(v, name) for v in value))
+    if isinstance(value, dict):
+        return ("__dict__", tuple(sorted((k, _freeze(v, name)) for k, v in value.items())))
+    try:
+        hash(value)
+    except TypeError:
+        raise TypeError(
+            f"builder argument {name}={value!r} cannot key the per-process model cache "
+            f"({type(value).__name__} is not hashable): pass plain values, lists, tuples or dicts of them"
+        ) from None
+    return value
+
+
+def _thaw(value: Any) -> Any:
+    if isinstance(value, tuple) and len(value) == 2 and value[0] in ("__list__", "__tuple__", "__dict__"):
+        tag, items = value
+        if tag == "__list__":
+            return [_thaw(v) for v in items]
+        if tag == "__tuple__":
+            return tuple(_thaw(v) for v in items)
+        return {k: _thaw(v) for k, v in items}
+    return value
 
 
 def _stat_key(path: str | None) -> tuple[int, int] | None:
@@ -23,7 +58,12 @@ class ModelRef:
     """A picklable reference to a Keras model: a saved ``.keras`` file or an importable builder.
 
     ``load()`` builds the model in the calling process, once: later calls return the cached
-    model until the file (or weights file) changes. Files load in Keras' safe mode.
+    model until the file (or weights file) changes; each process keeps the
+    :data:`CACHE_SIZE` most recently used models. Files load in Keras' safe mode; with
+    ``compile=True`` (the default) the saved optimizer, loss and metrics are restored too,
+    which ``evaluate`` and ``fit`` need and ``predict`` does not (``compile=False`` loads
+    faster). Keras' warning that an unbuilt optimizer skipped its saved variables is not
+    repeated in every worker.
     """
 
     path: str | None = None
@@ -39,6 +79,8 @@ class ModelRef:
             raise ValueError(f"path={self.path!r} is not a .keras file; save with model.save('x.keras')")
         if self.builder is not None and ":" not in self.builder:
             raise ValueError(f"builder={self.builder!r} must be 'package.module:function'")
+        frozen = tuple((k, _freeze(v, k)) for k, v in self.builder_kwargs)
+        object.__setattr__(self, "builder_kwargs", frozen)
 
     @classmethod
     def from_file(cls, path: str | os.PathLike[str], *, compile: bool = True) -> ModelRef:
@@ -67,28 +109,39 @@ class ModelRef:
         model.save(path)
         return cls.from_file(path)
 
+    @property
+    def kwargs(self) -> dict[str, Any]:
+        """The builder's keyword arguments, as given."""
+        return {k: _thaw(v) for k, v in self.builder_kwargs}
+
     def load(self) -> Any:
         """The model, loaded at most once per process (reloaded when its file changed)."""
         key = (self, _stat_key(self.path), _stat_key(self.weights))
         model = _cache.get(key)
-        if model is None:
-            model = self._build()
-            for old in [k for k in _cache if k[0] == self]:
-                del _cache[old]
-            _cache[key] = model
+        if model is not None:
+            _cache.move_to_end(key)
+            return model
+        model = self._build()
+        for old in [k for k in _cache if k[0] == self]:
+            del _cache[old]
+        _cache[key] = model
+        while len(_cache) > max(1, CACHE_SIZE):
+            _cache.popitem(last=False)
         return model
 
     def _build(self) -> Any:
         import keras
 
         if self.path is not None:
-            return keras.saving.load_model(self.path, compile=self.compile, safe_mode=True)
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="Skipping variable loading for optimizer")
+                return keras.saving.load_model(self.path, compile=self.compile, safe_mode=True)
         assert self.builder is not None
         module, _, attr = self.builder.partition(":")
-        fn = importlib.import_module(module)
+        fn: Any = importlib.import_module(module)
         for part in attr.split("."):
             fn = getattr(fn, part)
-        model = fn(**dict(self.builder_kwargs))  # type: ignore[operator]
+        model = fn(**self.kwargs)
         if self.weights is not None:
             model.load_weights(self.weights)
         return model

@@ -211,6 +211,14 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         config.stash[REPORT_KEY] = write_report(directory, record, comparisons)
 
 
+def pytest_keyboard_interrupt(excinfo: pytest.ExceptionInfo[BaseException]) -> None:
+    """Ctrl-C: end every pool and server of this process now (before fixture teardown,
+    which would otherwise wait for running tasks)."""
+    from pytest_kerasmp import lifecycle
+
+    lifecycle.terminate_all("interrupted (Ctrl-C)")
+
+
 def pytest_unconfigure(config: pytest.Config) -> None:
     plan = config.stash.get(cfg.PLAN_KEY, None)
     if plan is not None and plan.role == "controller":

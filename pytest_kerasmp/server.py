@@ -8,9 +8,7 @@ worker pool; the socket carries only small control tuples.
 
 from __future__ import annotations
 
-import atexit
 import itertools
-import multiprocessing
 import os
 import secrets
 import socket
@@ -19,31 +17,34 @@ import time
 import weakref
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from multiprocessing.connection import Connection, wait
-from typing import Any
+from concurrent.futures import wait as wait_futures
+from multiprocessing.connection import Connection
+from typing import Any, Self
 
-from pytest_kerasmp import _server
-from pytest_kerasmp._server import input_problem
+from pytest_kerasmp import lifecycle
+from pytest_kerasmp._server import InputSpec, input_problem
+from pytest_kerasmp._wire import Answer, Busy, Closed, Failed, Predict, Stats, StatsRequest, Stop
 from pytest_kerasmp.devices import DeviceSlot
 from pytest_kerasmp.errors import (
     SERVER_BUSY,
+    SERVER_CLOSED,
     SERVER_DIED,
-    SERVER_DIED_STARTING,
     SERVER_NO_ANSWER,
-    SERVER_STARTUP_FAILED,
-    WORKER_START_TIMEOUT,
-    RemoteTraceback,
     ServerBusyError,
+    ServerClosedError,
     ServerDiedError,
-    WorkerStartupError,
     unpack_exception,
 )
+from pytest_kerasmp.lifecycle import Child
 from pytest_kerasmp.modelref import ModelRef
-from pytest_kerasmp.pool import end_process, how_it_died
 from pytest_kerasmp.transport import Arena
 
-_live_servers: weakref.WeakSet[InferenceServer] = weakref.WeakSet()
 _ids = itertools.count()
+#: The clients of each server address in this process, so that close() can wait for the
+#: requests they were handed (client.submit) before it stops the server.
+_clients: dict[bytes, weakref.WeakSet[InferenceClient]] = {}
+#: Addresses of servers this process closed on purpose (their errors say so).
+_closed: set[bytes] = set()
 
 
 class InferenceClient:
@@ -51,7 +52,10 @@ class InferenceClient:
 
     Each thread of each process gets its own connection, made on first use, so one
     client can be shared by a pool's workers, by ``multiprocessing`` children and by
-    threads. Arrays are checked against the model's inputs before they are sent.
+    threads. Arrays are checked against the model's inputs before they are sent. Every
+    answer is matched to its request by id; a call that is interrupted (a timeout, Ctrl-C)
+    drops its connection and arenas, so a late answer can never reach the next call and the
+    server never reads an input that is being overwritten.
     """
 
     def __init__(
@@ -61,27 +65,35 @@ class InferenceClient:
         pid: int,
         slot: str,
         inputs: Sequence[tuple[tuple[Any, ...], str, str]],
+        outputs: Sequence[tuple[tuple[Any, ...], str]],
         request_timeout_s: float,
         busy_timeout_s: float,
         max_queue: int,
     ) -> None:
         self.address, self.name, self.pid, self.slot = address, name, pid, slot
         self.max_queue = max_queue
-        self.inputs = [tuple(i) for i in inputs]
+        self.inputs: list[InputSpec] = [(tuple(shape), dtype, name) for shape, dtype, name in inputs]
+        self.outputs: list[tuple[tuple[Any, ...], str]] = [(tuple(shape), dtype) for shape, dtype in outputs]
         self.request_timeout_s = request_timeout_s
         self.busy_timeout_s = busy_timeout_s
+        self._setup()
+
+    def _setup(self) -> None:
         self._local = threading.local()
         self._executor: ThreadPoolExecutor | None = None
+        self._outstanding: set[Future[Any]] = set()
+        self._lock = threading.Lock()
+        _clients.setdefault(self.address, weakref.WeakSet()).add(self)
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
-        del state["_local"], state["_executor"]
+        for key in ("_local", "_executor", "_outstanding", "_lock"):
+            del state[key]
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
-        self._local = threading.local()
-        self._executor = None
+        self._setup()
 
     # ------------------------------------------------------------------------- public
 
@@ -89,20 +101,26 @@ class InferenceClient:
         """Predict one sample (no batch axis) or a batch; a numpy array (a list if many outputs).
 
         ``x`` is an array, or a list (or dict by input name) of arrays for a multi-input
-        model. Raises ValueError for an array that does not fit the model,
-        :class:`ServerBusyError`, :class:`ServerDiedError`, or ``TimeoutError`` after
-        ``timeout`` (default ``request_timeout_s``).
+        model; a batch of 0 rows gives 0 rows. Raises ValueError for an array that does
+        not fit the model, :class:`ServerBusyError`, :class:`ServerDiedError`,
+        :class:`ServerClosedError`, or ``TimeoutError`` after ``timeout`` (default
+        ``request_timeout_s``).
         """
+        __tracebackhide__ = True
         import numpy as np
 
         arrays, single = self._prepare(x)
-        what = f"#{next(_ids)} of process {os.getpid()}"
+        if arrays[0].shape[0] == 0:
+            empty = [np.empty((0, *shape), dtype) for shape, dtype in self.outputs]
+            return empty[0] if len(empty) == 1 else empty
+        req_id = next(_ids)
+        what = f"#{req_id} of process {os.getpid()}"
         deadline = time.monotonic() + (self.request_timeout_s if timeout is None else timeout)
         busy_until = time.monotonic() + self.busy_timeout_s
         pause = 0.001
         while True:
-            msg, outputs = self._round_trip(arrays, what, deadline)
-            if msg[0] != "busy":
+            msg, outputs = self._round_trip(req_id, arrays, what, deadline)
+            if not isinstance(msg, Busy):
                 break
             if time.monotonic() + pause > min(busy_until, deadline):
                 raise ServerBusyError(
@@ -110,27 +128,49 @@ class InferenceClient:
                 )
             time.sleep(pause)
             pause = min(pause * 2, 0.05)
-        if msg[0] == "error":
-            raise unpack_exception(msg[2], msg[3])
-        results = [np.frombuffer(b, dtype).reshape(shape) for b, (_, _, shape, dtype) in zip(outputs, msg[2], strict=True)]
+        if isinstance(msg, Failed):
+            raise unpack_exception(msg.exc, msg.text)
+        if isinstance(msg, Closed):
+            raise ServerClosedError(self._message(SERVER_CLOSED, what))
+        results = [np.frombuffer(b, dtype).reshape(shape) for b, (_, _, shape, dtype) in zip(outputs, msg.specs, strict=True)]
         if single:
             results = [r[0] for r in results]
         return results[0] if len(results) == 1 else results
 
     def submit(self, x: Any, *, timeout: float | None = None) -> Future[Any]:
-        """:meth:`predict` in a background thread of this process; a Future of its result."""
-        if self._executor is None:
-            self._executor = ThreadPoolExecutor(max_workers=8, thread_name_prefix="kerasmp-client")
-        return self._executor.submit(self.predict, x, timeout=timeout)
+        """:meth:`predict` in a background thread of this process; a Future of its result.
+
+        The input is copied at once, so the caller may reuse it; the server's ``close()``
+        in this process waits for the requests handed over this way.
+        """
+        import numpy as np
+
+        x = {k: np.array(v) for k, v in x.items()} if isinstance(x, dict) else (
+            [np.array(a) for a in x] if isinstance(x, (list, tuple)) else np.array(x)
+        )
+        with self._lock:
+            if self._executor is None:
+                self._executor = ThreadPoolExecutor(max_workers=8, thread_name_prefix="kerasmp-client")
+            future = self._executor.submit(self.predict, x, timeout=timeout)
+            self._outstanding.add(future)
+        future.add_done_callback(self._outstanding.discard)
+        return future
 
     def close(self) -> None:
         """Close this thread's connection and the background threads (optional)."""
         self._forget()
-        if self._executor is not None:
-            self._executor.shutdown(wait=True)
-            self._executor = None
+        with self._lock:
+            executor, self._executor = self._executor, None
+        if executor is not None:
+            executor.shutdown(wait=True)
 
     # ------------------------------------------------------------------------ private
+
+    def _drain(self, deadline: float) -> None:
+        """Wait (until ``deadline``) for the requests handed to :meth:`submit`."""
+        pending = list(self._outstanding)
+        if pending:
+            wait_futures(pending, max(0.0, deadline - time.monotonic()))
 
     def _prepare(self, x: Any) -> tuple[list[Any], bool]:
         import numpy as np
@@ -141,13 +181,13 @@ class InferenceClient:
                 raise ValueError(f"request lacks input(s) {missing}; the model's inputs are {[n for *_, n in self.inputs]}")
             x = [x[name] for _, _, name in self.inputs]
         arrays = [np.asarray(a) for a in (x if isinstance(x, (list, tuple)) else [x])]
-        single = len(arrays) == len(self.inputs) and arrays[0].ndim == len(self.inputs[0][0])
-        if single:  # one sample without its batch axis
-            arrays = [a[None] for a in arrays]
-        problem = input_problem(arrays, self.inputs, "of this process")
-        if problem is not None:
-            raise ValueError(problem)
-        return [np.ascontiguousarray(a, dtype) for a, (_, dtype, _) in zip(arrays, self.inputs, strict=True)], single
+        single = len(arrays) == len(self.inputs) and all(
+            a.ndim == len(i[0]) for a, i in zip(arrays, self.inputs, strict=True)
+        )
+        batch = [a[None] for a in arrays] if single else arrays
+        if input_problem(batch, self.inputs, "") is not None:  # described as the caller sent it
+            raise ValueError(input_problem(arrays, self.inputs, "of this process", batch_axis=not single))
+        return [np.ascontiguousarray(a, dtype) for a, (_, dtype, _) in zip(batch, self.inputs, strict=True)], single
 
     def _connection(self, what: str) -> tuple[Connection, Arena, Arena]:
         local = self._local
@@ -160,7 +200,9 @@ class InferenceClient:
                 sock.connect(self.address)
             except OSError as exc:
                 sock.close()
-                raise ServerDiedError(self._died(what, f" (connecting failed: {exc.strerror})")) from None
+                if self.address in _closed:
+                    raise ServerClosedError(self._message(SERVER_CLOSED, what)) from None
+                raise ServerDiedError(self._message(SERVER_DIED, what, f" (connecting failed: {exc.strerror})")) from None
             local.conn = Connection(sock.detach())
             local.outbox, local.inbox = Arena(), Arena()
         return local.conn, local.outbox, local.inbox
@@ -173,35 +215,52 @@ class InferenceClient:
                 obj.close()
             setattr(local, key, None)
 
-    def _died(self, what: str, how: str = "") -> str:
-        return SERVER_DIED.format(name=self.name, pid=self.pid, slot=self.slot, how=how, what=what)
+    def _message(self, template: str, what: str, how: str = "") -> str:
+        return template.format(name=self.name, pid=self.pid, slot=self.slot, how=how, what=what)
 
-    def _ask(
-        self, conn: Connection, msg: tuple[Any, ...], what: str, deadline: float, outbox: Arena | None = None
-    ) -> tuple[Any, ...]:
-        """Send ``msg`` and wait for the answer until ``deadline``: ServerDiedError or TimeoutError."""
+    def _ask(self, msg: Any, what: str, deadline: float, outbox: Arena | None = None) -> Any:
+        """Send ``msg`` and wait until ``deadline`` for the answer with its id (stale answers
+        are skipped). Any failure, an interrupt included, drops the connection and arenas."""
+        conn, _, inbox = self._connection(what)
         try:
-            conn.send(msg)
-            if outbox is not None:
-                outbox.hand_over(conn)
-            answered = conn.poll(max(0.0, deadline - time.monotonic()))
-            reply = conn.recv() if answered else None
-        except (EOFError, OSError):
-            self._forget()
-            raise ServerDiedError(self._died(what)) from None
+            reply = self._exchange(conn, inbox, msg, deadline, outbox)
+        except BaseException as exc:
+            self._forget()  # interrupted or broken: no late answer can reach the next request
+            if not isinstance(exc, (EOFError, OSError)):
+                raise
+            if self.address in _closed:
+                raise ServerClosedError(self._message(SERVER_CLOSED, what)) from None
+            raise ServerDiedError(self._message(SERVER_DIED, what)) from None
         if reply is None:
-            self._forget()  # its late answer must not reach the next request
-            raise TimeoutError(SERVER_NO_ANSWER.format(name=self.name, what=what, timeout=self.request_timeout_s))
+            self._forget()
+            raise TimeoutError(SERVER_NO_ANSWER.format(
+                name=self.name, pid=self.pid, slot=self.slot, what=what, timeout=self.request_timeout_s
+            ))
         return reply
 
-    def _round_trip(self, arrays: list[Any], what: str, deadline: float) -> tuple[tuple[Any, ...], list[bytearray]]:
+    @staticmethod
+    def _exchange(conn: Connection, inbox: Arena, msg: Any, deadline: float, outbox: Arena | None) -> Any:
+        conn.send(msg)
+        if outbox is not None:
+            outbox.hand_over(conn)
+        while conn.poll(max(0.0, deadline - time.monotonic())):
+            reply = conn.recv()
+            if isinstance(reply, Answer) and reply.grew:
+                inbox.receive(conn)
+            if getattr(reply, "id", None) == msg.id:
+                return reply
+        return None
+
+    def _round_trip(self, req_id: int, arrays: list[Any], what: str, deadline: float) -> tuple[Any, list[bytearray]]:
         conn, outbox, inbox = self._connection(what)
-        layout = outbox.write(arrays)
+        try:
+            layout = outbox.write(arrays)
+        except BaseException:
+            self._forget()
+            raise
         specs = [(o, s, a.shape, a.dtype.str) for (o, s), a in zip(layout, arrays, strict=True)]
-        msg = self._ask(conn, ("predict", 0, specs, outbox.fresh), what, deadline, outbox)
-        if msg[0] == "ok" and msg[3]:
-            inbox.receive(conn)
-        outputs = inbox.read([(o, s) for o, s, _, _ in msg[2]]) if msg[0] == "ok" else []
+        msg = self._ask(Predict(req_id, specs, outbox.fresh), what, deadline, outbox)
+        outputs = inbox.read([(o, s) for o, s, _, _ in msg.specs]) if isinstance(msg, Answer) else []
         return msg, outputs
 
 
@@ -218,6 +277,7 @@ class InferenceServer:
             ``busy_timeout_s``) and then get :class:`ServerBusyError`; 0 s fails at once.
         request_timeout_s: Default bound on one ``predict`` call.
         start_timeout_s: Bound on loading and warming the model.
+        start_method: ``"spawn"`` (default) or ``"forkserver"``.
     """
 
     def __init__(
@@ -231,6 +291,7 @@ class InferenceServer:
         request_timeout_s: float = 60.0,
         busy_timeout_s: float = 10.0,
         start_timeout_s: float = 120.0,
+        start_method: str = "spawn",
         name: str = "server",
     ) -> None:
         if not isinstance(model_ref, ModelRef):
@@ -247,22 +308,19 @@ class InferenceServer:
         self.max_queue = max_queue
         self.address = b"\0kerasmp-" + f"{os.getpid()}-{secrets.token_hex(8)}".encode()
         options = {"max_batch_size": max_batch_size, "max_delay_ms": max_delay_ms, "max_queue": max_queue}
-        ctx = multiprocessing.get_context("spawn")
-        self._control, child = ctx.Pipe(duplex=True)
-        self._process = ctx.Process(
-            target=_server.main,
-            args=(child, slot.to_json_text(), os.getpid(), model_ref, options, self.address),
-            name=f"kerasmp-{name}",
-        )
         self._closed = False
-        self._process.start()
-        child.close()
-        _live_servers.add(self)
+        self._child = Child(
+            "server", f"kerasmp-{name}", slot, (model_ref, options, self.address),
+            start_method=start_method, who=f"inference server {name!r} ({{slot}}, pid {{pid}})",
+        )
         try:
-            self.pid, self.inputs, self.outputs = self._wait_ready(start_timeout_s)
+            ready = self._child.wait_ready(start_timeout_s, died_error=ServerDiedError)
         except BaseException:
-            self._stop(timeout=2.0)
+            self._child.stop(grace=0.0)
             raise
+        self.pid = ready.pid
+        self.inputs, self.outputs = ready.info
+        lifecycle.register_owner(self)
         self._client = self.client()
 
     # ------------------------------------------------------------------------- public
@@ -270,7 +328,7 @@ class InferenceServer:
     def client(self, *, request_timeout_s: float | None = None, busy_timeout_s: float | None = None) -> InferenceClient:
         """A picklable client for this server, for this or any other process."""
         return InferenceClient(
-            self.address, self.name, self.pid, self.slot.describe(), self.inputs,
+            self.address, self.name, self.pid, self.slot.describe(), self.inputs, self.outputs,
             self.request_timeout_s if request_timeout_s is None else request_timeout_s,
             self.busy_timeout_s if busy_timeout_s is None else busy_timeout_s,
             self.max_queue,
@@ -278,70 +336,55 @@ class InferenceServer:
 
     def predict(self, x: Any, *, timeout: float | None = None) -> Any:
         """:meth:`InferenceClient.predict` from this process."""
+        __tracebackhide__ = True
         return self._client.predict(x, timeout=timeout)
 
     def stats(self) -> dict[str, Any]:
         """requests, batches, mean_batch_size, queue_wait_p50_s/p99_s, compute_p50_s/p99_s,
         errors, busy (refused), waiting, traces (of the forward function)."""
-        client = self._client
-        conn, _, _ = client._connection("stats")
-        return client._ask(conn, ("stats",), "stats", time.monotonic() + self.request_timeout_s)[1]
+        req = StatsRequest(next(_ids))
+        reply = self._client._ask(req, "stats", time.monotonic() + self.request_timeout_s)
+        assert isinstance(reply, Stats)
+        return reply.data
 
     def is_alive(self) -> bool:
-        return self._process.is_alive()
+        return self._child.is_alive()
 
     def close(self, timeout: float = 30.0) -> None:
-        """Answer every accepted request, then stop; terminate and kill past ``timeout``."""
+        """Answer every accepted request, then stop; terminate and kill past ``timeout``.
+
+        Requests handed to ``client.submit`` in this process are sent and answered first;
+        later requests fail with :class:`ServerClosedError`.
+        """
         if self._closed:
             return
-        self._client.close()
-        self._stop(timeout)
-
-    def __enter__(self) -> InferenceServer:
-        return self
-
-    def __exit__(self, *_: Any) -> None:
-        self.close()
-
-    # ------------------------------------------------------------------------ private
-
-    def _wait_ready(self, timeout: float) -> tuple[int, list[Any], list[Any]]:
-        ready = wait([self._control, self._process.sentinel], timeout=timeout)
-        msg = None
-        if self._control in ready:
-            try:
-                msg = self._control.recv()
-            except (EOFError, OSError):
-                msg = None
-        if msg is not None and msg[0] == "ready":
-            return msg[1], msg[2], msg[3]
-        slot = self.slot.describe()
-        if msg is not None:
-            reason = msg[1].strip().splitlines()[-1]
-            error = WorkerStartupError(SERVER_STARTUP_FAILED.format(name=self.name, slot=slot, reason=reason))
-            error.__cause__ = RemoteTraceback(msg[1])
-            raise error
-        if not ready:
-            raise WorkerStartupError(WORKER_START_TIMEOUT.format(index=0, slot=slot, pool=self.name, timeout=timeout))
-        self._process.join(1.0)
-        how = how_it_died(self._process.exitcode)[0]
-        raise ServerDiedError(SERVER_DIED_STARTING.format(name=self.name, slot=slot, how=how))
-
-    def _stop(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        for client in list(_clients.get(self.address, ())):
+            client._drain(deadline)
         self._closed = True
+        _closed.add(self.address)
+        self._client.close()
         try:
-            self._control.send(("stop",))
+            self._child.conn.send(Stop())
         except OSError:
             pass
-        self._process.join(timeout)
-        end_process(self._process)
-        self._control.close()
-        _live_servers.discard(self)
+        self._child.stop(grace=max(0.0, deadline - time.monotonic()))
+        lifecycle.unregister_owner(self)
 
+    def terminate(self, why: str = "terminated") -> None:
+        """Stop the server now (Ctrl-C, interpreter exit); pending requests fail at once."""
+        if self._closed:
+            return
+        self._closed = True
+        _closed.add(self.address)
+        self._child.stop(grace=0.0)
+        lifecycle.unregister_owner(self)
 
-def _close_all_at_exit() -> None:
-    for server in list(_live_servers):
-        server.close(timeout=2.0)
+    def __enter__(self) -> Self:
+        return self
 
-
-atexit.register(_close_all_at_exit)
+    def __exit__(self, exc_type: type[BaseException] | None, *_: object) -> None:
+        if exc_type is not None and not issubclass(exc_type, Exception):
+            self.terminate(f"{exc_type.__name__} in the with block")
+        else:
+            self.close()

@@ -248,6 +248,49 @@ def _name(fn: Callable[..., Any]) -> str:
     return f"{getattr(fn, '__module__', '?')}:{getattr(fn, '__qualname__', repr(fn))}"
 
 
+def check_runnable_in_worker(fn: Callable[..., Any]) -> None:
+    """Refuse, at submit, a function a worker could not import by name: a lambda or local
+    function, or one whose module workers cannot import (``__main__`` of an interactive
+    session or of ``python -m``, a test module imported by ``--import-mode=importlib``)."""
+    __tracebackhide__ = True
+    check_importable(fn)
+    module = getattr(fn, "__module__", None)
+    if not isinstance(module, str) or module in sys.builtin_module_names:
+        return
+    from pytest_kerasmp.errors import TASK_NOT_IMPORTABLE
+
+    why = _unimportable(module)
+    if why is not None:
+        raise TypeError(TASK_NOT_IMPORTABLE.format(fn=_name(fn), module=module, why=why))
+
+
+@functools.lru_cache(maxsize=256)
+def _unimportable_cached(module: str, file: str | None, path: tuple[str, ...]) -> str | None:
+    import importlib.machinery
+
+    top = module.partition(".")[0]
+    spec = importlib.machinery.PathFinder.find_spec(top, list(path))
+    if spec is None:
+        if top in sys.builtin_module_names or importlib.machinery.FrozenImporter.find_spec(top):
+            return None
+        return f"is not on sys.path (it was imported from {file or 'nowhere'} by other means)"
+    if "." not in module and file and spec.origin and os.path.realpath(spec.origin) != os.path.realpath(file):
+        return f"is found at {spec.origin} on sys.path, not at {file} where it was imported from"
+    return None
+
+
+def _unimportable(module: str) -> str | None:
+    if module in ("__main__", "__mp_main__"):
+        from pytest_kerasmp.lifecycle import main_script
+
+        if main_script() is None:
+            return "is the interactive session, a `python -m` module or a console script"
+        return None
+    mod = sys.modules.get(module)
+    file = getattr(mod, "__file__", None)
+    return _unimportable_cached(module, file, tuple(p for p in sys.path if isinstance(p, str)))
+
+
 def check_importable(fn: Callable[..., Any]) -> None:
     """Refuse lambdas and local functions: they cannot be found by name in a worker."""
     if not callable(fn):

@@ -97,15 +97,12 @@ def _leftover_children() -> set[int]:
     for p in me.children(recursive=True):
         try:
             helper = p.ppid() == me.pid and any(k in " ".join(p.cmdline()) for k in keep)
+            zombie = p.status() == psutil.STATUS_ZOMBIE
         except psutil.Error:
             continue  # gone meanwhile
-        if not helper:  # a forkserver's children are workers: they count
+        if not helper and not zombie:  # a forkserver's children are workers: they count
             found.add(p.pid)
     return found
-
-
-def _kerasmp_segments() -> set[str]:
-    return set(os.listdir("/dev/shm"))
 
 
 def arena_maps() -> list[str]:
@@ -114,15 +111,49 @@ def arena_maps() -> list[str]:
         return [line for line in maps if "kerasmp-arena" in line]
 
 
-@pytest.fixture
-def no_leftovers():
-    """After the test: no child process of this test and no new file in /dev/shm."""
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "kerasmp_expect_broken: the test leaves a broken pool on purpose (the leak guard allows it)"
+    )
+
+
+def _broken_pools() -> set[int]:
+    from pytest_kerasmp import lifecycle
+    from pytest_kerasmp.pool import WorkerPool
+
+    return {id(o) for o in list(lifecycle._owners) if isinstance(o, WorkerPool) and o._dispatcher.broken}
+
+
+@pytest.fixture(autouse=True)
+def _leak_guard(request: pytest.FixtureRequest):
+    """After every test: no process the test started still runs (pools and servers of broader
+    fixtures were started before), and no pool it left open is broken, unless it is marked
+    ``kerasmp_expect_broken``."""
     import time
 
-    children, segments = _leftover_children(), _kerasmp_segments()
+    from pytest_kerasmp import lifecycle
+
+    children = _leftover_children()
+    ours = {id(c) for c in lifecycle.live_children()}
+    broken = _broken_pools()
     yield
     deadline = time.monotonic() + 10
     while _leftover_children() - children and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert not _leftover_children() - children, "worker processes outlived their pool"
-    assert not _kerasmp_segments() - segments, "shared-memory segments outlived their owner"
+    left = [c.name for c in lifecycle.live_children() if id(c) not in ours]
+    assert not _leftover_children() - children, f"processes outlived the test: {left}"
+    assert not left, f"plugin children not stopped at the end of the test: {left}"
+    if request.node.get_closest_marker("kerasmp_expect_broken") is None:
+        assert not _broken_pools() - broken, "the test left a broken pool open"
+
+
+@pytest.fixture
+def no_leftovers():
+    """After the test: no mapping of a shared-memory arena beyond those held before it (every
+    pool, server and client the test made is closed), on top of the leak guard."""
+    import gc
+
+    before = len(arena_maps())
+    yield
+    gc.collect()
+    assert len(arena_maps()) <= before, "shared-memory arenas outlived their pool or server"

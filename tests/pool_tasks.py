@@ -115,3 +115,32 @@ def start_grandchild(pidfile: str, then: str = "return"):
     elif then == "die":
         os._exit(9)
     return child.pid
+
+
+def signal_self(number):
+    """Die by signal ``number`` (named or not)."""
+    os.kill(os.getpid(), number)
+    time.sleep(10)
+
+
+def signalling_initializer(number):
+    os.kill(os.getpid(), number)
+    time.sleep(10)
+
+
+def fail_if_exists(path):
+    """An initializer that fails once ``path`` exists (so only replacements fail)."""
+    if os.path.exists(path):
+        raise RuntimeError(f"replacement initializer fails on purpose ({path} exists)")
+
+
+def say(text):
+    print(text, flush=True)
+    return text
+
+
+def at_pin():
+    """What the worker had imported, and its set-up time, when it pinned itself."""
+    from pytest_kerasmp import _child
+
+    return _child.at_pin

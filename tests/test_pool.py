@@ -244,7 +244,7 @@ def test_startup_failures_raise_worker_startup_error(no_leftovers, options, reas
     assert reason in str(info.value) + str(info.value.__cause__)
 
 
-def test_fork_is_refused_once_tensorflow_is_imported():
+def test_fork_is_refused():
     import tensorflow  # noqa: F401
 
     with pytest.raises(ValueError) as info:

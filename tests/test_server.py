@@ -138,7 +138,7 @@ def test_server_killed_while_loading_raises_server_died(no_leftovers):
     killer = threading.Thread(target=kill_the_server)
     killer.start()
     t0 = time.perf_counter()
-    with pytest.raises(ServerDiedError, match="died with SIGKILL while loading"):
+    with pytest.raises(ServerDiedError, match="exited with SIGKILL before it was ready"):
         InferenceServer(ref, CPU0, name="loading")
     assert time.perf_counter() - t0 < 10
     killer.join(30)

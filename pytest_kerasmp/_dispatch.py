@@ -1,0 +1,409 @@
+"""The pool's dispatcher: one thread that owns every worker and every queued task.
+
+It waits on the workers' connections, their exits and a wake-up pipe together, so a dead
+worker is seen at once; it gives each idle worker one task at a time, so a crash is charged
+to exactly the task that was running. It fails closed: whatever goes wrong, every future is
+resolved (with its result or an error that says what happened), and an unexpected error in
+the dispatcher itself marks the pool broken with that cause.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import os
+import pickle
+import threading
+import time
+from concurrent.futures import Future, InvalidStateError
+from multiprocessing.connection import wait
+from typing import Any
+
+from pytest_kerasmp._wire import Done, Failed, Ready, Stop, Task
+from pytest_kerasmp.devices import DeviceSlot
+from pytest_kerasmp.errors import (
+    ARENA_FAILED,
+    POOL_BROKEN,
+    POOL_CLOSED_QUEUED,
+    POOL_CLOSED_RUNNING,
+    SLOT_DEAD,
+    TASK_TIMED_OUT,
+    WORKER_CRASHED,
+    PoolBrokenError,
+    PoolClosedError,
+    TaskTimeoutError,
+    WorkerCrashedError,
+    WorkerStartupError,
+    unpack_exception,
+    with_stacks,
+)
+from pytest_kerasmp.lifecycle import Child
+from pytest_kerasmp.transport import Arena
+
+#: The dispatcher wakes at least this often even when nothing happens.
+IDLE_POLL_S = 0.5
+#: A slot whose worker fails to start this many times in a row is given up.
+MAX_START_ATTEMPTS = 3
+
+
+@dataclasses.dataclass(eq=False)
+class QueuedTask:
+    id: int
+    call: bytes
+    buffers: list[bytearray]  # out-of-band buffers of the call, copied at submit
+    future: Future[Any]
+    fn: str
+    timeout_s: float | None
+    worker: int | None = None  # run on this worker only (broadcast)
+
+
+@dataclasses.dataclass(eq=False)
+class Worker:
+    index: int
+    slot: DeviceSlot
+    child: Child
+    state: str = "starting"  # starting | idle | busy | dead
+    task: QueuedTask | None = None
+    deadline: float | None = None
+    failed_starts: int = 0
+    crashed_at: float | None = None  # when its predecessor died (replacement time)
+    killed: bool = False  # by the pool (timeout): not a crash
+    to_worker: Arena = dataclasses.field(default_factory=Arena)
+    from_worker: Arena = dataclasses.field(default_factory=Arena)
+
+    @property
+    def pid(self) -> int:
+        return self.child.pid
+
+
+@dataclasses.dataclass
+class PoolStats:
+    """What the pool has done.
+
+    ``start_s`` is the time from construction to every worker ready; ``replacement_ready_s``
+    the time from a worker's death to its replacement being ready, one per replacement.
+    ``crashes`` counts workers that died on their own; ``timeouts`` tasks killed for time.
+    """
+
+    start_s: float | None = None
+    tasks_done: int = 0
+    tasks_failed: int = 0
+    crashes: int = 0
+    timeouts: int = 0
+    replacement_ready_s: list[float] = dataclasses.field(default_factory=list)
+
+
+def resolve(future: Future[Any], *, result: Any = None, error: BaseException | None = None) -> None:
+    """Set a future's outcome unless it already has one (cancelled, or failed by close)."""
+    try:
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)
+    except InvalidStateError:
+        pass
+
+
+class Dispatcher:
+    """State and loop of one pool; ``pool.py`` is its public face."""
+
+    def __init__(self, pool: Any, workers: list[Worker]) -> None:
+        self.pool = pool  # for its name, start_child() and stats
+        self.name: str = pool.name
+        self.stats: PoolStats = pool.stats
+        self.workers = workers
+        self.lock = threading.Lock()
+        self.pending: collections.deque[QueuedTask] = collections.deque()
+        self.closing = False
+        self.abort: str | None = None  # why running work is to be killed now
+        self.dump_on_abort = False  # collect the stacks of running workers before the kill
+        self.broken: str | None = None  # why nothing more can run
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_w, False)
+        self.thread = threading.Thread(target=self.run, name=f"kerasmp-{self.name}-dispatch", daemon=True)
+
+    # ------------------------------------------------------------------ called by the pool
+
+    def enqueue(self, task: QueuedTask) -> None:
+        with self.lock:
+            if self.broken is not None:
+                raise PoolBrokenError(POOL_BROKEN.format(pool=self.name, cause=self.broken))
+            if task.worker is not None and self.workers[task.worker].state == "dead":
+                raise PoolBrokenError(POOL_BROKEN.format(pool=self.name, cause=f"worker {task.worker} is dead"))
+            self.pending.append(task)
+        self.wake()
+
+    def wake(self) -> None:
+        try:
+            os.write(self._wake_w, b"x")
+        except OSError:
+            pass  # already awake, or closed
+
+    def fail_everything(self, why: str) -> None:
+        """Fail what is queued and running with PoolClosedError(why); kill busy workers.
+        Only when the dispatcher thread is not running (or is stuck)."""
+        with self.lock:
+            queued, self.pending = list(self.pending), collections.deque()
+        for task in queued:
+            self.fail(task, PoolClosedError(POOL_CLOSED_QUEUED.format(pool=self.name, why=why, task=task.id, fn=task.fn)))
+        for w in self.workers:
+            if w.task is not None:
+                task, w.task = w.task, None
+                w.child.kill()
+                self.fail(task, self._closed_running(w, task, why))
+
+    def close_fds(self) -> None:
+        for fd in (self._wake_r, self._wake_w):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+    # -------------------------------------------------------------------------- the loop
+
+    def run(self) -> None:
+        try:
+            self._loop()
+        except BaseException as exc:  # fail closed: every future resolved, the pool broken
+            cause = f"its dispatcher thread failed with {type(exc).__name__}: {exc}"
+            with self.lock:
+                self.broken = cause
+                queued, self.pending = list(self.pending), collections.deque()
+            running = [w.task for w in self.workers if w.task is not None]
+            for w in self.workers:
+                w.task = None
+                w.child.kill()
+            for task in queued + running:
+                error = PoolBrokenError(POOL_BROKEN.format(pool=self.name, cause=cause))
+                error.__cause__ = exc
+                self.fail(task, error)
+
+    def _loop(self) -> None:
+        while True:
+            if self.abort is not None:
+                self._abort_now(self.abort)
+                return
+            with self.lock:
+                busy = any(w.state == "busy" for w in self.workers)
+                if self.closing and not busy and not self.pending:
+                    return
+            live = [w for w in self.workers if w.state != "dead"]
+            if self.closing and not live:
+                self.fail_everything("its last worker died during close()")
+                return
+            deadlines = [w.deadline for w in live if w.deadline is not None]
+            timeout = IDLE_POLL_S
+            if deadlines:
+                timeout = max(0.0, min(timeout, min(deadlines) - time.monotonic()))
+            by_conn = {w.child.conn: w for w in live}
+            by_sentinel = {w.child.sentinel: w for w in live}
+            ready = wait([self._wake_r, *by_conn, *by_sentinel], timeout=timeout)
+            if self._wake_r in ready:
+                os.read(self._wake_r, 4096)
+            for obj in ready:
+                if obj in by_conn:
+                    self._on_message(by_conn[obj])
+            for obj in ready:
+                if obj in by_sentinel:
+                    self._on_exit(by_sentinel[obj])
+            self._check_deadlines()
+            self._assign()
+
+    def _abort_now(self, why: str) -> None:
+        """Kill running work (its stacks first, when a close timed out), fail it and
+        everything queued, with ``why``."""
+        busy = [w for w in self.workers if w.task is not None]
+        stacks = {w.index: w.child.dump_stacks() for w in busy} if self.dump_on_abort else {}
+        for w in busy:
+            task, w.task = w.task, None
+            assert task is not None
+            w.child.kill()
+            self.fail(task, with_stacks(self._closed_running(w, task, why), stacks.get(w.index)))
+        self.fail_everything(why)
+
+    # -------------------------------------------------------------------------- messages
+
+    def _on_message(self, w: Worker) -> bool:
+        """Handle one message from ``w``; False when its connection is closed (it died)."""
+        if w.state == "dead":
+            return False
+        if w.state == "starting":
+            return self._on_startup(w)
+        try:
+            msg = w.child.conn.recv()
+            if isinstance(msg, Done) and msg.grew:
+                w.from_worker.receive(w.child.conn)
+        except (EOFError, OSError):
+            return False  # it died; its exit says how
+        if isinstance(msg, (Done, Failed)) and w.task is not None and w.task.id == msg.id:
+            task, w.task, w.state, w.deadline = w.task, None, "idle", None
+            if msg.retired:  # the task kept a view of its arguments' arena: leave it to the worker
+                w.to_worker.close()
+            if isinstance(msg, Done):
+                self._resolve(task, msg.data, w.from_worker.read(msg.layout))
+            else:
+                self.fail(task, unpack_exception(msg.exc, msg.text))
+        return True
+
+    def _on_startup(self, w: Worker) -> bool:
+        try:
+            ready = w.child.poll_startup()
+        except WorkerStartupError as exc:
+            self._start_failed(w, exc)
+            return False
+        if isinstance(ready, Ready):
+            w.state, w.deadline, w.failed_starts = "idle", None, 0
+            if w.crashed_at is not None:
+                self.stats.replacement_ready_s.append(time.monotonic() - w.crashed_at)
+        return True
+
+    def _resolve(self, task: QueuedTask, data: bytes, buffers: list[bytearray]) -> None:
+        try:
+            result = pickle.loads(data, buffers=buffers)
+        except Exception as exc:
+            self.fail(task, TypeError(f"the result of task {task.id} ({task.fn}) could not be unpickled: {exc}"))
+            return
+        self.stats.tasks_done += 1
+        resolve(task.future, result=result)
+
+    def fail(self, task: QueuedTask, error: BaseException) -> None:
+        task.buffers = []
+        self.stats.tasks_failed += 1
+        resolve(task.future, error=error)
+
+    # ---------------------------------------------------------------------- deaths, starts
+
+    def _on_exit(self, w: Worker) -> None:
+        if w.state == "dead":
+            return
+        if w.state == "starting":
+            try:
+                w.child.poll_startup()
+            except WorkerStartupError as exc:
+                self._start_failed(w, exc)
+            return
+        while w.child.conn.poll() if not w.child.conn.closed else False:  # a result sent just before dying counts
+            if not self._on_message(w):
+                break
+        how, hint = w.child.describe_exit()
+        self._bury(w)
+        if not w.killed:
+            self.stats.crashes += 1
+        replace = not self.closing and self.abort is None
+        if w.task is not None:
+            task, w.task = w.task, None
+            fate = (
+                "the pool is starting a replacement on the same slot"
+                if replace
+                else "it was not replaced: the pool is closing"
+            )
+            self.fail(task, WorkerCrashedError(WORKER_CRASHED.format(
+                index=w.index, slot=w.slot.describe(), pid=w.pid, pool=self.name,
+                how=how, task=task.id, fn=task.fn, fate=fate, hint=hint,
+            )))
+        if replace:
+            self._restart(w, crashed_at=time.monotonic())
+
+    def _bury(self, w: Worker) -> None:
+        w.state = "dead"
+        w.child.stop(grace=0.0)
+        w.to_worker.close()
+        w.from_worker.close()
+
+    def _restart(self, w: Worker, crashed_at: float | None, failed_starts: int = 0) -> None:
+        try:
+            child = self.pool.start_child(w.index, w.slot)
+        except Exception as exc:
+            self._give_up(w, f"{type(exc).__name__}: {exc}", failed_starts + 1)
+            return
+        new = Worker(index=w.index, slot=w.slot, child=child, crashed_at=crashed_at, failed_starts=failed_starts)
+        new.deadline = time.monotonic() + self.pool.start_timeout_s
+        self.workers[w.index] = new
+
+    def _start_failed(self, w: Worker, error: Exception) -> None:
+        self._bury(w)
+        reason = str(error)
+        attempts = w.failed_starts + 1
+        if attempts < MAX_START_ATTEMPTS and not self.closing and self.abort is None:
+            self._restart(w, w.crashed_at, attempts)
+        else:
+            self._give_up(w, reason, attempts)
+
+    def _give_up(self, w: Worker, reason: str, attempts: int) -> None:
+        """No worker can start on ``w``'s slot: fail what only it could run, or all if none is left."""
+        w.state = "dead"
+        cause = SLOT_DEAD.format(pool=self.name, slot=w.slot.describe(), attempts=attempts, reason=reason)
+        alive = any(x.state != "dead" for x in self.workers)
+        with self.lock:
+            if not alive:
+                self.broken = cause
+            doomed = [t for t in self.pending if not alive or t.worker == w.index]
+            for task in doomed:
+                self.pending.remove(task)
+        for task in doomed:
+            self.fail(task, PoolBrokenError(POOL_BROKEN.format(pool=self.name, cause=cause)))
+
+    def _check_deadlines(self) -> None:
+        now = time.monotonic()
+        for w in self.workers:
+            if w.deadline is None or now < w.deadline or w.state == "dead":
+                continue
+            w.deadline = None
+            if w.state == "starting":
+                self._start_failed(w, w.child.timed_out_starting(self.pool.start_timeout_s))
+            elif w.task is not None:
+                task, w.task = w.task, None
+                stacks = w.child.dump_stacks()
+                w.killed = True
+                w.child.kill()  # its exit shows next round: _on_exit replaces it
+                self.stats.timeouts += 1
+                fate = "the pool is starting a replacement" if not self.closing else "not replaced: the pool is closing"
+                self.fail(task, with_stacks(TaskTimeoutError(TASK_TIMED_OUT.format(
+                    task=task.id, fn=task.fn, timeout=task.timeout_s, index=w.index,
+                    slot=w.slot.describe(), pid=w.pid, fate=fate,
+                )), stacks))
+
+    def _assign(self) -> None:
+        for w in self.workers:
+            if w.state != "idle":
+                continue
+            with self.lock:
+                task = next((t for t in self.pending if t.worker in (None, w.index)), None)
+                if task is None:
+                    continue
+                self.pending.remove(task)
+            if not task.future.set_running_or_notify_cancel():
+                continue  # cancelled while queued
+            try:
+                layout = w.to_worker.write(task.buffers)
+            except OSError as exc:
+                self.fail(task, OSError(ARENA_FAILED.format(task=task.id, fn=task.fn, error=exc)))
+                continue
+            try:
+                w.child.conn.send(Task(task.id, task.call, layout, w.to_worker.fresh))
+                w.to_worker.hand_over(w.child.conn)
+            except OSError:  # it died just now: its exit fails the task (it was sent, maybe run)
+                pass
+            task.buffers = []  # in the worker's arena now
+            w.state, w.task = "busy", task
+            w.deadline = time.monotonic() + task.timeout_s if task.timeout_s else None
+
+    def _closed_running(self, w: Worker, task: QueuedTask, why: str) -> PoolClosedError:
+        return PoolClosedError(POOL_CLOSED_RUNNING.format(
+            pool=self.name, why=why, task=task.id, fn=task.fn, index=w.index, slot=w.slot.describe(), pid=w.pid,
+        ))
+
+    def stop_workers(self, timeout: float) -> None:
+        """Ask idle workers to stop, then end every worker within ``timeout`` (+ kill)."""
+        for w in self.workers:
+            if w.state == "idle":
+                try:
+                    w.child.conn.send(Stop())
+                except OSError:
+                    pass
+        deadline = time.monotonic() + timeout
+        for w in self.workers:
+            w.child.stop(grace=max(0.0, deadline - time.monotonic()) if w.state == "idle" else 0.0)
+            w.state = "dead"
+            w.to_worker.close()
+            w.from_worker.close()

@@ -1,0 +1,431 @@
+"""The one lifecycle of every child process the plugin starts (pool workers, servers, ...).
+
+:class:`Child` starts a process (spawn: a fresh interpreter that imports nothing of the
+owner's before it pins; or a forkserver that imported TensorFlow but never ran it), relays
+each line it prints with a prefix that says who printed it (role, slot, pid) into the
+owner's ``sys.stderr`` (so it lands in the captured output of the running test), waits for
+its ``Ready`` together with its exit, describes any exit (any code, any signal, named or
+not), dumps the Python stacks of every thread before it kills a stuck child, and ends it:
+terminate, then kill its process group. Owners (pools, servers) register here so that an
+interrupt or the interpreter's exit ends all of them within seconds.
+"""
+
+from __future__ import annotations
+
+import atexit
+import collections
+import multiprocessing
+import os
+import pickle
+import re
+import select
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import weakref
+from multiprocessing.connection import Connection, wait
+from pathlib import Path
+from typing import Any, Protocol
+
+from pytest_kerasmp import _child
+from pytest_kerasmp._wire import Ready, StartupError
+from pytest_kerasmp.devices import DeviceSlot
+from pytest_kerasmp.errors import (
+    MAIN_NOT_GUARDED,
+    STARTUP_ADVICE_NONE,
+    STARTUP_ADVICE_TRACEBACK,
+    STARTUP_FAILED,
+    STARTUP_TIMED_OUT,
+    RemoteTraceback,
+    WorkerStartupError,
+    with_stacks,
+)
+
+START_METHODS = ("spawn", "forkserver")
+#: Brings TensorFlow's C++ start-up messages back in the plugin's processes ("1").
+TF_LOGS_ENV = "PYTEST_KERASMP_TF_LOGS"
+#: Lines of each child's output kept for error messages.
+OUTPUT_TAIL = 200
+STACK_DUMP_S = 1.0
+#: TensorFlow's start-up chatter that TF_CPP_MIN_LOG_LEVEL does not silence (absl's banner,
+#: info lines in glog format): kept in the output tail for error messages, not printed.
+_CHATTER = re.compile(r"^(WARNING: All log messages before absl::InitializeLog\(\)|I\d{4} [\d:.]+ )")
+
+_PACKAGE_ROOT = str(Path(__file__).resolve().parent.parent)
+_children: weakref.WeakSet[Child] = weakref.WeakSet()
+
+
+class Owner(Protocol):
+    def terminate(self, why: str) -> None: ...
+
+
+_owners: weakref.WeakSet[Any] = weakref.WeakSet()
+
+
+def describe_exit(code: int | None) -> tuple[str, str]:
+    """How a process ended, and a hint: any exit code, any signal (named or not)."""
+    if code is None:
+        return "an unknown status", "check its output above"
+    if code >= 0:
+        return f"exit code {code}", "the code or a library called exit; check its output above"
+    number = -code
+    try:
+        name = signal.Signals(number).name
+    except ValueError:
+        name = f"signal {number}"
+        if signal.SIGRTMIN <= number <= signal.SIGRTMAX:
+            name += f" (SIGRTMIN+{number - signal.SIGRTMIN})"
+    if name == "SIGKILL":
+        return name, "SIGKILL is usually the OOM killer: lower the batch size or the number of processes"
+    if name in ("SIGSEGV", "SIGBUS", "SIGABRT", "SIGILL", "SIGFPE"):
+        return name, "a native crash (its Python stack, if any, is in its output above)"
+    return name, "something sent it that signal; check what else runs on this machine"
+
+
+class Child:
+    """One started process on one slot, until :meth:`stop`.
+
+    Args:
+        role: ``"pool-worker"`` or ``"server"`` (the entry point in ``_child``).
+        name: Process name (``ps`` shows its first 15 bytes) and output prefix.
+        slot: The slot it pins itself to before anything imports TensorFlow.
+        args: Arguments of the role's entry point (pickled; unpickled after pinning).
+        start_method: ``"spawn"`` or ``"forkserver"``.
+        import_tensorflow: Import TensorFlow before the entry point (warm).
+        who: How messages name it: a template with ``{slot}`` and ``{pid}``, e.g.
+            ``"worker 0 ({slot}, pid {pid}) of pool 'x'"``.
+    """
+
+    def __init__(
+        self,
+        role: str,
+        name: str,
+        slot: DeviceSlot,
+        args: tuple[Any, ...],
+        *,
+        start_method: str = "spawn",
+        import_tensorflow: bool = True,
+        who: str = "",
+    ) -> None:
+        if _child.importing_main:
+            raise RuntimeError(MAIN_NOT_GUARDED.format(path=_child.importing_main))
+        if start_method not in START_METHODS:
+            raise ValueError(f"start_method={start_method!r} is not one of {START_METHODS}")
+        self.role, self.name, self.slot = role, name, slot
+        self._who = who or role + " {name} ({slot}, pid {pid})"
+        self.output: collections.deque[str] = collections.deque(maxlen=OUTPUT_TAIL)
+        self.started_at = time.monotonic()
+        self._stopped = False
+        env = {"PYTEST_KERASMP_ROLE": role}
+        self._quiet = os.environ.get(TF_LOGS_ENV, "") in ("", "0")
+        if self._quiet:
+            env["TF_CPP_MIN_LOG_LEVEL"] = os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2")
+        boot = {
+            "role": role,
+            "name": name,
+            "slot": slot.to_json(),
+            "owner_pid": os.getpid(),
+            "env": env,
+            "sys_path": list(sys.path),
+            "main_path": main_script(),
+            "import_tensorflow": import_tensorflow,
+            "args": pickle.dumps(args, protocol=5),
+        }
+        self._stack_r, stack_w = os.pipe()
+        if start_method == "spawn":
+            self._start_spawned(boot, stack_w)
+        else:
+            self._start_forked(boot, stack_w)
+        os.set_blocking(self._stack_r, False)
+        self.prefix = f"[{name} {slot.name} pid {self.pid}] "
+        threading.Thread(target=self._relay, daemon=True, name=f"kerasmp-out-{self.pid}").start()
+        _children.add(self)
+
+    # ---------------------------------------------------------------------------- start
+
+    def _start_spawned(self, boot: dict[str, Any], stack_w: int) -> None:
+        mine, theirs = socket.socketpair()
+        env = {**os.environ, **boot["env"], "PYTHONUNBUFFERED": "1"}
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [_PACKAGE_ROOT, env.get("PYTHONPATH")]))
+        try:
+            self._popen: subprocess.Popen[bytes] | None = subprocess.Popen(
+                [sys.executable, "-c", "from pytest_kerasmp._child import spawned_main; spawned_main()",
+                 str(theirs.fileno()), str(stack_w)],
+                pass_fds=(theirs.fileno(), stack_w),
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                env=env,
+                process_group=0,
+            )
+        finally:
+            theirs.close()
+            os.close(stack_w)
+        self._process: Any = None
+        self.pid: int = self._popen.pid
+        self.conn = Connection(mine.detach())
+        self.sentinel: int = os.pidfd_open(self.pid)
+        assert self._popen.stdout is not None
+        self._out_fd = self._popen.stdout.fileno()
+        self.conn.send(boot)
+
+    def _start_forked(self, boot: dict[str, Any], stack_w: int) -> None:
+        ctx = multiprocessing.get_context("forkserver")
+        ctx.set_forkserver_preload(["pytest_kerasmp._child", "tensorflow"])
+        self.conn, theirs = ctx.Pipe(duplex=True)
+        out_r, out_w = os.pipe()
+        output, stacks = Connection(out_w, readable=False), Connection(stack_w, readable=False)
+        self._popen = None
+        self._process = ctx.Process(
+            target=_child.forked_main, args=(theirs, output, stacks, boot), name=self.name, daemon=True
+        )
+        try:
+            self._process.start()
+        finally:
+            for c in (theirs, output, stacks):
+                c.close()
+        self.pid = self._process.pid
+        self.sentinel = self._process.sentinel
+        self._out_fd = out_r
+
+    # --------------------------------------------------------------------------- status
+
+    @property
+    def exitcode(self) -> int | None:
+        """The exit status (negative: the signal), or None while it runs."""
+        if self._popen is not None:
+            return self._popen.poll()
+        code: int | None = self._process.exitcode
+        return code
+
+    def is_alive(self) -> bool:
+        return self.exitcode is None
+
+    def describe_exit(self) -> tuple[str, str]:
+        self._reap(1.0)
+        return describe_exit(self.exitcode)
+
+    def who(self) -> str:
+        """How messages name this process (role, slot, pid)."""
+        return self._who.format(name=self.name, slot=self.slot.describe(), pid=self.pid)
+
+    def recent_output(self, lines: int = 20) -> str:
+        return "\n".join(list(self.output)[-lines:])
+
+    # -------------------------------------------------------------------------- startup
+
+    def poll_startup(self, died_error: type[Exception] = WorkerStartupError) -> Ready | None:
+        """The child's ``Ready`` if it came; None if it is still starting; raises if it failed."""
+        msg = None
+        try:
+            if self.conn.poll():
+                msg = self.conn.recv()
+        except (EOFError, OSError):
+            msg = None
+        if isinstance(msg, Ready):
+            return msg
+        if isinstance(msg, StartupError):
+            reason = msg.text.strip().splitlines()[-1]
+            raise self.startup_error(reason, msg.text)
+        if msg is None and self.is_alive() and not self.conn.closed:
+            if not wait([self.sentinel], 0):
+                return None
+        how, hint = self.describe_exit()
+        self._stop_now()
+        raise self.startup_error(f"the process exited with {how} before it was ready ({hint})", None, died_error)
+
+    def startup_error(
+        self, reason: str, text: str | None, error_type: type[Exception] = WorkerStartupError
+    ) -> Exception:
+        advice = STARTUP_ADVICE_TRACEBACK if text else STARTUP_ADVICE_NONE
+        error = error_type(STARTUP_FAILED.format(who=self.who(), reason=reason, advice=advice))
+        tail = self.recent_output()
+        error.__cause__ = RemoteTraceback(text) if text else (RemoteTraceback(tail) if tail else None)
+        return error
+
+    def timed_out_starting(self, timeout: float) -> Exception:
+        """Dump the stacks of a child that did not get ready in time, kill it, and say so."""
+        stacks = self.dump_stacks()
+        self._stop_now()
+        return with_stacks(WorkerStartupError(STARTUP_TIMED_OUT.format(who=self.who(), timeout=timeout)), stacks)
+
+    def wait_ready(self, timeout: float, died_error: type[Exception] = WorkerStartupError) -> Ready:
+        return wait_all_ready([self], timeout, died_error)[0]
+
+    # ----------------------------------------------------------------------------- ends
+
+    def dump_stacks(self, timeout: float = STACK_DUMP_S) -> str | None:
+        """The Python stacks of every thread of the (stuck) child, or None if it gave none."""
+        if not self.is_alive():
+            return None
+        try:
+            os.kill(self.pid, signal.SIGUSR1)
+        except ProcessLookupError:
+            return None
+        chunks: list[bytes] = []
+        deadline, quiet = time.monotonic() + timeout, 0.15
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([self._stack_r], [], [], quiet if chunks else deadline - time.monotonic())
+            if not ready:
+                if chunks:
+                    break
+                continue
+            try:
+                data = os.read(self._stack_r, 65536)
+            except (BlockingIOError, OSError):
+                break
+            if not data:
+                break
+            chunks.append(data)
+        return b"".join(chunks).decode(errors="replace") or None
+
+    def kill(self) -> None:
+        """SIGKILL the child and whatever its tasks started (its process group), now."""
+        _kill_group(self.pid)
+
+    def stop(self, grace: float = 2.0) -> None:
+        """End the child: wait ``grace`` for it to exit, terminate, then kill its group; reaped."""
+        if self._stopped:
+            return
+        if self.is_alive():
+            self._reap(grace)
+        if self.is_alive():
+            try:
+                os.kill(self.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+            self._reap(min(grace, 1.0))
+        self._stop_now()
+
+    def _stop_now(self) -> None:
+        self._stopped = True
+        _kill_group(self.pid)  # the child and what its tasks started; safe after a reap
+        self._reap(5.0)
+        for close in (self.conn.close, lambda: os.close(self._stack_r)):
+            try:
+                close()
+            except OSError:
+                pass
+        if self._popen is None and self._out_fd >= 0:
+            pass  # the relay thread closes the forkserver child's output at its end
+        if isinstance(self.sentinel, int) and self._popen is not None:
+            try:
+                os.close(self.sentinel)
+            except OSError:
+                pass
+            self.sentinel = -1
+        _children.discard(self)
+
+    def _reap(self, timeout: float) -> None:
+        if self._popen is not None:
+            try:
+                self._popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                pass
+        else:
+            self._process.join(timeout)
+
+    def _relay(self) -> None:
+        """Copy the child's output, line by line with its prefix, to the owner's stderr."""
+        pending = b""
+        fd = self._out_fd
+        try:
+            while True:
+                try:
+                    data = os.read(fd, 65536)
+                except OSError:
+                    break
+                if not data:
+                    break
+                *lines, pending = (pending + data).split(b"\n")
+                for line in lines:
+                    self._emit(line.decode(errors="replace"))
+            if pending:
+                self._emit(pending.decode(errors="replace"))
+        finally:
+            if self._popen is None:
+                os.close(fd)
+            elif self._popen.stdout is not None:
+                self._popen.stdout.close()
+
+    def _emit(self, line: str) -> None:
+        self.output.append(line)
+        if self._quiet and _CHATTER.match(line):
+            return
+        try:
+            sys.stderr.write(self.prefix + line + "\n")
+        except (ValueError, OSError):
+            pass  # the owner's stderr is closed (interpreter exit)
+
+
+def wait_all_ready(
+    children: list[Child], timeout: float, died_error: type[Exception] = WorkerStartupError
+) -> list[Ready]:
+    """Wait for every child's ``Ready`` (and each one's exit) within ``timeout``; raise the
+    first failure (a child that did not get ready in time is dumped and killed)."""
+    deadline = time.monotonic() + timeout
+    ready: dict[int, Ready] = {}
+    while len(ready) < len(children):
+        waiting = [c for i, c in enumerate(children) if i not in ready]
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise waiting[0].timed_out_starting(timeout)
+        wait([x for c in waiting for x in (c.conn, c.sentinel)], remaining)
+        for i, c in enumerate(children):
+            if i not in ready:
+                msg = c.poll_startup(died_error)
+                if msg is not None:
+                    ready[i] = msg
+    return [ready[i] for i in range(len(children))]
+
+
+def main_script() -> str | None:
+    """The owner's ``__main__`` script, if children should import it (a ``.py`` file run as
+    ``python script.py``; not ``python -m``, a console script or an interactive session)."""
+    main = sys.modules.get("__main__")
+    path = getattr(main, "__file__", None)
+    if main is None or getattr(main, "__spec__", None) is not None or not path:
+        return None
+    return os.path.abspath(path) if path.endswith(".py") else None
+
+
+def _kill_group(pid: int) -> None:
+    """SIGKILL the process group ``pid`` leads (a group id is not reused while a member lives)."""
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+# -------------------------------------------------------------------------------- owners
+
+
+def register_owner(owner: Owner) -> None:
+    _owners.add(owner)
+
+
+def unregister_owner(owner: Owner) -> None:
+    _owners.discard(owner)
+
+
+def terminate_all(why: str) -> None:
+    """End every pool and server of this process now (Ctrl-C, interpreter exit): pending
+    work fails with the reason, running work is killed. Returns within seconds."""
+    for owner in list(_owners):
+        try:
+            owner.terminate(why)
+        except Exception:  # one owner's failure must not keep the others alive
+            pass
+    for child in list(_children):
+        child.kill()
+
+
+def live_children() -> list[Child]:
+    """The children of this process that have not been stopped (for leak checks)."""
+    return [c for c in _children if not c._stopped]
+
+
+atexit.register(terminate_all, "the interpreter exited")
