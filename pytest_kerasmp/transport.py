@@ -204,6 +204,7 @@ def dumps(obj: Any, what: str, buffers: list[Any] | None = None) -> bytes:
         TypeError: ``obj`` holds a live model (names ModelRef as the fix) or cannot be
             pickled; the message names ``what``.
     """
+    __tracebackhide__ = True
     file = io.BytesIO()
     mark = None if buffers is None else len(buffers)
     try:
@@ -224,6 +225,7 @@ def dumps_call(
 
     The out-of-band buffers are copies, so the caller may change its arrays at once.
     """
+    __tracebackhide__ = True
     check_importable(fn)
     buffers: list[Any] | None = [] if out_of_band else None
     name = _name(fn)
@@ -293,6 +295,7 @@ def _unimportable(module: str) -> str | None:
 
 def check_importable(fn: Callable[..., Any]) -> None:
     """Refuse lambdas and local functions: they cannot be found by name in a worker."""
+    __tracebackhide__ = True
     if not callable(fn):
         raise TypeError(f"{fn!r} is not callable")
     qualname = getattr(fn, "__qualname__", None)
