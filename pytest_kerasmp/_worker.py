@@ -57,6 +57,7 @@ def start_child(slot_json: str, parent_pid: int) -> None:
     and pin itself to its slot before anything imports TensorFlow."""
     import json
 
+    from pytest_kerasmp import placement
     from pytest_kerasmp.devices import DeviceSlot
     from pytest_kerasmp.pinning import pin_process
 
@@ -64,6 +65,7 @@ def start_child(slot_json: str, parent_pid: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the owner decides what Ctrl-C ends
     threading.Thread(target=_watch_parent, args=(parent_pid,), daemon=True, name="kerasmp-watch").start()
     pin_process(DeviceSlot.from_json(json.loads(slot_json)))
+    placement.record_child()  # issue 10: the session's placement table, seen from inside
 
 
 def main(

@@ -25,7 +25,7 @@ from concurrent.futures import Future
 from multiprocessing.connection import Connection, wait
 from typing import Any
 
-from pytest_kerasmp import _worker
+from pytest_kerasmp import _worker, placement
 from pytest_kerasmp.devices import DeviceSlot
 from pytest_kerasmp.errors import (
     ARENA_FAILED,
@@ -362,6 +362,7 @@ class WorkerPool:
             self._bury(w)
 
     def _bury(self, w: _Worker) -> None:
+        placement.release(w.process.pid)  # issue 10: its end, for the placement table
         w.conn.close()
         w.to_worker.close()
         w.from_worker.close()

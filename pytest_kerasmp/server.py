@@ -22,7 +22,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from multiprocessing.connection import Connection, wait
 from typing import Any
 
-from pytest_kerasmp import _server
+from pytest_kerasmp import _server, placement
 from pytest_kerasmp._server import input_problem
 from pytest_kerasmp.devices import DeviceSlot
 from pytest_kerasmp.errors import (
@@ -335,6 +335,7 @@ class InferenceServer:
             pass
         self._process.join(timeout)
         end_process(self._process)
+        placement.release(self._process.pid)  # issue 10: its end, for the placement table
         self._control.close()
         _live_servers.discard(self)
 
