@@ -257,10 +257,15 @@ def _memory(rec: dict[str, Any]) -> str:
     return "growth" if rec["memory_growth"] else "WHOLE GPU"
 
 
-def table_lines(records: list[dict[str, Any]], origin: float | None = None) -> list[str]:
-    """The placement table: one row per process, lifetimes in seconds from ``origin``."""
+def table_lines(
+    records: list[dict[str, Any]], origin: float | None = None, session_slots: Sequence[DeviceSlot] = ()
+) -> list[str]:
+    """The placement table: one row per process, lifetimes in seconds from ``origin``. A
+    process is shown on the session slot it occupies (a pool planned with ``plan_slots``
+    numbers its own slots); one on part of a slot shows its own plan's index in brackets."""
     if not records:
         return []
+    by_resources = {frozenset(resources_of([s])): s.name for s in session_slots}
     origin = min(r["start"] for r in records) if origin is None else origin
     header = ("process", "role", "slot", "cores/GPU", "pid", "lifetime", "GPU memory", "shared")
     rows = [header]
@@ -276,7 +281,8 @@ def table_lines(records: list[dict[str, Any]], origin: float | None = None) -> l
         elif r["shared_with"]:
             shared = "own: " + ", ".join(r["shared_with"])
         rows.append(
-            (name_of(r), r["role"], f"slot{r['slot']['index']}", where, str(r["pid"]),
+            (name_of(r), r["role"], by_resources.get(frozenset(resources(r)), f"(slot{r['slot']['index']})"),
+             where, str(r["pid"]),
              f"{r['start'] - origin:.1f} s-{end}", _memory(r), shared)
         )
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]

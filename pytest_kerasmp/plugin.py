@@ -288,6 +288,10 @@ def describe_plan(settings: cfg.Settings, plan: cfg.SessionPlan, workers: int = 
         kind = f"{plural(len(slots), 'GPU slot')} on {plural(len(gpus), 'GPU')}"
         visible = os.environ.get("CUDA_VISIBLE_DEVICES") if plan.role == "controller" else None
         notes = [f"outer CUDA_VISIBLE_DEVICES={visible}"] if visible else []
+        for gpu in gpus:  # more slots than GPUs: say which slots share one
+            sharing = [s.name for s in slots if s.gpu == gpu]
+            if len(sharing) > 1:
+                notes.append(f"{' and '.join(sharing)} share GPU {gpu}")
         # What pin_process applies (DeviceSlot.environ): a cap replaces growth.
         if settings.gpu_memory_mb:
             notes.append(f"{settings.gpu_memory_mb} MB cap per process, no memory growth")
@@ -375,9 +379,9 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, config: p
     records = config.stash.get(PLACEMENT_KEY, [])
     if records:
         terminalreporter.write_sep("-", f"kerasmp: placement of the {plural(len(records), 'process')} pinned in this session")
-        for line in placement.table_lines(records):
-            terminalreporter.write_line(line)
         plan = config.stash.get(cfg.PLAN_KEY, None)
+        for line in placement.table_lines(records, session_slots=plan.slots if plan else ()):
+            terminalreporter.write_line(line)
         crowded = placement.oversubscription(plan.slots, _xdist_workers(config)) if plan else None
         if crowded:
             terminalreporter.write_line(f"kerasmp: OVERSUBSCRIBED: {crowded}", yellow=True)

@@ -75,7 +75,7 @@ def test_header_under_fake_gpus_and_outer_visible_devices(run_pytest, probe, mon
     result.stdout.fnmatch_lines(
         [
             "kerasmp: --kerasmp-gpus=3 --kerasmp-gpu-memory=2048 (from the command line) -> "
-            "3 GPU slots on 2 GPUs (2048 MB cap per process, no memory growth): "
+            "3 GPU slots on 2 GPUs (slot0 and slot2 share GPU 3; 2048 MB cap per process, no memory growth): "
             "slot0 GPU 3, slot1 GPU 5, slot2 GPU 3; this process pinned to slot0"
         ]
     )
@@ -83,7 +83,7 @@ def test_header_under_fake_gpus_and_outer_visible_devices(run_pytest, probe, mon
     assert main["cuda_visible"] == "3" and main["slot"]["memory_limit_mb"] == 2048
     assert main["growth"] is None  # the cap replaces growth, as the header says
     result = run_pytest("--kerasmp-gpus=3")
-    result.stdout.fnmatch_lines(["*-> 3 GPU slots on 2 GPUs (memory growth on in every process): *"])
+    result.stdout.fnmatch_lines(["*-> 3 GPU slots on 2 GPUs (slot0 and slot2 share GPU 3; memory growth on in every process): *"])
     assert probe()["main"]["growth"] == "true"
 
 
