@@ -40,6 +40,10 @@ COMPETED_NOTE = (
     "* measured while another process of the session competed for its slots (see the "
     "placement table); its speedup is not what this machine gives one test"
 )
+SHARED_ACROSS_WORKERS = (
+    "processes of different xdist workers shared a GPU or cores ({who}): the session has more "
+    "slots than GPUs, or -n exceeds the slots (see the header); their comparisons are marked *"
+)
 UNPINNED_COMPETED = "xdist workers unpinned (no --kerasmp-gpus): every worker shared every core"
 
 _POOL_NAME = re.compile(r"^kerasmp-(?P<pool>.+)-w(?P<index>\d+)-(?:gpu|cpu).*$")

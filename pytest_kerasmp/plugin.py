@@ -385,6 +385,10 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, config: p
         crowded = placement.oversubscription(plan.slots, _xdist_workers(config)) if plan else None
         if crowded:
             terminalreporter.write_line(f"kerasmp: OVERSUBSCRIBED: {crowded}", yellow=True)
+        shared = sorted({name for r in records if r.get("competed_with") for name in [placement.name_of(r)]})
+        if shared:
+            text = placement.SHARED_ACROSS_WORKERS.format(who=", ".join(shared))
+            terminalreporter.write_line(f"kerasmp: {text}", yellow=True)
     for path in config.stash.get(REPORT_KEY, []):
         terminalreporter.write_line(f"kerasmp: wrote {path}")
     if config.getoption("kerasmp_report") and not any(p.suffix == ".png" for p in config.stash.get(REPORT_KEY, [])) and comparisons:

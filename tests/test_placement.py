@@ -215,6 +215,16 @@ def test_more_workers_than_slots_is_said_and_comparisons_are_marked(pytester, mo
     assert len(rows) == 3 and sum("x*" in r for r in rows) == 2, rows  # gw0 and gw2 competed, gw1 not
 
 
+def test_more_slots_than_gpus_is_said_in_header_and_summary(placed, monkeypatch):
+    monkeypatch.setenv("PYTEST_KERASMP_FAKE_GPUS", "1")
+    result, procs, table = placed("-n", "2", "--dist", "each", "--kerasmp-gpus=2", "-k", "factory")
+    result.assert_outcomes(passed=2)
+    result.stdout.fnmatch_lines(["*-> 2 GPU slots on 1 GPU (slot0 and slot1 share GPU 0; memory growth on in every process)*"])
+    assert all(r["growth"] == "true" and r["cuda"] == "0" for r in procs.values())
+    assert all(r["competed_with"] for r in table if r["role"] == "pytest")
+    result.stdout.fnmatch_lines(["kerasmp: processes of different xdist workers shared a GPU or cores (gw0, gw0/factory0 w0, gw1*"])
+
+
 @pytest.mark.skipif(not TWO_CORES, reason="needs 2 usable cores")
 def test_without_xdist_plan_slots_uses_the_session_not_this_process(placed):
     result, procs, table = placed("--kerasmp-gpus=2", "-k", "plan_slots")
