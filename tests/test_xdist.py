@@ -6,6 +6,8 @@ import os
 
 import pytest
 
+from pytest_kerasmp import placement
+
 
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs 2 usable cores")
 @pytest.mark.parametrize("conftest_imports_tf", [False, True], ids=["plain", "conftest-imports-tf"])
@@ -46,9 +48,27 @@ def test_more_workers_than_slots_share_gpus_with_memory_growth(run_pytest, probe
 def test_unrequested_xdist_workers_are_not_pinned(run_pytest, probe):
     result = run_pytest("-n", "2", "--dist", "each")
     result.assert_outcomes(passed=2)
-    for rec in probe().values():
+    records = probe()
+    for rec in records.values():
         assert rec["slot"] is None and rec["cuda_visible"] is None
         assert rec["cores"] == sorted(os.sched_getaffinity(0))
+    # Unpinned, but their fixtures still split the 'auto' slots: pools do not pile up.
+    assert sum(r["n_slots"] for r in records.values()) == max(2, len(os.sched_getaffinity(0)))
+
+
+def test_unpinned_xdist_comparisons_are_marked_competed(run_pytest, pytester):
+    pytester.makepyfile(
+        test_cmp="""
+        import time
+        def test_cmp(kerasmp_speedup):
+            kerasmp_speedup(lambda: time.sleep(0.002), lambda: time.sleep(0.001), workers=1, rounds=2)
+        """
+    )
+    result = run_pytest("-n", "2", "--dist", "each")
+    result.assert_outcomes(passed=2)
+    rows = [line for line in result.stdout.lines if line.startswith("cmp ")]
+    assert len(rows) == 2 and all("x*" in r for r in rows), rows
+    result.stdout.fnmatch_lines([placement.COMPETED_NOTE, f"  cmp: {placement.UNPINNED_COMPETED}"])
 
 
 def test_nested_pytest_inside_a_worker_does_not_take_the_outer_plan(run_pytest, pytester):
