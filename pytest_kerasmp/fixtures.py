@@ -89,7 +89,12 @@ def kerasmp_pool_factory(
 
 @pytest.fixture
 def kerasmp_speedup(request: pytest.FixtureRequest, benchmark: Any) -> Callable[..., Comparison]:
-    """measure(serial, parallel, *, workers, rounds=5, variant="", check=None) -> Comparison."""
+    """measure(serial, parallel, *, workers, rounds=5, variant="", check=None) -> Comparison.
+
+    Under -n: timed in its own rounds (pytest-benchmark switches itself off), sent to the
+    controller's summary, and marked * there when a process of another xdist worker was on
+    this worker's slots meanwhile (always, without --kerasmp-gpus: every worker uses every core).
+    """
     return functools.partial(measure, request.node, benchmark)
 
 
@@ -117,5 +122,5 @@ def kerasmp_inference_server(
 
 @pytest.fixture(scope="session")
 def kerasmp_scale(pytestconfig: pytest.Config) -> float:
-    """Workload scale factor for scenarios (session; --kerasmp-scale, default 1)."""
+    """Workload scale factor for scenarios (session; --kerasmp-scale, default 1); the same under -n."""
     return float(pytestconfig.getoption("kerasmp_scale") or 1)
