@@ -100,7 +100,11 @@ def _prepare(boot: dict[str, Any], stack_fd: int) -> None:
     from pytest_kerasmp.pinning import pin_process
 
     at_pin.update(modules=sorted(sys.modules), seconds=time.perf_counter() - _t0)
-    pin_process(DeviceSlot.from_json(boot["slot"]))
+    slot = DeviceSlot.from_json(boot["slot"])
+    pin_process(slot)
+    from pytest_kerasmp import placement
+
+    placement.record(boot["role"].replace("-", " "), slot, label=boot["label"])  # as seen from inside
     if boot.get("main_path"):
         _import_main(boot["main_path"])
     if boot["import_tensorflow"]:

@@ -11,7 +11,8 @@ from typing import Any, Literal
 
 import pytest
 
-from pytest_kerasmp.devices import DeviceSlot, detect_gpus, parse_slot_count, plan_slots
+from pytest_kerasmp.devices import DeviceSlot, detect_gpus, parse_slot_count, plan_slots, plural
+from pytest_kerasmp.placement import part_of
 
 GPUS_OPTION, GPUS_INI, GPUS_ENV = "--kerasmp-gpus", "kerasmp_gpus", "PYTEST_KERASMP_GPUS"
 MEMORY_OPTION, MEMORY_INI, MEMORY_ENV = (
@@ -27,13 +28,14 @@ REQUIRE_OPTION, REQUIRE_INI, REQUIRE_ENV = (
 
 GPUS_HELP = (
     "Number of device slots for this session: N or 'auto' (one per GPU, or one per usable "
-    "core when there is no GPU). Setting it pins each pytest-xdist worker gwK to slot K mod N, "
-    "or this process to slot 0 without xdist. "
-    f"Also ini {GPUS_INI}, env {GPUS_ENV}. Default: auto, and nothing is pinned"
+    "core when there is no GPU); 'off' (or 0) turns slots off whatever ini or env say. "
+    "Setting it splits the slots among pytest-xdist workers (gwK owns part K and is pinned "
+    "to its first slot; its pools and servers use its part), or pins this process to slot 0 "
+    f"without xdist. Also ini {GPUS_INI}, env {GPUS_ENV}. Default: auto, and nothing is pinned"
 )
 MEMORY_HELP = (
-    "GPU memory cap per slot in MB (a per-process limit, for slots that share a GPU). "
-    f"Also ini {MEMORY_INI}, env {MEMORY_ENV}. Default: no cap"
+    "GPU memory cap per process in MB (a per-process logical-device limit, instead of memory "
+    f"growth). Also ini {MEMORY_INI}, env {MEMORY_ENV}. Default: no cap, memory growth on"
 )
 REQUIRE_HELP = (
     "Fail instead of skip when a test or the plan needs more GPUs than the machine has "
@@ -41,17 +43,18 @@ REQUIRE_HELP = (
 )
 
 BAD_VALUE = "{name}={value!r} (from {source}) is invalid: {valid}"
-GPUS_VALID = "use a positive integer or 'auto'"
+GPUS_VALID = "use a positive integer, 'auto', or 'off' (also 0)"
+GPUS_OFF = ("off", "none", "0")
 MEMORY_VALID = "use a positive whole number of megabytes"
 REQUIRE_VALID = "use 1/true/yes or 0/false/no"
 TOO_FEW_GPUS = (
-    "{option}={n} (from {source}) asks for {n} GPU slot(s) but {found} GPU(s) were found "
-    "and --kerasmp-require-gpu is set; lower {option} to {found} or run on a machine with "
-    "enough GPUs"
+    "{option}={n} (from {source}) asks for {slots} but {found} found and "
+    "--kerasmp-require-gpu is set (from {require_source}); lower {option} to {n_found} or run on "
+    "a machine with enough GPUs"
 )
 NO_GPU_REQUIRED = (
-    "--kerasmp-require-gpu is set but no GPU was found (nvidia-smi -L and "
-    "CUDA_VISIBLE_DEVICES); install the NVIDIA driver or drop --kerasmp-require-gpu"
+    "--kerasmp-require-gpu is set (from {require_source}) but no GPU was found (nvidia-smi -L "
+    "and CUDA_VISIBLE_DEVICES); install the NVIDIA driver or unset it"
 )
 
 
@@ -64,15 +67,23 @@ class Settings:
     requested: bool = False
     gpu_memory_mb: int | None = None
     require_gpu: bool = False
+    memory_source: str = "the default"
+    require_source: str = "the default"
 
     def command_line(self) -> str:
-        """The options that reproduce this plan."""
-        parts = [f"{GPUS_OPTION}={self.gpus}"]
+        """The options that reproduce this plan, each with where it came from."""
+        parts = [(f"{GPUS_OPTION}={self.gpus}", self.gpus_source)]
         if self.gpu_memory_mb is not None:
-            parts.append(f"{MEMORY_OPTION}={self.gpu_memory_mb}")
+            parts.append((f"{MEMORY_OPTION}={self.gpu_memory_mb}", self.memory_source))
         if self.require_gpu:
-            parts.append(REQUIRE_OPTION)
-        return " ".join(parts)
+            parts.append((REQUIRE_OPTION, self.require_source))
+        groups: list[tuple[list[str], str]] = []
+        for text, source in parts:
+            if groups and groups[-1][1] == source:
+                groups[-1][0].append(text)
+            else:
+                groups.append(([text], source))
+        return ", ".join(f"{' '.join(texts)} (from {source})" for texts, source in groups)
 
 
 def _pick(
@@ -83,7 +94,7 @@ def _pick(
         return cli, "the command line"
     if env.get(env_name, "").strip():
         return env[env_name], f"env {env_name}"
-    if ini not in (None, "", []):
+    if ini is not False and ini not in (None, "", []):
         return ini, f"ini {ini_name}"
     return None
 
@@ -103,7 +114,9 @@ def resolve_settings(
     gpus: int | Literal["auto"] = "auto"
     gpus_source, requested = "the default", False
     picked = _pick(cli.get("kerasmp_gpus"), env, GPUS_ENV, ini(GPUS_INI), GPUS_INI)
-    if picked is not None:
+    if picked is not None and str(picked[0]).strip().lower() in GPUS_OFF:
+        gpus_source = picked[1]  # switched off: nothing pinned, whatever a lower level says
+    elif picked is not None:
         value, gpus_source = picked
         try:
             gpus = parse_slot_count(str(value))
@@ -112,23 +125,26 @@ def resolve_settings(
         requested = True
 
     memory: int | None = None
+    memory_source = "the default"
     picked = _pick(cli.get("kerasmp_gpu_memory"), env, MEMORY_ENV, ini(MEMORY_INI), MEMORY_INI)
     if picked is not None:
-        value, source = picked
+        value, memory_source = picked
         text = str(value).strip()
         if not text.isdigit() or int(text) < 1:
-            raise _fail(MEMORY_OPTION, value, source, MEMORY_VALID)
+            raise _fail(MEMORY_OPTION, value, memory_source, MEMORY_VALID)
         memory = int(text)
 
-    require = bool(cli.get("kerasmp_require_gpu"))
-    if not require and env.get(REQUIRE_ENV, "").strip():
-        text = env[REQUIRE_ENV].strip().lower()
+    require, require_source = False, "the default"
+    picked = _pick(
+        True if cli.get("kerasmp_require_gpu") else None, env, REQUIRE_ENV, ini(REQUIRE_INI), REQUIRE_INI
+    )
+    if picked is not None:
+        value, require_source = picked
+        text = str(value).strip().lower()
         if text not in ("1", "true", "yes", "0", "false", "no"):
-            raise _fail(REQUIRE_OPTION, env[REQUIRE_ENV], f"env {REQUIRE_ENV}", REQUIRE_VALID)
+            raise _fail(REQUIRE_OPTION, value, require_source, REQUIRE_VALID)
         require = text in ("1", "true", "yes")
-    elif not require:
-        require = bool(ini(REQUIRE_INI))
-    return Settings(gpus, gpus_source, requested, memory, require)
+    return Settings(gpus, gpus_source, requested, memory, require, memory_source, require_source)
 
 
 def check_required_gpus(settings: Settings, gpus_found: int) -> None:
@@ -136,13 +152,18 @@ def check_required_gpus(settings: Settings, gpus_found: int) -> None:
     if not settings.require_gpu:
         return
     if gpus_found == 0:
-        raise pytest.UsageError(NO_GPU_REQUIRED)
+        raise pytest.UsageError(NO_GPU_REQUIRED.format(require_source=settings.require_source))
     if settings.gpus != "auto" and settings.gpus > gpus_found:
-        raise pytest.UsageError(
-            TOO_FEW_GPUS.format(
-                option=GPUS_OPTION, n=settings.gpus, source=settings.gpus_source, found=gpus_found
-            )
-        )
+        raise pytest.UsageError(too_few_gpus(settings, gpus_found))
+
+
+def too_few_gpus(settings: Settings, found: int) -> str:
+    assert settings.gpus != "auto"
+    return TOO_FEW_GPUS.format(
+        option=GPUS_OPTION, n=settings.gpus, source=settings.gpus_source,
+        slots=plural(settings.gpus, "GPU slot"), found=plural(found, "GPU"), n_found=found,
+        require_source=settings.require_source,
+    )
 
 
 Role = Literal["main", "controller", "worker"]
@@ -153,7 +174,9 @@ class SessionPlan:
     """The slots of this session and how this pytest process takes part.
 
     ``role`` is ``"main"`` without xdist (this process pinned to slot 0), ``"controller"``
-    for the xdist controller (not pinned, plans for its workers) or ``"worker"``.
+    for the xdist controller (not pinned, plans for its workers) or ``"worker"``. ``part``
+    is what this process owns (``placement.part_of``): every slot without xdist, the
+    worker's part under ``-n``; ``workers`` is the number of xdist workers (0 without).
     """
 
     slots: tuple[DeviceSlot, ...]
@@ -161,6 +184,12 @@ class SessionPlan:
     role: Role
     pinned: DeviceSlot | None = None
     worker_id: str | None = None
+    part: tuple[DeviceSlot, ...] = ()
+    workers: int = 0
+
+    @property
+    def own_slots(self) -> tuple[DeviceSlot, ...]:
+        return self.part or self.slots
 
 
 SETTINGS_KEY = pytest.StashKey[Settings]()
@@ -175,9 +204,20 @@ def session_plan(config: pytest.Config) -> SessionPlan:
     """The session's plan; planned now (``auto``, nothing pinned) when no slots were asked for."""
     plan = config.stash.get(PLAN_KEY, None)
     if plan is None:
+        import os
+
+        from pytest_kerasmp.devices import usable_cores
+
         settings = session_settings(config)
         gpus = detect_gpus()
-        slots = plan_slots(settings.gpus, gpus=gpus, memory_limit_mb=settings.gpu_memory_mb)
-        plan = SessionPlan(slots=slots, gpus_found=len(gpus), role="main")
+        slots = plan_slots(
+            settings.gpus, gpus=gpus, cores=usable_cores(), memory_limit_mb=settings.gpu_memory_mb
+        )
+        worker_id = os.environ.get("PYTEST_XDIST_WORKER") if hasattr(config, "workerinput") else None
+        workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0")) if worker_id else 0
+        plan = SessionPlan(
+            slots=slots, gpus_found=len(gpus), role="worker" if worker_id else "main",
+            worker_id=worker_id, part=part_of(slots, worker_id, workers), workers=workers,
+        )
         config.stash[PLAN_KEY] = plan
     return plan

@@ -20,13 +20,26 @@ from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Literal
 
-from pytest_kerasmp.errors import CORES_REUSED, KerasMPWarning
+from pytest_kerasmp.errors import KerasMPWarning
 
 #: Fake the GPU list, for tests and dry runs on machines without one: a count ("2") or
 #: comma-separated names ("A100,A100"). Detection then runs no nvidia-smi.
 FAKE_GPUS_ENV = "PYTEST_KERASMP_FAKE_GPUS"
 
 NVIDIA_SMI_TIMEOUT_S = 10.0
+
+#: plan_slots asked for more CPU slots than the cores it plans over; names where they came from.
+CORES_REUSED_IN_SCOPE = (
+    "kerasmp: {what} planned over {scope}, which has {cores} {core_word} "
+    "{core_set}; cores are reused round-robin, so the slots share cores and timings will be "
+    "slower than planned; {advice}"
+)
+ADVICE_SESSION = "use --kerasmp-gpus={cores} or fewer"
+ADVICE_OUTSIDE = "ask for {cores} or fewer, or run on more cores"
+ADVICE_SHARE = (
+    "ask for {cores} or fewer, or give this process more of the session: fewer xdist "
+    "workers (-n) or more slots (--kerasmp-gpus)"
+)
 
 _SMI_LINE = re.compile(r"^GPU (\d+): (.*?)(?: \(UUID: ([^)]+)\))?\s*$")
 
@@ -90,10 +103,12 @@ class DeviceSlot:
         """Environment variables that pin a process to this slot.
 
         Set them before TensorFlow initialises its devices. ``memory_growth`` defaults to
-        on for a shared GPU slot.
+        on for every GPU slot without a memory cap: a pinned process may share its GPU with
+        the process that started it or with another pool on the same slot, and TensorFlow's
+        default (map nearly all of the GPU) would starve them. A cap replaces growth.
         """
         if self.kind == "GPU":
-            growth = self.shared if memory_growth is None else memory_growth
+            growth = True if memory_growth is None else memory_growth
             env = {"CUDA_VISIBLE_DEVICES": str(self.gpu)}
             if growth and self.memory_limit_mb is None:
                 # TensorFlow refuses growth together with a memory limit; the limit wins.
@@ -227,6 +242,55 @@ def split_cores(cores: Sequence[int], n: int) -> list[tuple[int, ...]]:
     return sets
 
 
+@dataclasses.dataclass(frozen=True)
+class Scope:
+    """What :func:`plan_slots` plans over in this process when given no devices.
+
+    Set by the plugin for a pinned pytest process (the session's slots, or an xdist
+    worker's part of them) and by ``pin_process`` for a pool worker or server (its slot).
+    Valid in the process that set it only (a forked copy plans from its own affinity).
+    """
+
+    slots: tuple[DeviceSlot, ...]
+    description: str
+    pid: int
+
+    def gpus(self) -> list[GPU]:
+        seen: dict[str, GPU] = {}
+        for s in self.slots:
+            if s.kind == "GPU" and s.gpu is not None:
+                seen.setdefault(s.gpu, GPU(id=s.gpu, name=s.gpu_name))
+        return list(seen.values())
+
+    def cores(self) -> tuple[int, ...]:
+        return tuple(sorted({c for s in self.slots for c in s.cores}))
+
+    def memory_limit_mb(self) -> int | None:
+        return next((s.memory_limit_mb for s in self.slots if s.memory_limit_mb), None)
+
+
+_scope: Scope | None = None
+
+
+def set_scope(slots: Sequence[DeviceSlot], description: str) -> None:
+    """Make ``slots`` what :func:`plan_slots` plans over in this process by default."""
+    global _scope
+    _scope = Scope(tuple(slots), description, os.getpid())
+
+
+def current_scope() -> Scope | None:
+    """The scope :func:`set_scope` set in this very process, or ``None``."""
+    return _scope if _scope is not None and _scope.pid == os.getpid() else None
+
+
+def planning_scope() -> str:
+    """What :func:`plan_slots` plans over here when given no devices, in words."""
+    scope = current_scope()
+    if scope is not None:
+        return scope.description
+    return "this process's CPU affinity and the detected GPUs"
+
+
 def plan_slots(
     n: int | str = "auto",
     *,
@@ -236,19 +300,31 @@ def plan_slots(
 ) -> tuple[DeviceSlot, ...]:
     """Plan ``n`` device slots over the session's GPUs, or over its CPU cores without GPU.
 
-    With G >= 1 GPUs slot i uses GPU (i mod G); slots that share a GPU are marked shared
-    (memory growth on). Without GPU the usable cores are split into ``n`` disjoint sets.
-    ``"auto"`` is one slot per GPU, or one CPU slot per usable core.
+    With G >= 1 GPUs slot i uses GPU (i mod G); slots that share a GPU are marked shared.
+    Without GPU the usable cores are split into ``n`` disjoint sets. ``"auto"`` is one slot
+    per GPU, or one CPU slot per usable core. Every GPU slot gets memory growth when pinned,
+    unless it has a memory cap.
+
+    Which devices: in a process that pytest-kerasmp pinned, what that process may use (its
+    *scope*, :func:`planning_scope` says it in words): the session's slots in a pytest
+    process without xdist, the xdist worker's part of them under ``-n``, its own slot in a
+    pool worker or server; it inherits the session's memory cap. Elsewhere the detected
+    GPUs and this process's CPU affinity. ``gpus`` or ``cores`` override either.
 
     Args:
         n: Number of slots, or ``"auto"``.
-        gpus: The GPUs to plan over; detected when omitted.
-        cores: The usable cores; this process's affinity when omitted.
+        gpus: The GPUs to plan over; the scope's, or detected, when omitted.
+        cores: The usable cores; the scope's, or this process's affinity, when omitted.
         memory_limit_mb: Per-process GPU memory cap for every GPU slot.
     """
     count = parse_slot_count(n)
     if memory_limit_mb is not None and memory_limit_mb < 1:
         raise ValueError(f"memory_limit_mb={memory_limit_mb!r} must be a positive number of MB")
+    scope = current_scope() if gpus is None and cores is None else None
+    if scope is not None:
+        gpus, cores = scope.gpus(), scope.cores()
+        if memory_limit_mb is None:
+            memory_limit_mb = scope.memory_limit_mb()
     gpu_list = detect_gpus() if gpus is None else list(gpus)
     if gpu_list:
         if count == "auto":
@@ -272,16 +348,37 @@ def plan_slots(
     if count == "auto":
         count = len(core_list)
     if count > len(core_list):
+        if scope is not None:
+            where, advice = scope.description, ADVICE_SHARE
+        elif cores is not None:
+            where, advice = "the cores it was given", ADVICE_OUTSIDE
+        else:
+            where, advice = "this process's CPU affinity", ADVICE_OUTSIDE
         warnings.warn(
-            CORES_REUSED.format(slots=count, cores=len(core_list), core_set=set(core_list)),
+            cores_reused(count, core_list, where, advice),
             KerasMPWarning,
             stacklevel=2,
         )
     sets = split_cores(core_list, count)
-    uses = Counter(c for s in sets for c in s)
+    core_uses = Counter(c for s in sets for c in s)
     return tuple(
-        DeviceSlot(index=i, kind="CPU", cores=s, shared=any(uses[c] > 1 for c in s))
+        DeviceSlot(index=i, kind="CPU", cores=s, shared=any(core_uses[c] > 1 for c in s))
         for i, s in enumerate(sets)
+    )
+
+
+def plural(n: int, word: str) -> str:
+    """``plural(1, "GPU")`` -> ``"1 GPU"``, ``plural(2, "core")`` -> ``"2 cores"``."""
+    if n == 1:
+        return f"{n} {word}"
+    return f"{n} {word}es" if word.endswith("s") else f"{n} {word}s"
+
+
+def cores_reused(slots: int, cores: Sequence[int], scope: str, advice: str, what: str = "") -> str:
+    """The warning for more CPU slots than cores in ``scope``; ``what`` asked for them."""
+    return CORES_REUSED_IN_SCOPE.format(
+        what=what or f"plan_slots({slots})", scope=scope, cores=len(cores), core_word="core" if len(cores) == 1 else "cores",
+        core_set="{" + ", ".join(map(str, cores)) + "}", advice=advice.format(cores=len(cores)),
     )
 
 

@@ -1,4 +1,10 @@
-"""Fixtures of pytest-kerasmp; ``plugin.py`` registers them. Each wraps a public function."""
+"""Fixtures of pytest-kerasmp; ``plugin.py`` registers them. Each wraps a public function.
+
+Their defaults follow the session's placement (``placement``): without xdist this process
+owns every slot of the session; under ``-n`` xdist worker gwK owns its part, and its pools
+and servers stay on it, so processes of different workers never share a slot (unless -n
+exceeds the number of slots, which the header says).
+"""
 
 from __future__ import annotations
 
@@ -8,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from pytest_kerasmp.config import session_plan
+from pytest_kerasmp.config import session_plan, session_settings
 from pytest_kerasmp.devices import DeviceSlot
 from pytest_kerasmp.pinning import current_slot
 from pytest_kerasmp.modelref import ModelRef
@@ -17,21 +23,44 @@ from pytest_kerasmp.server import InferenceServer
 from pytest_kerasmp.speedup import Comparison, measure
 
 
+#: kerasmp_device in a process that no slot was asked for.
+DEVICE_UNPINNED = (
+    "kerasmp_device: this process is not pinned to a device slot ({why}); pass "
+    "--kerasmp-gpus=N (or auto), or set kerasmp_gpus in the ini file or PYTEST_KERASMP_GPUS"
+)
+
+
 @pytest.fixture(scope="session")
 def kerasmp_slots(pytestconfig: pytest.Config) -> tuple[DeviceSlot, ...]:
-    """All device slots of this session (session scope; --kerasmp-gpus, --kerasmp-gpu-memory)."""
-    return session_plan(pytestconfig).slots
+    """The device slots this process owns (session scope; --kerasmp-gpus, --kerasmp-gpu-memory).
+
+    Without -n: every slot of the session. Under -n: this xdist worker's part of them
+    (the header shows the parts); with more workers than slots, one slot shared with
+    another worker. Without --kerasmp-gpus: 'auto' slots, split the same way.
+    """
+    return session_plan(pytestconfig).own_slots
 
 
 @pytest.fixture
-def kerasmp_device() -> DeviceSlot | None:
-    """The slot this process is pinned to, or None when it is not pinned (--kerasmp-gpus)."""
-    return current_slot()
+def kerasmp_device(pytestconfig: pytest.Config) -> DeviceSlot:
+    """The slot this process is pinned to; fails when no slot was asked for (--kerasmp-gpus).
+
+    Without -n: slot0. Under -n: the first slot of this xdist worker's part.
+    """
+    slot = current_slot()
+    if slot is None:
+        source = session_settings(pytestconfig).gpus_source
+        why = "slots are off" if source != "the default" else "no --kerasmp-gpus"
+        pytest.fail(DEVICE_UNPINNED.format(why=f"{why}, from {source}"), pytrace=False)
+    return slot
 
 
 @pytest.fixture(scope="session")
 def kerasmp_pool(kerasmp_slots: tuple[DeviceSlot, ...]) -> Iterator[WorkerPool]:
-    """A warm WorkerPool, one spawn worker per session slot (session scope; --kerasmp-gpus)."""
+    """A warm WorkerPool, one spawn worker per slot this process owns (session; --kerasmp-gpus).
+
+    Without -n: one worker per session slot. Under -n: one per slot of this xdist worker's part.
+    """
     with WorkerPool(kerasmp_slots, name="session") as pool:
         yield pool
 
@@ -40,7 +69,11 @@ def kerasmp_pool(kerasmp_slots: tuple[DeviceSlot, ...]) -> Iterator[WorkerPool]:
 def kerasmp_pool_factory(
     kerasmp_slots: tuple[DeviceSlot, ...],
 ) -> Iterator[Callable[..., WorkerPool]]:
-    """Factory: make_pool(slots=None, **options) -> WorkerPool, closed at test end (function)."""
+    """Factory: make_pool(slots=None, **options) -> WorkerPool, closed at test end (function).
+
+    ``slots`` defaults to the slots this process owns: all without -n, this xdist worker's
+    part under -n.
+    """
     pools: list[WorkerPool] = []
 
     def make_pool(slots: Sequence[DeviceSlot] | None = None, **options: Any) -> WorkerPool:
@@ -56,7 +89,12 @@ def kerasmp_pool_factory(
 
 @pytest.fixture
 def kerasmp_speedup(request: pytest.FixtureRequest, benchmark: Any) -> Callable[..., Comparison]:
-    """measure(serial, parallel, *, workers, rounds=5, variant="", check=None) -> Comparison."""
+    """measure(serial, parallel, *, workers, rounds=5, variant="", check=None) -> Comparison.
+
+    Under -n: timed in its own rounds (pytest-benchmark switches itself off), sent to the
+    controller's summary, and marked * there when a process of another xdist worker was on
+    this worker's slots meanwhile (always, without --kerasmp-gpus: every worker uses every core).
+    """
     return functools.partial(measure, request.node, benchmark)
 
 
@@ -64,7 +102,11 @@ def kerasmp_speedup(request: pytest.FixtureRequest, benchmark: Any) -> Callable[
 def kerasmp_inference_server(
     kerasmp_slots: tuple[DeviceSlot, ...],
 ) -> Iterator[Callable[..., InferenceServer]]:
-    """Factory: start(model_ref, slot=None, **options) -> InferenceServer on slot 0, closed at test end."""
+    """Factory: start(model_ref, slot=None, **options) -> InferenceServer, closed at test end.
+
+    ``slot`` defaults to the first slot this process owns: slot0 without -n, the first
+    slot of this xdist worker's part under -n.
+    """
     servers: list[InferenceServer] = []
 
     def start(model_ref: ModelRef, slot: DeviceSlot | None = None, **options: Any) -> InferenceServer:
@@ -80,5 +122,5 @@ def kerasmp_inference_server(
 
 @pytest.fixture(scope="session")
 def kerasmp_scale(pytestconfig: pytest.Config) -> float:
-    """Workload scale factor for scenarios (session; --kerasmp-scale, default 1)."""
+    """Workload scale factor for scenarios (session; --kerasmp-scale, default 1); the same under -n."""
     return float(pytestconfig.getoption("kerasmp_scale") or 1)

@@ -97,6 +97,7 @@ class Child:
         import_tensorflow: Import TensorFlow before the entry point (warm).
         who: How messages name it: a template with ``{slot}`` and ``{pid}``, e.g.
             ``"worker 0 ({slot}, pid {pid}) of pool 'x'"``.
+        label: How the session's placement table names it (default: ``name``).
     """
 
     def __init__(
@@ -109,6 +110,7 @@ class Child:
         start_method: str = "spawn",
         import_tensorflow: bool = True,
         who: str = "",
+        label: str = "",
     ) -> None:
         if _child.importing_main:
             raise RuntimeError(MAIN_NOT_GUARDED.format(path=_child.importing_main))
@@ -126,6 +128,7 @@ class Child:
         boot = {
             "role": role,
             "name": name,
+            "label": label or name,
             "slot": slot.to_json(),
             "owner_pid": os.getpid(),
             "env": env,
@@ -301,9 +304,14 @@ class Child:
         self._stop_now()
 
     def _stop_now(self) -> None:
+        from pytest_kerasmp import placement
+
+        if self._stopped:
+            return
         self._stopped = True
         _kill_group(self.pid)  # the child and what its tasks started; safe after a reap
         self._reap(5.0)
+        placement.release(self.pid)  # its end, for the session's placement table
         for close in (self.conn.close, lambda: os.close(self._stack_r)):
             try:
                 close()

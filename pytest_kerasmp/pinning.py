@@ -17,7 +17,7 @@ import types
 from collections.abc import Sequence
 from typing import Any
 
-from pytest_kerasmp.devices import DeviceSlot
+from pytest_kerasmp.devices import DeviceSlot, set_scope
 from pytest_kerasmp.errors import TF_ALREADY_INITIALIZED, DeviceAlreadyInitializedError
 
 #: Set in a pinned process (and inherited by its children): the slot, as JSON.
@@ -61,6 +61,8 @@ def pin_process(slot: DeviceSlot, *, memory_growth: bool | None = None) -> None:
     if slot.cores:
         _bind_cores(slot.cores)
     _pinned = slot
+    # plan_slots() here plans within this slot; the plugin widens it for a pytest process.
+    set_scope((slot,), f"this process's slot ({slot.describe()})")
     tf = sys.modules.get("tensorflow")
     if tf is not None and hasattr(tf, "config"):
         configure_tensorflow(tf, slot)

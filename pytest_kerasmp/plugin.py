@@ -9,14 +9,25 @@ from __future__ import annotations
 
 import json
 import os
+import pathlib
 import warnings
 from collections.abc import Sequence
 
 import pytest
 
 from pytest_kerasmp import config as cfg
-from pytest_kerasmp.devices import DeviceSlot, detect_gpus, plan_slots
-from pytest_kerasmp.errors import KerasMPError
+from pytest_kerasmp import placement
+from pytest_kerasmp.devices import (
+    ADVICE_SESSION,
+    DeviceSlot,
+    cores_reused,
+    detect_gpus,
+    plan_slots,
+    plural,
+    set_scope,
+    usable_cores,
+)
+from pytest_kerasmp.errors import KerasMPError, KerasMPWarning
 from pytest_kerasmp.fixtures import (  # noqa: F401  (fixtures registered with the plugin)
     kerasmp_device,
     kerasmp_inference_server,
@@ -31,6 +42,9 @@ from pytest_kerasmp.report import REPORT_JSON, REPORT_PNG, gate, parse_floors, r
 from pytest_kerasmp.speedup import COMPARISONS_KEY, Comparison, summary_lines
 
 FLOORS_KEY = pytest.StashKey[list]()
+SESSION_DIR_KEY = pytest.StashKey[str]()
+PLACEMENT_KEY = pytest.StashKey[list]()
+CALL_WINDOW_KEY = pytest.StashKey[tuple]()
 GATE_KEY = pytest.StashKey[list]()
 REPORT_KEY = pytest.StashKey[list]()
 
@@ -43,12 +57,12 @@ MARKER_HELP = (
 )
 MARKER_BAD = "@pytest.mark.kerasmp_gpus needs one positive integer, e.g. kerasmp_gpus(2); got {args!r}"
 MARKER_SKIP = (
-    "needs {n} GPU(s), {found} found (kerasmp_gpus marker); run it on a machine with {n} GPUs, "
+    "needs {gpus}, {found} found (kerasmp_gpus marker); run it on a machine with {gpus}, "
     "or pass --kerasmp-require-gpu to fail instead of skipping"
 )
 MARKER_FAIL = (
-    "needs {n} GPU(s) but {found} found and --kerasmp-require-gpu is set; run this test on a "
-    "machine with {n} GPUs"
+    "needs {gpus} but {found} found and --kerasmp-require-gpu is set (from {source}); run this "
+    "test on a machine with {gpus}"
 )
 
 
@@ -79,7 +93,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     )
     parser.addini(cfg.GPUS_INI, cfg.GPUS_HELP, type="string", default="")
     parser.addini(cfg.MEMORY_INI, cfg.MEMORY_HELP, type="string", default="")
-    parser.addini(cfg.REQUIRE_INI, cfg.REQUIRE_HELP, type="bool", default=False)
+    parser.addini(cfg.REQUIRE_INI, cfg.REQUIRE_HELP, type="string", default="")
 
 
 def _uses_xdist(early_config: pytest.Config) -> bool:
@@ -98,23 +112,39 @@ def _inherited_plan() -> tuple[tuple[DeviceSlot, ...], int] | None:
     return tuple(DeviceSlot.from_json(d) for d in data["slots"]), int(data["gpus_found"])
 
 
-def slot_for_worker(worker_id: str, slots: Sequence[DeviceSlot]) -> DeviceSlot:
-    """xdist worker ``gwK`` gets slot K mod N."""
-    return slots[int(worker_id.removeprefix("gw")) % len(slots)]
+def slot_for_worker(worker_id: str, slots: Sequence[DeviceSlot], workers: int = 0) -> DeviceSlot:
+    """The slot xdist worker ``gwK`` is pinned to: the first of its part (``placement``)."""
+    return placement.part_of(slots, worker_id, workers or len(slots))[0]
 
 
 def _plan(early_config: pytest.Config, settings: cfg.Settings) -> tuple[tuple[DeviceSlot, ...], int]:
     gpus = detect_gpus()
     cfg.check_required_gpus(settings, len(gpus))
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
+    cores = usable_cores()
+    with warnings.catch_warnings(record=True):
+        warnings.simplefilter("ignore")  # reworded below, at the option rather than here
         try:
-            slots = plan_slots(settings.gpus, gpus=gpus, memory_limit_mb=settings.gpu_memory_mb)
+            slots = plan_slots(settings.gpus, gpus=gpus, cores=cores, memory_limit_mb=settings.gpu_memory_mb)
         except ValueError as exc:
             raise pytest.UsageError(f"kerasmp: cannot plan slots: {exc}") from None
-    for w in caught:
-        early_config.issue_config_time_warning(w.message, stacklevel=2)  # type: ignore[arg-type]
+    if not gpus and len(slots) > len(cores):
+        message = cores_reused(
+            len(slots), cores, "the session's usable cores", ADVICE_SESSION, what=f"{cfg.GPUS_OPTION}={settings.gpus}"
+        )
+        warn_at_option(early_config, KerasMPWarning(message), cfg.GPUS_INI, settings.gpus_source)
     return slots, len(gpus)
+
+
+def warn_at_option(config: pytest.Config, warning: Warning, ini_name: str, source: str) -> None:
+    """A configure-time warning whose location is the option that caused it (the ini file's
+    line, or the command line or environment variable), not a line of this plugin."""
+    where, line = source, 1
+    if source.startswith("ini ") and config.inipath is not None:
+        where = str(config.inipath)
+        lines = config.inipath.read_text().splitlines()
+        line = next((i + 1 for i, text in enumerate(lines) if text.strip().startswith(ini_name)), 1)
+    code = compile("\n" * (line - 1) + "config.issue_config_time_warning(warning, stacklevel=2)", where, "exec")
+    exec(code, {"config": config, "warning": warning})
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -130,21 +160,27 @@ def pytest_load_initial_conftests(early_config: pytest.Config) -> None:
     try:
         if inherited is not None and worker_id:
             slots, found = inherited
-            slot = slot_for_worker(worker_id, slots)
             workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
-            pin_process(slot, memory_growth=slot.shared or workers > len(slots))
-            plan = cfg.SessionPlan(slots, found, "worker", slot, worker_id)
+            part = placement.part_of(slots, worker_id, workers)
+            # Pinned to the first slot of its part; what it starts defaults to the whole part.
+            pin_process(part[0])
+            set_scope(part, f"xdist worker {worker_id}'s part of the session ({placement.describe_part(part)})")
+            placement.record("pytest", part[0], label=worker_id, part=part)
+            plan = cfg.SessionPlan(slots, found, "worker", part[0], worker_id, part, workers)
         elif _uses_xdist(early_config):
             slots, found = _plan(early_config, settings)
+            early_config.stash[SESSION_DIR_KEY] = str(placement.open_session())
             os.environ[PLAN_ENV] = json.dumps(
                 {"controller": os.getpid(), "gpus_found": found, "slots": [s.to_json() for s in slots]}
             )
             plan = cfg.SessionPlan(slots, found, "controller")
         else:
             slots, found = _plan(early_config, settings)
-            # Slot 0 is shared with the first worker this process starts: memory growth on.
-            pin_process(slots[0], memory_growth=True)
-            plan = cfg.SessionPlan(slots, found, "main", slots[0])
+            early_config.stash[SESSION_DIR_KEY] = str(placement.open_session())
+            pin_process(slots[0])
+            set_scope(slots, f"the session's {plural(len(slots), 'slot')} ({placement.describe_part(slots)})")
+            placement.record("pytest", slots[0], label="main", part=slots)
+            plan = cfg.SessionPlan(slots, found, "main", slots[0], part=slots)
     except KerasMPError as exc:
         raise pytest.UsageError(str(exc)) from exc
     early_config.stash[cfg.PLAN_KEY] = plan
@@ -174,11 +210,30 @@ REPORT_ATTR = "kerasmp_comparisons"
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):  # type: ignore[no-untyped-def]
     report = yield
+    if call.when == "call":
+        item.stash[CALL_WINDOW_KEY] = (call.start, call.stop)
     if call.when == "teardown" and hasattr(item.config, "workerinput"):
-        made = [c.to_json() for c in item.config.stash.get(COMPARISONS_KEY, []) if c.nodeid == item.nodeid]
-        if made:
-            setattr(report, REPORT_ATTR, made)
+        mine = [c for c in item.config.stash.get(COMPARISONS_KEY, []) if c.nodeid == item.nodeid]
+        if mine:
+            competed = _competition(item)
+            for c in mine:
+                c.competed = competed
+            setattr(report, REPORT_ATTR, [c.to_json() for c in mine])
     return report
+
+
+def _competition(item: pytest.Item) -> str:
+    """Who competed with this xdist worker's slots while the test ran ("" if no one)."""
+    config = item.config
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if not cfg.session_settings(config).requested:
+        return placement.UNPINNED_COMPETED if workers > 1 else ""
+    plan = cfg.session_plan(config)
+    start, stop = item.stash.get(CALL_WINDOW_KEY, (0.0, float("inf")))
+    others = placement.competitors(
+        placement.read(), plan.worker_id or "main", placement.resources_of(plan.own_slots), start, stop
+    )
+    return ", ".join(others)
 
 
 class _WorkerComparisons:
@@ -192,11 +247,15 @@ class _WorkerComparisons:
             self.config.stash.setdefault(COMPARISONS_KEY, []).append(Comparison.from_json(data))
 
 
-@pytest.hookimpl(tryfirst=True)
+@pytest.hookimpl(trylast=True)
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """After session fixtures are torn down (trylast), so the pools' ends are recorded."""
     config = session.config
     if hasattr(config, "workerinput"):
+        placement.release(os.getpid())  # this worker's own end, for the placement table
         return  # the controller gates and reports what its workers measured
+    records = placement.read() if config.stash.get(SESSION_DIR_KEY, None) else []
+    config.stash[PLACEMENT_KEY] = records
     comparisons = config.stash.get(COMPARISONS_KEY, [])
     failures = gate(comparisons, config.stash.get(FLOORS_KEY, []))
     config.stash[GATE_KEY] = failures
@@ -208,6 +267,7 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
             comparisons, cfg.session_plan(config).slots,
             args=config.invocation_params.args, exit_status=int(session.exitstatus), gate_failures=failures,
         )
+        record["placement"] = placement.to_json(records)
         config.stash[REPORT_KEY] = write_report(directory, record, comparisons)
 
 
@@ -223,31 +283,43 @@ def pytest_unconfigure(config: pytest.Config) -> None:
     plan = config.stash.get(cfg.PLAN_KEY, None)
     if plan is not None and plan.role == "controller":
         os.environ.pop(PLAN_ENV, None)
+    directory = config.stash.get(SESSION_DIR_KEY, None)
+    if directory:
+        placement.close_session(pathlib.Path(directory))
 
 
 def describe_plan(settings: cfg.Settings, plan: cfg.SessionPlan, workers: int = 0) -> str:
-    """The header line: the options that reproduce the plan, then the plan."""
+    """The header line: the options that reproduce the plan, then the plan, then who owns what."""
     slots = plan.slots
     if slots[0].kind == "GPU":
         gpus = sorted({s.gpu for s in slots}, key=str)
-        kind = f"{len(slots)} GPU slot(s) on {len(gpus)} GPU(s)"
+        kind = f"{plural(len(slots), 'GPU slot')} on {plural(len(gpus), 'GPU')}"
         visible = os.environ.get("CUDA_VISIBLE_DEVICES") if plan.role == "controller" else None
         notes = [f"outer CUDA_VISIBLE_DEVICES={visible}"] if visible else []
-        if any(s.shared for s in slots):
-            notes.append("shared GPUs with memory growth on")
+        for gpu in gpus:  # more slots than GPUs: say which slots share one
+            sharing = [s.name for s in slots if s.gpu == gpu]
+            if len(sharing) > 1:
+                notes.append(f"{' and '.join(sharing)} share GPU {gpu}")
+        # What pin_process applies (DeviceSlot.environ): a cap replaces growth.
         if settings.gpu_memory_mb:
-            notes.append(f"{settings.gpu_memory_mb} MB cap per slot")
+            notes.append(f"{settings.gpu_memory_mb} MB cap per process, no memory growth")
+        else:
+            notes.append("memory growth on in every process")
     else:
-        kind = f"{len(slots)} CPU slot(s)"
+        kind = plural(len(slots), "CPU slot")
         notes = ["no GPU found"]
     detail = f" ({'; '.join(notes)})" if notes else ""
     line = (
-        f"kerasmp: {settings.command_line()} (from {settings.gpus_source}) -> {kind}{detail}: "
+        f"kerasmp: {settings.command_line()} -> {kind}{detail}: "
         + ", ".join(s.describe() for s in slots)
     )
     if plan.role == "controller" and workers:
-        pairs = (f"gw{k}->{slot_for_worker(f'gw{k}', slots).name}" for k in range(workers))
+        parts = placement.partition(slots, workers)
+        pairs = (f"gw{k}->{'+'.join(s.name for s in part)}" for k, part in enumerate(parts))
         line += "; xdist workers " + ", ".join(pairs)
+        crowded = placement.oversubscription(slots, workers)
+        if crowded:
+            line += f"; OVERSUBSCRIBED: {crowded}"
     elif plan.pinned is not None:
         line += f"; this process pinned to {plan.pinned.name}"
     return line
@@ -257,22 +329,48 @@ def pytest_report_header(config: pytest.Config) -> str | None:
     plan = config.stash.get(cfg.PLAN_KEY, None)
     if plan is None:
         return None
+    return describe_plan(cfg.session_settings(config), plan, _xdist_workers(config))
+
+
+def _xdist_workers(config: pytest.Config) -> int:
     numprocesses = config.getoption("numprocesses", None) or len(config.getoption("tx", None) or [])
-    return describe_plan(cfg.session_settings(config), plan, int(numprocesses or 0))
+    return int(numprocesses or 0)
+
+
+def _marker_gpus(item: pytest.Item) -> int | None:
+    marker = item.get_closest_marker("kerasmp_gpus")
+    if marker is None:
+        return None
+    args = marker.args
+    if len(args) != 1 or not isinstance(args[0], int) or isinstance(args[0], bool) or args[0] < 1:
+        return -1
+    return int(args[0])
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Skip marked tests through a skip marker, so the skip points at the test, not here."""
+    if cfg.session_settings(config).require_gpu:
+        return  # they fail in setup instead
+    for item in items:
+        n = _marker_gpus(item)
+        if n is None or n < 1:
+            continue
+        found = cfg.session_plan(config).gpus_found
+        if found < n:
+            item.add_marker(pytest.mark.skip(reason=MARKER_SKIP.format(gpus=plural(n, "GPU"), found=found)))
 
 
 def pytest_runtest_setup(item: pytest.Item) -> None:
-    marker = item.get_closest_marker("kerasmp_gpus")
-    if marker is None:
+    n = _marker_gpus(item)
+    if n is None:
         return
-    args = marker.args
-    if len(args) != 1 or not isinstance(args[0], int) or isinstance(args[0], bool) or args[0] < 1:
-        pytest.fail(MARKER_BAD.format(args=args), pytrace=False)
+    if n < 1:
+        marker = item.get_closest_marker("kerasmp_gpus")
+        pytest.fail(MARKER_BAD.format(args=marker.args if marker else ()), pytrace=False)
     found = cfg.session_plan(item.config).gpus_found
-    if found < args[0]:
-        if cfg.session_settings(item.config).require_gpu:
-            pytest.fail(MARKER_FAIL.format(n=args[0], found=found), pytrace=False)
-        pytest.skip(MARKER_SKIP.format(n=args[0], found=found))
+    settings = cfg.session_settings(item.config)
+    if found < n and settings.require_gpu:
+        pytest.fail(MARKER_FAIL.format(gpus=plural(n, "GPU"), found=found, source=settings.require_source), pytrace=False)
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, config: pytest.Config) -> None:
@@ -281,6 +379,24 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, config: p
         terminalreporter.write_sep("-", "kerasmp: serial vs parallel, measured side by side (medians)")
         for line in summary_lines(comparisons):
             terminalreporter.write_line(line)
+        competed = [c for c in comparisons if c.competed]
+        if competed:
+            terminalreporter.write_line(placement.COMPETED_NOTE, yellow=True)
+            for c in competed:
+                terminalreporter.write_line(f"  {c.key}: {c.competed}", yellow=True)
+    records = config.stash.get(PLACEMENT_KEY, [])
+    if records:
+        terminalreporter.write_sep("-", f"kerasmp: placement of the {plural(len(records), 'process')} pinned in this session")
+        plan = config.stash.get(cfg.PLAN_KEY, None)
+        for line in placement.table_lines(records, session_slots=plan.slots if plan else ()):
+            terminalreporter.write_line(line)
+        crowded = placement.oversubscription(plan.slots, _xdist_workers(config)) if plan else None
+        if crowded:
+            terminalreporter.write_line(f"kerasmp: OVERSUBSCRIBED: {crowded}", yellow=True)
+        shared = sorted({name for r in records if r.get("competed_with") for name in [placement.name_of(r)]})
+        if shared:
+            text = placement.SHARED_ACROSS_WORKERS.format(who=", ".join(shared))
+            terminalreporter.write_line(f"kerasmp: {text}", yellow=True)
     for path in config.stash.get(REPORT_KEY, []):
         terminalreporter.write_line(f"kerasmp: wrote {path}")
     if config.getoption("kerasmp_report") and not any(p.suffix == ".png" for p in config.stash.get(REPORT_KEY, [])) and comparisons:

@@ -115,6 +115,7 @@ class WorkerPool:
             start_method=self.start_method,
             import_tensorflow=self._import_tf,
             who=f"worker {index} ({{slot}}, pid {{pid}}) of pool {self.name!r}",
+            label=f"{self.name} w{index}",
         )
 
     # ----------------------------------------------------------------------------- public

@@ -311,7 +311,7 @@ class InferenceServer:
         self._closed = False
         self._child = Child(
             "server", f"kerasmp-{name}", slot, (model_ref, options, self.address),
-            start_method=start_method, who=f"inference server {name!r} ({{slot}}, pid {{pid}})",
+            start_method=start_method, who=f"inference server {name!r} ({{slot}}, pid {{pid}})", label=name,
         )
         try:
             ready = self._child.wait_ready(start_timeout_s, died_error=ServerDiedError)

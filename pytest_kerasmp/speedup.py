@@ -36,6 +36,8 @@ class Comparison:
     nodeid: str = ""
     #: Further figures a test measured alongside (latency, memory, ...); go into the report.
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)
+    #: Who competed for its slots while it was measured ("" if no one); set by the plugin (issue 10).
+    competed: str = ""
 
     @property
     def serial_median_s(self) -> float:
@@ -77,12 +79,13 @@ class Comparison:
             "efficiency": self.efficiency if timed else None,
             "correct": self.correct,
             "extra": self.extra,
+            "competed": self.competed,
         }
         return json.loads(json.dumps(data, default=_plain))
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Comparison:
-        return cls(**{f.name: data[f.name] for f in dataclasses.fields(cls)})
+        return cls(**{f.name: data[f.name] for f in dataclasses.fields(cls) if f.name in data})
 
 
 def _plain(value: Any) -> Any:
@@ -161,7 +164,7 @@ def summary_lines(comparisons: list[Comparison]) -> list[str]:
             (
                 c.scenario, c.variant or "-", str(c.workers),
                 seconds_text(c.serial_median_s), seconds_text(c.parallel_median_s),
-                f"{c.speedup:.2f}x", f"{c.efficiency:.0%}", _verdict(c),
+                f"{c.speedup:.2f}x" + ("*" if c.competed else ""), f"{c.efficiency:.0%}", _verdict(c),
             )
         )
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]

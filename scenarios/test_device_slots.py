@@ -15,8 +15,11 @@ import os
 import numpy as np
 import pytest
 
+from pytest_kerasmp import current_slot
 
-def test_this_process_is_pinned_before_tensorflow(kerasmp_device, kerasmp_slots):
+
+def test_this_process_is_pinned_before_tensorflow(kerasmp_slots):
+    kerasmp_device = current_slot()  # the fixture fails unpinned; this scenario skips then
     if kerasmp_device is None:
         pytest.skip("run with --kerasmp-gpus to pin the pytest process")
     import tensorflow as tf
@@ -30,9 +33,10 @@ def test_this_process_is_pinned_before_tensorflow(kerasmp_device, kerasmp_slots)
         assert len(tf.config.list_physical_devices("GPU")) == 1
 
 
-def test_keras_trains_on_the_slot_device(kerasmp_device):
+def test_keras_trains_on_the_slot_device():
     import keras
 
+    kerasmp_device = current_slot()
     device = kerasmp_device.tf_device if kerasmp_device else "/CPU:0"
     x = np.random.default_rng(0).normal(size=(256, 8)).astype("float32")
     y = x @ np.arange(8, dtype="float32")[:, None]

@@ -53,11 +53,13 @@ def run_python(tmp_path) -> Callable[[str], subprocess.CompletedProcess[str]]:
 PROBE = """
 import json, os, pathlib
 
-def test_probe(kerasmp_device, kerasmp_slots):
+from pytest_kerasmp import current_slot
+
+def test_probe(kerasmp_slots):
     record = {
         "worker": os.environ.get("PYTEST_XDIST_WORKER", "main"),
         "cores": sorted(os.sched_getaffinity(0)),
-        "slot": kerasmp_device.to_json() if kerasmp_device else None,
+        "slot": current_slot().to_json() if current_slot() else None,
         "n_slots": len(kerasmp_slots),
         "cuda_visible": os.environ.get("CUDA_VISIBLE_DEVICES"),
         "growth": os.environ.get("TF_FORCE_GPU_ALLOW_GROWTH"),

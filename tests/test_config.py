@@ -49,10 +49,9 @@ def test_precedence_cli_env_ini(cli, env, ini, expected):
 @pytest.mark.parametrize(
     ("where", "value", "source"),
     [
-        ("cli", "0", "the command line"),
         ("cli", "-1", "the command line"),
         ("cli", "two", "the command line"),
-        ("env", "0", "env PYTEST_KERASMP_GPUS"),
+        ("env", "-3", "env PYTEST_KERASMP_GPUS"),
         ("ini", "1.5", "ini kerasmp_gpus"),
     ],
 )
@@ -68,6 +67,25 @@ def test_bad_gpus_say_where_they_came_from(where, value, source):
         name="--kerasmp-gpus", value=value, source=source, valid=cfg.GPUS_VALID
     )
     assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("off", ["off", "0", "none", "OFF"])
+def test_off_on_the_command_line_wins_over_env_and_ini(off):
+    s = resolve({"kerasmp_gpus": off}, {cfg.GPUS_ENV: "2"}, **{cfg.GPUS_INI: "4"})
+    assert (s.requested, s.gpus_source) == (False, "the command line")
+    assert not resolve(env={cfg.GPUS_ENV: off}, **{cfg.GPUS_INI: "4"}).requested
+
+
+@pytest.mark.parametrize(
+    ("where", "source"), [("env", "env PYTEST_KERASMP_REQUIRE_GPU"), ("ini", "ini kerasmp_require_gpu")]
+)
+def test_bad_require_gpu_names_the_option_and_its_source(where, source):
+    kwargs = {"env": {"env": {cfg.REQUIRE_ENV: "maybe"}}, "ini": {cfg.REQUIRE_INI: "maybe"}}[where]
+    with pytest.raises(pytest.UsageError) as info:
+        resolve(**kwargs)
+    assert str(info.value) == cfg.BAD_VALUE.format(
+        name="--kerasmp-require-gpu", value="maybe", source=source, valid=cfg.REQUIRE_VALID
+    )
 
 
 @pytest.mark.parametrize("value", ["0", "-5", "lots", "1.5"])
@@ -88,12 +106,15 @@ def test_gpu_memory_and_require_gpu_from_each_source():
 
 
 def test_require_gpu_refuses_plans_the_machine_cannot_hold():
-    wanted = cfg.Settings(gpus=4, gpus_source="the command line", requested=True, require_gpu=True)
+    wanted = cfg.Settings(
+        gpus=4, gpus_source="the command line", requested=True, require_gpu=True,
+        require_source="env PYTEST_KERASMP_REQUIRE_GPU",
+    )
     with pytest.raises(pytest.UsageError) as info:
         cfg.check_required_gpus(wanted, 2)
-    assert str(info.value) == cfg.TOO_FEW_GPUS.format(
-        option="--kerasmp-gpus", n=4, source="the command line", found=2
-    )
+    assert str(info.value) == cfg.too_few_gpus(wanted, 2)
+    assert "asks for 4 GPU slots but 2 GPUs found" in str(info.value)
+    assert "(from env PYTEST_KERASMP_REQUIRE_GPU)" in str(info.value)
     with pytest.raises(pytest.UsageError, match="no GPU was found"):
         cfg.check_required_gpus(cfg.Settings(require_gpu=True), 0)
     cfg.check_required_gpus(wanted, 4)
@@ -102,4 +123,12 @@ def test_require_gpu_refuses_plans_the_machine_cannot_hold():
 
 def test_command_line_reproduces_the_settings():
     s = cfg.Settings(gpus=2, gpu_memory_mb=1024, require_gpu=True)
-    assert s.command_line() == "--kerasmp-gpus=2 --kerasmp-gpu-memory=1024 --kerasmp-require-gpu"
+    assert s.command_line() == "--kerasmp-gpus=2 --kerasmp-gpu-memory=1024 --kerasmp-require-gpu (from the default)"
+    s = cfg.Settings(
+        gpus=2, gpus_source="the command line", gpu_memory_mb=1024, memory_source="the command line",
+        require_gpu=True, require_source="env PYTEST_KERASMP_REQUIRE_GPU",
+    )
+    assert s.command_line() == (
+        "--kerasmp-gpus=2 --kerasmp-gpu-memory=1024 (from the command line), "
+        "--kerasmp-require-gpu (from env PYTEST_KERASMP_REQUIRE_GPU)"
+    )

@@ -105,7 +105,7 @@ def test_gpu_slots_use_gpu_i_mod_g(g, relation):
     for s in slots:
         env = s.environ()
         assert env["CUDA_VISIBLE_DEVICES"] == s.gpu
-        assert ("TF_FORCE_GPU_ALLOW_GROWTH" in env) == s.shared
+        assert env["TF_FORCE_GPU_ALLOW_GROWTH"] == "true"  # every GPU process, shared or not
 
 
 def test_gpu_slots_keep_outer_names_and_memory_cap():
@@ -140,10 +140,25 @@ def test_cpu_slots_split_usable_cores_disjointly(cores, n, expected):
 
 
 def test_more_cpu_slots_than_cores_reuses_cores_with_a_warning():
-    with pytest.warns(KerasMPWarning, match=r"3 CPU slots requested but only 2 usable cores"):
+    with pytest.warns(KerasMPWarning) as caught:
         slots = plan_slots(3, gpus=[], cores=(0, 1))
+    assert str(caught[0].message) == devices.cores_reused(3, (0, 1), "the cores it was given", devices.ADVICE_OUTSIDE)
+    assert caught[0].filename == __file__  # points at the caller, not at the plugin
     assert [s.cores for s in slots] == [(0,), (1,), (0,)]
     assert [s.shared for s in slots] == [True, False, True]
+
+
+def test_plan_slots_in_a_scope_plans_over_it_and_says_so(monkeypatch):
+    monkeypatch.setattr(devices, "_scope", None)
+    four = plan_slots(4, gpus=gpus(4), memory_limit_mb=512)
+    devices.set_scope(four[:2], "xdist worker gw0's part of the session (slot0, slot1)")
+    assert devices.planning_scope() == "xdist worker gw0's part of the session (slot0, slot1)"
+    planned = plan_slots(2)
+    assert [s.gpu for s in planned] == ["0", "1"] and {s.memory_limit_mb for s in planned} == {512}
+    devices.set_scope([DeviceSlot(index=0, kind="CPU", cores=(3,))], "its part (slot0)")
+    with pytest.warns(KerasMPWarning, match=r"plan_slots\(2\) planned over its part \(slot0\), which has 1 core \{3\}"):
+        assert [s.cores for s in plan_slots(2)] == [(3,), (3,)]
+    assert [s.cores for s in plan_slots(1, gpus=[], cores=(0, 1))] == [(0, 1)]  # explicit wins
 
 
 def test_auto_without_arguments_uses_this_process_affinity():

@@ -9,6 +9,7 @@ import pytest
 from pytest_kerasmp import config as cfg
 from pytest_kerasmp import plugin
 from pytest_kerasmp.errors import TF_ALREADY_INITIALIZED
+from pytest_kerasmp.fixtures import DEVICE_UNPINNED
 
 def test_help_shows_the_kerasmp_group(run_pytest):
     result = run_pytest("--help")
@@ -30,11 +31,11 @@ def test_fixtures_and_markers_are_documented(run_pytest, pytester):
     fixtures.stdout.fnmatch_lines(
         [
             "kerasmp_slots [[]session scope[]]*",
-            "*All device slots of this session*",
+            "*The device slots this process owns*",
             "kerasmp_device*",
-            "*The slot this process is pinned to, or None*",
+            "*The slot this process is pinned to; fails when no slot was asked for*",
             "kerasmp_pool [[]session scope[]]*",
-            "*A warm WorkerPool, one spawn worker per session slot*",
+            "*A warm WorkerPool, one spawn worker per slot this process owns*",
             "kerasmp_pool_factory*",
             "*Factory: make_pool(slots=None, **options) -> WorkerPool*",
         ]
@@ -57,7 +58,7 @@ def test_header_states_the_plan_and_pins_this_process(run_pytest, probe):
     result.assert_outcomes(passed=1)
     result.stdout.fnmatch_lines(
         [
-            "kerasmp: --kerasmp-gpus=1 (from the command line) -> 1 CPU slot(s) (no GPU found): "
+            "kerasmp: --kerasmp-gpus=1 (from the command line) -> 1 CPU slot (no GPU found): "
             f"slot0 cores {{{', '.join(map(str, cores))}}}; this process pinned to slot0"
         ]
     )
@@ -74,21 +75,24 @@ def test_header_under_fake_gpus_and_outer_visible_devices(run_pytest, probe, mon
     result.stdout.fnmatch_lines(
         [
             "kerasmp: --kerasmp-gpus=3 --kerasmp-gpu-memory=2048 (from the command line) -> "
-            "3 GPU slot(s) on 2 GPU(s) (shared GPUs with memory growth on; 2048 MB cap per slot): "
+            "3 GPU slots on 2 GPUs (slot0 and slot2 share GPU 3; 2048 MB cap per process, no memory growth): "
             "slot0 GPU 3, slot1 GPU 5, slot2 GPU 3; this process pinned to slot0"
         ]
     )
     main = probe()["main"]
     assert main["cuda_visible"] == "3" and main["slot"]["memory_limit_mb"] == 2048
+    assert main["growth"] is None  # the cap replaces growth, as the header says
+    result = run_pytest("--kerasmp-gpus=3")
+    result.stdout.fnmatch_lines(["*-> 3 GPU slots on 2 GPUs (slot0 and slot2 share GPU 3; memory growth on in every process): *"])
+    assert probe()["main"]["growth"] == "true"
 
 
 @pytest.mark.parametrize(
     ("how", "value", "source"),
     [
-        ("cli", "0", "the command line"),
         ("cli", "-1", "the command line"),
         ("cli", "two", "the command line"),
-        ("env", "0", "env PYTEST_KERASMP_GPUS"),
+        ("env", "-2", "env PYTEST_KERASMP_GPUS"),
         ("ini", "two", "ini kerasmp_gpus"),
     ],
 )
@@ -114,13 +118,47 @@ def test_require_gpu_with_too_few_gpus_is_a_usage_error(run_pytest, pytester, mo
     monkeypatch.setenv("PYTEST_KERASMP_FAKE_GPUS", "2")
     result = run_pytest("--kerasmp-gpus=4", "--kerasmp-require-gpu")
     assert result.ret == pytest.ExitCode.USAGE_ERROR
-    message = cfg.TOO_FEW_GPUS.format(
-        option="--kerasmp-gpus", n=4, source="the command line", found=2
+    wanted = cfg.Settings(4, "the command line", True, None, True, require_source="the command line")
+    result.stderr.fnmatch_lines([f"ERROR: {cfg.too_few_gpus(wanted, 2)}"])
+    monkeypatch.setenv("PYTEST_KERASMP_FAKE_GPUS", "0")
+    monkeypatch.setenv(cfg.REQUIRE_ENV, "1")
+    result = run_pytest("--kerasmp-gpus=1")
+    message = cfg.NO_GPU_REQUIRED.format(require_source=f"env {cfg.REQUIRE_ENV}")
+    result.stderr.fnmatch_lines([f"ERROR: {message}"])
+
+
+def test_bad_require_gpu_in_ini_names_the_option_and_the_file(run_pytest, pytester):
+    pytester.makepyfile("def test_nothing(): pass")
+    pytester.makeini("[pytest]\nkerasmp_require_gpu = maybe\n")
+    result = run_pytest()
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    message = cfg.BAD_VALUE.format(
+        name="--kerasmp-require-gpu", value="maybe", source="ini kerasmp_require_gpu", valid=cfg.REQUIRE_VALID
     )
     result.stderr.fnmatch_lines([f"ERROR: {message}"])
-    monkeypatch.setenv("PYTEST_KERASMP_FAKE_GPUS", "0")
-    result = run_pytest("--kerasmp-gpus=1", "--kerasmp-require-gpu")
-    result.stderr.fnmatch_lines([f"ERROR: {cfg.NO_GPU_REQUIRED}"])
+
+
+def test_off_on_the_command_line_beats_ini_and_kerasmp_device_says_what_to_pass(run_pytest, pytester, monkeypatch):
+    pytester.makepyfile("def test_device(kerasmp_device):\n    assert kerasmp_device.tf_device\n")
+    pytester.makeini("[pytest]\nkerasmp_gpus = 2\n")
+    monkeypatch.setenv(cfg.GPUS_ENV, "1")
+    run_pytest().assert_outcomes(passed=1)
+    result = run_pytest("--kerasmp-gpus=off")
+    result.assert_outcomes(errors=1)
+    assert "kerasmp:" not in result.stdout.str()  # nothing planned, nothing pinned
+    result.stdout.fnmatch_lines(
+        ["*" + DEVICE_UNPINNED.format(why="slots are off, from the command line")]
+    )
+
+
+def test_more_slots_than_cores_warns_at_the_option_not_the_plugin(run_pytest, pytester):
+    pytester.makepyfile("def test_nothing(): pass")
+    n = len(os.sched_getaffinity(0)) + 1
+    ini = pytester.makeini(f"[pytest]\nxfail_strict = true\nkerasmp_gpus = {n}\n")
+    result = run_pytest()
+    result.assert_outcomes(passed=1)
+    result.stdout.fnmatch_lines([f"*{ini}:3: KerasMPWarning: kerasmp: --kerasmp-gpus={n} planned over the session's usable cores*"])
+    assert "pytest_kerasmp/plugin.py" not in result.stdout.str()
 
 
 @pytest.mark.parametrize("args", [("-p", "no:kerasmp"), ()], ids=["disabled", "not-requested"])
@@ -128,7 +166,7 @@ def test_suite_is_untouched_unless_slots_are_requested(run_pytest, probe, args):
     result = run_pytest(*args)
     result.assert_outcomes(passed=0, errors=1) if args else result.assert_outcomes(passed=1)
     if args:  # without the plugin its fixtures do not exist, and nothing else changed
-        result.stdout.fnmatch_lines(["*fixture 'kerasmp_device' not found*"])
+        result.stdout.fnmatch_lines(["*fixture 'kerasmp_slots' not found*"])
         assert run_pytest(*args, "--kerasmp-gpus=2").ret == pytest.ExitCode.USAGE_ERROR
         return
     assert "kerasmp:" not in result.stdout.str()
@@ -156,10 +194,13 @@ def test_gpu_marker_skips_or_fails_under_require(run_pytest, pytester, monkeypat
     monkeypatch.setenv("PYTEST_KERASMP_FAKE_GPUS", "1")
     result = run_pytest("--strict-markers", "-rs")
     result.assert_outcomes(passed=1, skipped=1)
-    result.stdout.fnmatch_lines(["*" + plugin.MARKER_SKIP.format(n=2, found=1)])
+    # The skip points at the test, not at a line of the plugin; counts read right.
+    result.stdout.fnmatch_lines(["SKIPPED [[]1[]] test_gpu_marker_skips_or_fails_under_require.py:[0-9]: "
+                                 + plugin.MARKER_SKIP.format(gpus="2 GPUs", found=1)])
+    assert "needs 2 GPUs, 1 found" in result.stdout.str()
     result = run_pytest("--strict-markers", "--kerasmp-require-gpu")
     result.assert_outcomes(passed=1, errors=1)  # a failure in setup
-    result.stdout.fnmatch_lines(["*" + plugin.MARKER_FAIL.format(n=2, found=1)])
+    result.stdout.fnmatch_lines(["*" + plugin.MARKER_FAIL.format(gpus="2 GPUs", found=1, source="the command line")])
 
 
 def test_gpu_marker_with_bad_arguments_fails(run_pytest, pytester):
