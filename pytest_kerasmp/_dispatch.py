@@ -24,6 +24,7 @@ from pytest_kerasmp.devices import DeviceSlot
 from pytest_kerasmp.errors import (
     ARENA_FAILED,
     POOL_BROKEN,
+    POOL_CLOSED,
     POOL_CLOSED_QUEUED,
     POOL_CLOSED_RUNNING,
     SLOT_DEAD,
@@ -37,7 +38,7 @@ from pytest_kerasmp.errors import (
     unpack_exception,
     with_stacks,
 )
-from pytest_kerasmp.lifecycle import Child
+from pytest_kerasmp.lifecycle import Child, dump_stacks_of
 from pytest_kerasmp.transport import Arena
 
 #: The dispatcher wakes at least this often even when nothing happens.
@@ -118,6 +119,7 @@ class Dispatcher:
         self.abort: str | None = None  # why running work is to be killed now
         self.dump_on_abort = False  # collect the stacks of running workers before the kill
         self.broken: str | None = None  # why nothing more can run
+        self.broken_cause: BaseException | None = None  # the error behind it
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_w, False)
         self.thread = threading.Thread(target=self.run, name=f"kerasmp-{self.name}-dispatch", daemon=True)
@@ -126,18 +128,29 @@ class Dispatcher:
 
     def enqueue(self, task: QueuedTask) -> None:
         with self.lock:
+            if self.closing:  # a submit that raced close(): refused, never left unread
+                raise PoolClosedError(POOL_CLOSED.format(pool=self.name, fn=task.fn))
             if self.broken is not None:
-                raise PoolBrokenError(POOL_BROKEN.format(pool=self.name, cause=self.broken))
+                raise self.broken_error()
             if task.worker is not None and self.workers[task.worker].state == "dead":
-                raise PoolBrokenError(POOL_BROKEN.format(pool=self.name, cause=f"worker {task.worker} is dead"))
+                raise self.broken_error(f"worker {task.worker} is dead")
             self.pending.append(task)
         self.wake()
 
+    def broken_error(self, cause: str | None = None) -> PoolBrokenError:
+        """The error for work this pool cannot run, with the failure behind it as cause."""
+        error = PoolBrokenError(POOL_BROKEN.format(pool=self.name, cause=cause or self.broken))
+        error.__cause__ = self.broken_cause
+        return error
+
     def wake(self) -> None:
-        try:
-            os.write(self._wake_w, b"x")
-        except OSError:
-            pass  # already awake, or closed
+        with self.lock:
+            if self._wake_w < 0:
+                return  # closed: nothing to wake
+            try:
+                os.write(self._wake_w, b"x")
+            except OSError:
+                pass  # already awake
 
     def fail_everything(self, why: str) -> None:
         """Fail what is queued and running with PoolClosedError(why); kill busy workers.
@@ -153,11 +166,11 @@ class Dispatcher:
                 self.fail(task, self._closed_running(w, task, why))
 
     def close_fds(self) -> None:
-        for fd in (self._wake_r, self._wake_w):
-            try:
+        with self.lock:
+            fds, self._wake_r, self._wake_w = (self._wake_r, self._wake_w), -1, -1
+        for fd in fds:
+            if fd >= 0:
                 os.close(fd)
-            except OSError:
-                pass
 
     # -------------------------------------------------------------------------- the loop
 
@@ -167,16 +180,14 @@ class Dispatcher:
         except BaseException as exc:  # fail closed: every future resolved, the pool broken
             cause = f"its dispatcher thread failed with {type(exc).__name__}: {exc}"
             with self.lock:
-                self.broken = cause
+                self.broken, self.broken_cause = cause, exc
                 queued, self.pending = list(self.pending), collections.deque()
             running = [w.task for w in self.workers if w.task is not None]
             for w in self.workers:
                 w.task = None
                 w.child.kill()
             for task in queued + running:
-                error = PoolBrokenError(POOL_BROKEN.format(pool=self.name, cause=cause))
-                error.__cause__ = exc
-                self.fail(task, error)
+                self.fail(task, self.broken_error())
 
     def _loop(self) -> None:
         while True:
@@ -213,12 +224,12 @@ class Dispatcher:
         """Kill running work (its stacks first, when a close timed out), fail it and
         everything queued, with ``why``."""
         busy = [w for w in self.workers if w.task is not None]
-        stacks = {w.index: w.child.dump_stacks() for w in busy} if self.dump_on_abort else {}
+        stacks = dump_stacks_of([w.child for w in busy]) if self.dump_on_abort else {}
         for w in busy:
             task, w.task = w.task, None
             assert task is not None
             w.child.kill()
-            self.fail(task, with_stacks(self._closed_running(w, task, why), stacks.get(w.index)))
+            self.fail(task, with_stacks(self._closed_running(w, task, why), stacks.get(w.child.pid)))
         self.fail_everything(why)
 
     # -------------------------------------------------------------------------- messages
@@ -287,9 +298,14 @@ class Dispatcher:
                 break
         how, hint = w.child.describe_exit()
         self._bury(w)
+        if self.abort is not None:  # killed by terminate() or an expired close(): not a crash
+            if w.task is not None:
+                task, w.task = w.task, None
+                self.fail(task, self._closed_running(w, task, self.abort))
+            return
         if not w.killed:
             self.stats.crashes += 1
-        replace = not self.closing and self.abort is None
+        replace = not self.closing
         if w.task is not None:
             task, w.task = w.task, None
             fate = (
@@ -311,37 +327,44 @@ class Dispatcher:
         w.from_worker.close()
 
     def _restart(self, w: Worker, crashed_at: float | None, failed_starts: int = 0) -> None:
-        try:
-            child = self.pool.start_child(w.index, w.slot)
-        except Exception as exc:
-            self._give_up(w, f"{type(exc).__name__}: {exc}", failed_starts + 1)
-            return
+        while True:
+            try:
+                child = self.pool.start_child(w.index, w.slot)
+                break
+            except Exception as exc:  # e.g. out of file descriptors: counts as a failed start
+                failed_starts += 1
+                if failed_starts >= MAX_START_ATTEMPTS:
+                    self._give_up(w, exc, failed_starts)
+                    return
         new = Worker(index=w.index, slot=w.slot, child=child, crashed_at=crashed_at, failed_starts=failed_starts)
         new.deadline = time.monotonic() + self.pool.start_timeout_s
         self.workers[w.index] = new
 
     def _start_failed(self, w: Worker, error: Exception) -> None:
         self._bury(w)
-        reason = str(error)
         attempts = w.failed_starts + 1
         if attempts < MAX_START_ATTEMPTS and not self.closing and self.abort is None:
             self._restart(w, w.crashed_at, attempts)
         else:
-            self._give_up(w, reason, attempts)
+            self._give_up(w, error, attempts)
 
-    def _give_up(self, w: Worker, reason: str, attempts: int) -> None:
-        """No worker can start on ``w``'s slot: fail what only it could run, or all if none is left."""
+    def _give_up(self, w: Worker, error: Exception, attempts: int) -> None:
+        """No worker can start on ``w``'s slot: fail what only it could run, or all if none is
+        left; the last startup error (with the child's traceback or stacks) is the cause."""
         w.state = "dead"
+        reason = str(error).split("; ")[0]
         cause = SLOT_DEAD.format(pool=self.name, slot=w.slot.describe(), attempts=attempts, reason=reason)
         alive = any(x.state != "dead" for x in self.workers)
         with self.lock:
             if not alive:
-                self.broken = cause
+                self.broken, self.broken_cause = cause, error
             doomed = [t for t in self.pending if not alive or t.worker == w.index]
             for task in doomed:
                 self.pending.remove(task)
         for task in doomed:
-            self.fail(task, PoolBrokenError(POOL_BROKEN.format(pool=self.name, cause=cause)))
+            failure = PoolBrokenError(POOL_BROKEN.format(pool=self.name, cause=cause))
+            failure.__cause__ = error
+            self.fail(task, failure)
 
     def _check_deadlines(self) -> None:
         now = time.monotonic()
@@ -374,9 +397,11 @@ class Dispatcher:
                 self.pending.remove(task)
             if not task.future.set_running_or_notify_cancel():
                 continue  # cancelled while queued
+            w.state, w.task = "busy", task  # from here on a failure of any kind resolves it
             try:
                 layout = w.to_worker.write(task.buffers)
             except OSError as exc:
+                w.state, w.task = "idle", None
                 self.fail(task, OSError(ARENA_FAILED.format(task=task.id, fn=task.fn, error=exc)))
                 continue
             try:
@@ -385,7 +410,6 @@ class Dispatcher:
             except OSError:  # it died just now: its exit fails the task (it was sent, maybe run)
                 pass
             task.buffers = []  # in the worker's arena now
-            w.state, w.task = "busy", task
             w.deadline = time.monotonic() + task.timeout_s if task.timeout_s else None
 
     def _closed_running(self, w: Worker, task: QueuedTask, why: str) -> PoolClosedError:

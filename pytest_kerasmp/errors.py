@@ -177,8 +177,14 @@ SERVER_DIED = (
     "the OOM killer)"
 )
 SERVER_CLOSED = (
-    "inference server {name!r} (pid {pid}, {slot}) was closed by its owner (close()); request "
-    "{what} was not accepted; send requests before closing the server"
+    "inference server {name!r} (pid {pid}, {slot}) was closed by its owner; request {what} got "
+    "no answer (sent after close() began, or still running when the server was terminated or "
+    "its close timed out); send requests before closing the server and give close() time to "
+    "answer them"
+)
+SERVER_CLOSE_TIMED_OUT = (
+    "inference server {name!r} (pid {pid}, {slot}) had not answered its accepted requests "
+    "{timeout:g} s into close() and was killed; its Python stacks:\n{stacks}"
 )
 SERVER_BUSY = (
     "inference server {name!r} had its queue full ({queue} requests waiting) for {waited:g} s, "

@@ -144,7 +144,8 @@ class Child:
             self._start_forked(boot, stack_w)
         os.set_blocking(self._stack_r, False)
         self.prefix = f"[{name} {slot.name} pid {self.pid}] "
-        threading.Thread(target=self._relay, daemon=True, name=f"kerasmp-out-{self.pid}").start()
+        self._relay_thread = threading.Thread(target=self._relay, daemon=True, name=f"kerasmp-out-{self.pid}")
+        self._relay_thread.start()
         _children.add(self)
 
     # ---------------------------------------------------------------------------- start
@@ -262,32 +263,19 @@ class Child:
 
     def dump_stacks(self, timeout: float = STACK_DUMP_S) -> str | None:
         """The Python stacks of every thread of the (stuck) child, or None if it gave none."""
-        if not self.is_alive():
-            return None
-        try:
-            os.kill(self.pid, signal.SIGUSR1)
-        except ProcessLookupError:
-            return None
-        chunks: list[bytes] = []
-        deadline, quiet = time.monotonic() + timeout, 0.15
-        while time.monotonic() < deadline:
-            ready, _, _ = select.select([self._stack_r], [], [], quiet if chunks else deadline - time.monotonic())
-            if not ready:
-                if chunks:
-                    break
-                continue
-            try:
-                data = os.read(self._stack_r, 65536)
-            except (BlockingIOError, OSError):
-                break
-            if not data:
-                break
-            chunks.append(data)
-        return b"".join(chunks).decode(errors="replace") or None
+        return dump_stacks_of([self], timeout).get(self.pid)
 
     def kill(self) -> None:
-        """SIGKILL the child and whatever its tasks started (its process group), now."""
+        """SIGKILL the child and whatever its tasks started (its process group), now.
+        Nothing once it was stopped (its group was killed then; the pid may be reused)."""
+        if self._stopped:
+            return
         _kill_group(self.pid)
+        if self.exitcode is None:  # a forked child that has not made its group yet
+            try:
+                os.kill(self.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
 
     def stop(self, grace: float = 2.0) -> None:
         """End the child: wait ``grace`` for it to exit, terminate, then kill its group; reaped."""
@@ -310,7 +298,13 @@ class Child:
             return
         self._stopped = True
         _kill_group(self.pid)  # the child and what its tasks started; safe after a reap
+        if self.exitcode is None:
+            try:
+                os.kill(self.pid, signal.SIGKILL)  # not yet the leader of its group
+            except ProcessLookupError:
+                pass
         self._reap(5.0)
+        self._relay_thread.join(0.5)  # its last lines reach this test's output, not the next's
         placement.release(self.pid)  # its end, for the session's placement table
         for close in (self.conn.close, lambda: os.close(self._stack_r)):
             try:
@@ -326,6 +320,11 @@ class Child:
                 pass
             self.sentinel = -1
         _children.discard(self)
+
+    def wait(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` for the child to exit by itself; whether it has."""
+        self._reap(timeout)
+        return not self.is_alive()
 
     def _reap(self, timeout: float) -> None:
         if self._popen is not None:
@@ -388,6 +387,41 @@ def wait_all_ready(
                 if msg is not None:
                     ready[i] = msg
     return [ready[i] for i in range(len(children))]
+
+
+def dump_stacks_of(children: list[Child], timeout: float = STACK_DUMP_S) -> dict[int, str | None]:
+    """The Python stacks of every thread of each (stuck) child, by pid: all are asked at
+    once (faulthandler on SIGUSR1), then all answers read within one ``timeout``."""
+    asked = []
+    for child in children:
+        if child.is_alive():
+            try:
+                os.kill(child.pid, signal.SIGUSR1)
+                asked.append(child)
+            except ProcessLookupError:
+                pass
+    chunks: dict[int, list[bytes]] = {c._stack_r: [] for c in asked}
+    by_fd = {c._stack_r: c for c in asked}
+    deadline, quiet = time.monotonic() + timeout, 0.15
+    open_fds = set(by_fd)
+    while open_fds and time.monotonic() < deadline:
+        waiting = [fd for fd in open_fds if not chunks[fd]]
+        pause = deadline - time.monotonic() if waiting else quiet
+        ready, _, _ = select.select(list(open_fds), [], [], max(0.0, pause))
+        if not ready:
+            if not waiting:
+                break  # every child answered and has been quiet for a moment
+            continue
+        for fd in ready:
+            try:
+                data = os.read(fd, 65536)
+            except OSError:
+                data = b""
+            if data:
+                chunks[fd].append(data)
+            else:
+                open_fds.discard(fd)
+    return {by_fd[fd].pid: (b"".join(parts).decode(errors="replace") or None) for fd, parts in chunks.items()}
 
 
 def main_script() -> str | None:

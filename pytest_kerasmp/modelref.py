@@ -24,6 +24,8 @@ def _freeze(value: Any, name: str) -> Any:
     if isinstance(value, tuple):
         return ("__tuple__", tuple(_freeze(v, name) for v in value))
     if isinstance(value, dict):
+        if not all(isinstance(k, str) for k in value):
+            raise TypeError(f"builder argument {name}={value!r} has a dict with keys that are not strings")
         return ("__dict__", tuple(sorted((k, _freeze(v, name)) for k, v in value.items())))
     try:
         hash(value)
@@ -33,6 +35,19 @@ def _freeze(value: Any, name: str) -> Any:
             f"({type(value).__name__} is not hashable): pass plain values, lists, tuples or dicts of them"
         ) from None
     return value
+
+
+class _FrozenKwargs(tuple):  # type: ignore[type-arg]
+    """Builder arguments after :func:`_freeze` (a tuple, so it hashes and pickles as one)."""
+
+    __slots__ = ()
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_FrozenKwargs, (tuple(self),))
+
+
+def _is_frozen(kwargs: Any) -> bool:
+    return isinstance(kwargs, _FrozenKwargs)
 
 
 def _thaw(value: Any) -> Any:
@@ -79,8 +94,9 @@ class ModelRef:
             raise ValueError(f"path={self.path!r} is not a .keras file; save with model.save('x.keras')")
         if self.builder is not None and ":" not in self.builder:
             raise ValueError(f"builder={self.builder!r} must be 'package.module:function'")
-        frozen = tuple((k, _freeze(v, k)) for k, v in self.builder_kwargs)
-        object.__setattr__(self, "builder_kwargs", frozen)
+        if not _is_frozen(self.builder_kwargs):  # dataclasses.replace passes them frozen already
+            frozen = tuple((k, _freeze(v, k)) for k, v in self.builder_kwargs)
+            object.__setattr__(self, "builder_kwargs", _FrozenKwargs(frozen))
 
     @classmethod
     def from_file(cls, path: str | os.PathLike[str], *, compile: bool = True) -> ModelRef:

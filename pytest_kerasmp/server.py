@@ -14,6 +14,7 @@ import secrets
 import socket
 import threading
 import time
+import warnings
 import weakref
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -27,9 +28,11 @@ from pytest_kerasmp._wire import Answer, Busy, Closed, Failed, Predict, Stats, S
 from pytest_kerasmp.devices import DeviceSlot
 from pytest_kerasmp.errors import (
     SERVER_BUSY,
+    SERVER_CLOSE_TIMED_OUT,
     SERVER_CLOSED,
     SERVER_DIED,
     SERVER_NO_ANSWER,
+    KerasMPWarning,
     ServerBusyError,
     ServerClosedError,
     ServerDiedError,
@@ -115,14 +118,17 @@ class InferenceClient:
             return empty[0] if len(empty) == 1 else empty
         req_id = next(_ids)
         what = f"#{req_id} of process {os.getpid()}"
-        deadline = time.monotonic() + (self.request_timeout_s if timeout is None else timeout)
+        timeout = self.request_timeout_s if timeout is None else timeout
+        deadline = time.monotonic() + timeout
         busy_until = time.monotonic() + self.busy_timeout_s
         pause = 0.001
         while True:
-            msg, outputs = self._round_trip(req_id, arrays, what, deadline)
+            msg, outputs = self._round_trip(req_id, arrays, what, deadline, timeout)
             if not isinstance(msg, Busy):
                 break
-            if time.monotonic() + pause > min(busy_until, deadline):
+            if time.monotonic() + pause > deadline:
+                raise TimeoutError(self._no_answer(what, timeout) + " (its queue stayed full)")
+            if time.monotonic() + pause > busy_until:
                 raise ServerBusyError(
                     SERVER_BUSY.format(name=self.name, queue=self.max_queue, waited=self.busy_timeout_s, what=what)
                 )
@@ -218,7 +224,10 @@ class InferenceClient:
     def _message(self, template: str, what: str, how: str = "") -> str:
         return template.format(name=self.name, pid=self.pid, slot=self.slot, how=how, what=what)
 
-    def _ask(self, msg: Any, what: str, deadline: float, outbox: Arena | None = None) -> Any:
+    def _no_answer(self, what: str, timeout: float) -> str:
+        return SERVER_NO_ANSWER.format(name=self.name, pid=self.pid, slot=self.slot, what=what, timeout=timeout)
+
+    def _ask(self, msg: Any, what: str, deadline: float, timeout: float, outbox: Arena | None = None) -> Any:
         """Send ``msg`` and wait until ``deadline`` for the answer with its id (stale answers
         are skipped). Any failure, an interrupt included, drops the connection and arenas."""
         conn, _, inbox = self._connection(what)
@@ -233,9 +242,7 @@ class InferenceClient:
             raise ServerDiedError(self._message(SERVER_DIED, what)) from None
         if reply is None:
             self._forget()
-            raise TimeoutError(SERVER_NO_ANSWER.format(
-                name=self.name, pid=self.pid, slot=self.slot, what=what, timeout=self.request_timeout_s
-            ))
+            raise TimeoutError(self._no_answer(what, timeout))
         return reply
 
     @staticmethod
@@ -251,7 +258,9 @@ class InferenceClient:
                 return reply
         return None
 
-    def _round_trip(self, req_id: int, arrays: list[Any], what: str, deadline: float) -> tuple[Any, list[bytearray]]:
+    def _round_trip(
+        self, req_id: int, arrays: list[Any], what: str, deadline: float, timeout: float
+    ) -> tuple[Any, list[bytearray]]:
         conn, outbox, inbox = self._connection(what)
         try:
             layout = outbox.write(arrays)
@@ -259,7 +268,7 @@ class InferenceClient:
             self._forget()
             raise
         specs = [(o, s, a.shape, a.dtype.str) for (o, s), a in zip(layout, arrays, strict=True)]
-        msg = self._ask(Predict(req_id, specs, outbox.fresh), what, deadline, outbox)
+        msg = self._ask(Predict(req_id, specs, outbox.fresh), what, deadline, timeout, outbox)
         outputs = inbox.read([(o, s) for o, s, _, _ in msg.specs]) if isinstance(msg, Answer) else []
         return msg, outputs
 
@@ -343,7 +352,7 @@ class InferenceServer:
         """requests, batches, mean_batch_size, queue_wait_p50_s/p99_s, compute_p50_s/p99_s,
         errors, busy (refused), waiting, traces (of the forward function)."""
         req = StatsRequest(next(_ids))
-        reply = self._client._ask(req, "stats", time.monotonic() + self.request_timeout_s)
+        reply = self._client._ask(req, "stats", time.monotonic() + self.request_timeout_s, self.request_timeout_s)
         assert isinstance(reply, Stats)
         return reply.data
 
@@ -368,7 +377,12 @@ class InferenceServer:
             self._child.conn.send(Stop())
         except OSError:
             pass
-        self._child.stop(grace=max(0.0, deadline - time.monotonic()))
+        if not self._child.wait(max(0.0, deadline - time.monotonic())):  # past the bound: say where it was stuck
+            stacks = self._child.dump_stacks()
+            warnings.warn(SERVER_CLOSE_TIMED_OUT.format(
+                name=self.name, pid=self.pid, slot=self.slot.describe(), timeout=timeout, stacks=stacks or "(none)",
+            ), KerasMPWarning, stacklevel=2)
+        self._child.stop(grace=0.0)
         lifecycle.unregister_owner(self)
 
     def terminate(self, why: str = "terminated") -> None:

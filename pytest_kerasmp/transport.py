@@ -268,13 +268,25 @@ def check_runnable_in_worker(fn: Callable[..., Any]) -> None:
 
 @functools.lru_cache(maxsize=256)
 def _unimportable_cached(module: str, file: str | None, path: tuple[str, ...]) -> str | None:
+    """Whether a fresh interpreter with this ``sys.path`` and the same meta-path finders
+    (editable installs add one through a ``.pth`` file) would find ``module``'s package."""
     import importlib.machinery
 
     top = module.partition(".")[0]
+    if top in sys.builtin_module_names or importlib.machinery.FrozenImporter.find_spec(top):
+        return None
     spec = importlib.machinery.PathFinder.find_spec(top, list(path))
     if spec is None:
-        if top in sys.builtin_module_names or importlib.machinery.FrozenImporter.find_spec(top):
-            return None
+        for finder in sys.meta_path:
+            if finder in (importlib.machinery.PathFinder, importlib.machinery.BuiltinImporter,
+                          importlib.machinery.FrozenImporter) or type(finder).__module__.startswith("_pytest"):
+                continue  # pytest's rewriting hook finds test modules only in this process
+            try:
+                spec = finder.find_spec(top, None)
+            except Exception:
+                continue
+            if spec is not None:
+                return None
         return f"is not on sys.path (it was imported from {file or 'nowhere'} by other means)"
     if "." not in module and file and spec.origin and os.path.realpath(spec.origin) != os.path.realpath(file):
         return f"is found at {spec.origin} on sys.path, not at {file} where it was imported from"

@@ -144,3 +144,9 @@ def at_pin():
     from pytest_kerasmp import _child
 
     return _child.at_pin
+
+
+def sleep_then_exit(seconds, code=9):
+    """Die on its own after ``seconds`` (e.g. while its pool is closing)."""
+    time.sleep(seconds)
+    os._exit(code)

@@ -71,9 +71,9 @@ def test_failing_replacements_are_bounded_then_the_pool_refuses_work(no_leftover
         assert [f.result(timeout=30) for f in queued] == [0, 1, 2]
         with pytest.raises(WorkerCrashedError):
             crash.result(timeout=10)
-        late = pool.submit(pool_tasks.add, 1)
-        with pytest.raises(PoolBrokenError, match=r"failed to start 3 time\(s\) in a row.*fails on purpose"):
-            late.result(timeout=60)
+        with pytest.raises(PoolBrokenError, match=r"failed to start 3 time\(s\) in a row.*fails on purpose") as info:
+            pool.submit(pool_tasks.add, 1).result(timeout=60)  # refused at once, or failed when the slot dies
+        assert "fails on purpose" in str(info.value.__cause__.__cause__)  # the child's traceback
         t0 = time.monotonic()
         with pytest.raises(PoolBrokenError, match="can run nothing more"):
             pool.submit(pool_tasks.add, 1)
@@ -146,11 +146,9 @@ def test_close_with_a_stuck_task_resolves_it_within_the_bound(no_leftovers, run)
 
 def test_a_worker_dying_during_close_fails_only_its_task_and_is_not_replaced(no_leftovers):
     pool = light_pool([CPU0, CPU1])
-    dying = pool.submit(pool_tasks.sleep_then, 0.3, None)
+    dying = pool.submit(pool_tasks.sleep_then_exit, 0.5)  # dies by itself, well into close()
     pool.submit(pool_tasks.sleep_then, 0.1)
     queued = [pool.submit(pool_tasks.add, i) for i in range(4)]
-    time.sleep(0.1)
-    os.kill(pool.pids()[0], signal.SIGKILL)
     t0 = time.monotonic()
     pool.close(timeout=20)
     assert time.monotonic() - t0 < 5
@@ -194,6 +192,32 @@ def test_ctrl_c_ends_the_pool_and_its_running_tasks_within_seconds(tmp_path, pre
     while any(_running(p) for p in pids):
         assert time.monotonic() < deadline, "workers outlived the interrupted owner"
         time.sleep(0.05)
+
+
+def test_ctrl_c_under_pytest_ends_running_tasks_within_seconds(pytester, tmp_path):
+    pidfile = tmp_path / "pids"
+    pytester.makepyfile(f"""
+        import os, signal, threading
+        from pytest_kerasmp import DeviceSlot
+        import pool_tasks
+
+        def test_interrupted(kerasmp_pool_factory):
+            pool = kerasmp_pool_factory([DeviceSlot(index=0, kind="CPU", cores=(0,))] * 2, import_tensorflow=False)
+            open({str(pidfile)!r}, "w").write(" ".join(map(str, pool.pids())))
+            signal.signal(signal.SIGINT, signal.default_int_handler)  # even if launched ignoring it
+            threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGINT)).start()
+            pool.map(pool_tasks.sleep_then, [1000] * 4)
+    """)
+    env = {**os.environ, "PYTHONPATH": os.path.dirname(pool_tasks.__file__)}
+    t0 = time.monotonic()
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q"],
+        cwd=pytester.path, env=env, capture_output=True, text=True, timeout=60,
+    )
+    assert done.returncode == pytest.ExitCode.INTERRUPTED, done.stdout + done.stderr
+    assert time.monotonic() - t0 < 15  # pytest and the pool start in ~2 s; the tasks sleep 1000 s
+    pids = [int(p) for p in pidfile.read_text().split()]
+    assert not [p for p in pids if _running(p)]
 
 
 def test_a_script_without_a_main_guard_gets_a_clear_error(tmp_path):
