@@ -21,6 +21,8 @@ from pytest_kerasmp.errors import (
 from pytest_kerasmp.modelref import ModelRef
 from pytest_kerasmp.pinning import configure_tensorflow, current_slot, pin_process
 from pytest_kerasmp.pool import WorkerPool
+from pytest_kerasmp.results import assert_same, first_difference
+from pytest_kerasmp.seeding import derive_seed, seed_everything
 from pytest_kerasmp.server import InferenceClient, InferenceServer
 
 __all__ = [
@@ -40,9 +42,13 @@ __all__ = [
     "WorkerCrashedError",
     "WorkerPool",
     "WorkerStartupError",
+    "assert_same",
     "configure_tensorflow",
     "current_slot",
+    "derive_seed",
     "detect_gpus",
+    "first_difference",
     "pin_process",
     "plan_slots",
+    "seed_everything",
 ]
