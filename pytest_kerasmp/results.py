@@ -47,14 +47,14 @@ def first_difference(a: Any, b: Any, *, rtol: float = 0.0, atol: float = 0.0, na
         return None
     bad = int(np.size(same) - np.count_nonzero(same))
     index = tuple(int(i) for i in np.argwhere(~same)[0]) if x.ndim else ()
-    u, v = x[index], y[index]
+    u, v = x[index].item(), y[index].item()
     diff = f" (|diff| {abs(float(u) - float(v)):.3g})" if x.dtype.kind in "fciu" and y.dtype.kind in "fciu" else ""
     where = f" at index {index}" if x.ndim else ""
     return f"{name} differs{where}: {u!r} vs {v!r}{diff}; {bad} of {x.size} elements differ"
 
 
 def _is_numeric_sequence(a: Any) -> bool:
-    return bool(a) and all(isinstance(v, (int, float, complex, bool)) or type(v).__module__ == "numpy" for v in a)
+    return bool(a) and all(isinstance(v, (int, float, complex, bool)) or (type(v).__module__ == "numpy" and getattr(v, "ndim", 1) == 0) for v in a)
 
 
 def _len_text(b: Any) -> str:

@@ -159,15 +159,17 @@ def measure(
     if not hasattr(benchmark, "pedantic"):  # a getter: the fixture is made only now
         benchmark = benchmark()
     started = time.perf_counter()
-    enabled = not getattr(benchmark, "disabled", True)
+    fresh = not getattr(benchmark, "_mode", None)  # pytest-benchmark's fixture measures once a test
+    enabled = fresh and not getattr(benchmark, "disabled", True)
     if enabled:
         benchmark.group = BENCHMARK_GROUP
         benchmark.pedantic(timed_parallel, setup=timed_serial, rounds=rounds, iterations=1)
-    else:  # e.g. under xdist: our own timing still counts
-        for _ in range(rounds - 1):
+    else:  # e.g. under xdist, or a second comparison in one test: our own timing counts
+        for _ in range(rounds - 1 if fresh else rounds):
             timed_serial()
             timed_parallel()
-        benchmark.pedantic(timed_parallel, setup=timed_serial)  # disabled: one more round
+        if fresh:
+            benchmark.pedantic(timed_parallel, setup=timed_serial)  # disabled: one more round
     stats = getattr(getattr(benchmark, "stats", None), "stats", None) if enabled else None
     while True:
         comparison.stopped = _should_stop(comparison, settings, time.perf_counter() - started)
