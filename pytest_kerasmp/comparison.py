@@ -120,21 +120,21 @@ class Comparison:
         iv = self.interval
         n = f"{iv.rounds} rounds" + ("" if iv.complete else f", {iv.level:.0%} interval")
         if self.kind == "fraction":
-            return f"{iv.estimate:.0%} of the limit [{iv.low:.0%}, {iv.high:.0%}] ({n})"
+            return f"{self.figure_text().replace(' [', ' of the limit [', 1)} ({n})"
         if self.kind == "overhead":
-            return f"{1 / iv.estimate:.2f}x the reference [{1 / iv.high:.2f}, {1 / iv.low:.2f}] ({n})"
-        return f"speedup {iv.estimate:.2f}x [{iv.low:.2f}, {iv.high:.2f}], efficiency {self.efficiency:.0%} ({n})"
+            return f"{self.figure_text().replace(' [', ' the reference [', 1)} ({n})"
+        return f"speedup {self.figure_text()}, efficiency {self.efficiency:.0%} ({n})"
 
     def figure_text(self) -> str:
-        """The headline figure alone, for the table: 1.73x, 45%, 3.2x ref."""
+        """The headline figure and its interval alone, for the table: 1.73x [1.51, 1.90]."""
         if not self.timed:
             return "-"
         iv = self.interval
         if self.kind == "fraction":
-            return f"{iv.estimate:.0%} [{iv.low:.0%}, {iv.high:.0%}]"
+            return f"{percent_text(iv.estimate)} [{percent_text(iv.low)}, {percent_text(iv.high)}]"
         if self.kind == "overhead":
-            return f"{1 / iv.estimate:.2f}x [{1 / iv.high:.2f}, {1 / iv.low:.2f}]"
-        return f"{iv.estimate:.2f}x [{iv.low:.2f}, {iv.high:.2f}]"
+            return f"{ratio_text(1 / iv.estimate)} [{ratio_text(1 / iv.high, '')}, {ratio_text(1 / iv.low, '')}]"
+        return f"{ratio_text(iv.estimate)} [{ratio_text(iv.low, '')}, {ratio_text(iv.high, '')}]"
 
     # ------------------------------------------------------------------ JSON
 
@@ -181,6 +181,16 @@ class Comparison:
 def _plain(value: Any) -> Any:
     item = getattr(value, "item", None)  # numpy scalars and 0-d arrays
     return item() if callable(item) else str(value)
+
+
+def ratio_text(x: float, unit: str = "x") -> str:
+    """1.73x, 0.36x, 0.0054x: two decimals, or two significant figures below 0.1."""
+    return (f"{x:.2f}" if x >= 0.095 else f"{x:.2g}") + unit
+
+
+def percent_text(x: float) -> str:
+    """45%, 0.54%: whole percent, or two significant figures below 10%."""
+    return f"{x:.0%}" if x >= 0.095 else f"{x * 100:.2g}%"
 
 
 def seconds_text(s: float) -> str:

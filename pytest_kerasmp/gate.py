@@ -22,6 +22,10 @@ INCONCLUSIVE_ADVICE = (
     "the interval straddles the floor: raise --kerasmp-budget (more rounds narrow it), "
     "quieten the machine, or lower the floor; --kerasmp-inconclusive=warn makes this a warning"
 )
+TOO_FEW_ROUNDS = (
+    "too few rounds fit the time budget for a 95% interval (6 at least): raise --kerasmp-budget "
+    "or the test's rounds; --kerasmp-inconclusive=warn makes this a warning"
+)
 #: Outcomes that fail the session (inconclusive only under --kerasmp-inconclusive=fail).
 FAILING = ("missed", "unmeasured")
 
@@ -112,7 +116,7 @@ def gate(comparisons: Sequence[Comparison], floors: Sequence[Floor]) -> list[Ver
             outcome = decide(c.interval, floor.minimum)
             what = f"{c.name} measured {c.headline()}; {_floor_words(c, floor.minimum)}"
             tail = {"met": "met", "missed": "missed: the whole interval is below the floor",
-                    "inconclusive": INCONCLUSIVE_ADVICE}[outcome]
+                    "inconclusive": INCONCLUSIVE_ADVICE if c.interval.complete else TOO_FEW_ROUNDS}[outcome]
             verdicts.append(Verdict(floor.text, c.name, outcome, f"{option}: {what}: {tail}"))
     return verdicts
 

@@ -61,7 +61,7 @@ def plot(path: Path, record: Mapping[str, Any]) -> Path | None:
         for y, c in enumerate(group):
             colour = COLOURS.get(outcomes.get(c.name, "-"), "tab:blue")
             if not c.timed:
-                ax.text(1.0, y, f"  {c.headline()}" + (f": {c.error}" if c.error else ""), color="tab:red",
+                ax.text(1.0, y, f"  {c.error or c.headline()}", color="tab:red",
                         va="center", fontsize=7, clip_on=False)
                 continue
             iv = c.interval
@@ -69,13 +69,12 @@ def plot(path: Path, record: Mapping[str, Any]) -> Path | None:
             values += [low, high]
             ax.plot([low, high], [y, y], color=colour, linewidth=2.5, solid_capstyle="butt")
             ax.plot([est], [y], "o", color=colour, markersize=6)
+            marks = [1 / f.minimum if invert else f.minimum for f in floors if f.matches(c)]
+            for x in marks:
+                values.append(x)
+                ax.plot([x], [y], marker="|", color="black", markersize=14, markeredgewidth=2)
             label = c.figure_text() + f"  n={iv.rounds}" + ("" if iv.complete else f" ({iv.level:.0%})")
-            ax.annotate(label, (high, y), xytext=(6, 0), textcoords="offset points", va="center", fontsize=7)
-            for f in floors:
-                if f.matches(c):
-                    x = 1 / f.minimum if invert else f.minimum
-                    values.append(x)
-                    ax.plot([x], [y], marker="|", color="black", markersize=14, markeredgewidth=2)
+            ax.annotate(label, (max([high, *marks]), y), xytext=(6, 0), textcoords="offset points", va="center", fontsize=7)
         values += [1.0]
         lo, hi = min(values), max(values)
         ax.set_xscale("log")
@@ -86,13 +85,11 @@ def plot(path: Path, record: Mapping[str, Any]) -> Path | None:
         ax.set_title(f"{WORDS[kind][2]} ({len(group)})", fontsize=9, loc="left")
         ax.set_xlabel(AXIS[kind], fontsize=8)
         ax.grid(axis="x", which="both", alpha=0.25)
-        if kind == "fraction":
-            ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:.0%}" if v < 10 else f"{v:.0f}x"))
-        else:
-            ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}x"))
+        fmt = (lambda v, _: f"{v:.0%}" if v >= 0.01 else f"{v:.1%}") if kind == "fraction" else (lambda v, _: f"{v:g}x")
+        ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(fmt))
         ax.tick_params(axis="x", labelsize=7)
         if math.log10(hi / lo) < 1.3:  # few decades: label the minor ticks too
-            ax.xaxis.set_minor_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+            ax.xaxis.set_minor_formatter(matplotlib.ticker.FuncFormatter(fmt))
             ax.tick_params(axis="x", which="minor", labelsize=6)
     handles = [plt.Line2D([], [], color=c, marker="o", linewidth=2.5, label=o) for o, c in COLOURS.items() if o in ("met", "missed", "inconclusive")]
     handles.append(plt.Line2D([], [], color="tab:blue", marker="o", linewidth=2.5, label="no floor"))

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from pytest_kerasmp.comparison import Comparison, seconds_text, summary_lines
-from pytest_kerasmp.gate import Floor, gate, outcomes_by_name, parse_floors, verdict_line
+from pytest_kerasmp.gate import INCONCLUSIVE_ADVICE, Floor, gate, outcomes_by_name, parse_floors, verdict_line
 from pytest_kerasmp.results import assert_same, first_difference
 from pytest_kerasmp.stats import decide, median_interval, next_look, ratio_interval
 
@@ -73,6 +73,7 @@ def test_gate_verdicts_and_the_last_line():
     assert [(v.name, v.outcome) for v in verdicts] == [
         ("s:a", "met"), ("s:b", "missed"), ("s:c", "inconclusive"), ("s:d", "unmeasured"), ("", "unmeasured")]
     assert "check failed: AssertionError: x" in verdicts[3].message
+    assert verdicts[2].message.endswith("1.05x [0.80, 1.30], efficiency 52% (6 rounds); floor 1.05x: " + INCONCLUSIVE_ADVICE)
     assert outcomes_by_name(verdicts) == {"s:a": "met", "s:b": "missed", "s:c": "inconclusive", "s:d": "unmeasured"}
     assert verdict_line(verdicts) == "kerasmp gate: FAILED (1 met, 1 missed, 1 inconclusive, 2 unmeasured)"
     assert verdict_line(verdicts[:1]) == "kerasmp gate: passed (1 met)"

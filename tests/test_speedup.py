@@ -7,7 +7,7 @@ import json
 import pytest
 
 from known_ratio import SUITE as KNOWN_RATIO
-from pytest_kerasmp.gate import INCONCLUSIVE_ADVICE
+from pytest_kerasmp.gate import TOO_FEW_ROUNDS
 
 SUITE = """
 import time
@@ -150,7 +150,7 @@ def test_inconclusive_fails_by_default_and_says_what_to_do(pytester, run_pytest,
                         f"--kerasmp-inconclusive={mode}")
     result.assert_outcomes(passed=1)
     result.stdout.fnmatch_lines([f"*inconclusive: --kerasmp-min-speedup close:1: close:even measured speedup *x ?*, *? "
-                                 f"*(3 rounds, 75% interval); floor 1x: {INCONCLUSIVE_ADVICE}"])
+                                 f"*(3 rounds, 75% interval); floor 1x: {TOO_FEW_ROUNDS}"])
     if mode == "fail":
         assert result.ret == 1
         assert result.outlines[-1] == "kerasmp gate: FAILED (1 inconclusive)"
