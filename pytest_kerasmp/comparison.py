@@ -61,6 +61,8 @@ class Comparison:
     stopped: str = ""
     #: Disambiguates two comparisons that would otherwise share a name (``#2``).
     suffix: str = ""
+    #: The rounds the test asked for; more follow while the interval is undecided.
+    requested: int = 0
 
     # ------------------------------------------------------------------ figures
 
@@ -169,6 +171,7 @@ class Comparison:
             "error": self.error,
             "skipped": self.skipped,
             "stopped": self.stopped,
+            "requested": self.requested,  # the rounds the test asked for
             "extra": self.extra,
         }
         return json.loads(json.dumps(data, default=_plain))

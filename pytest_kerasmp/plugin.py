@@ -194,6 +194,7 @@ def pytest_unconfigure(config: pytest.Config) -> None:
         os.environ.pop(PLAN_ENV, None)
     if not hasattr(config, "workerinput"):
         speedgate.last_line(config)  # after pytest's "N passed" line: the run's last word
+    speedgate.unexport_seed()
 
 
 def describe_plan(settings: cfg.Settings, plan: cfg.SessionPlan, workers: int = 0) -> str:

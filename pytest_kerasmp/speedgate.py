@@ -32,6 +32,9 @@ from pytest_kerasmp.speedup import COMPARISONS_KEY, SPEED_KEY, SpeedSettings
 
 RESULT_KEY = pytest.StashKey[dict[str, Any]]()
 NOISE_KEY = pytest.StashKey[dict[str, Any]]()
+OLD_REPORT_KEY = pytest.StashKey[dict[str, Any]]()
+#: The seed variables this process put into its environment (removed again at unconfigure).
+_EXPORTED: list[str] = []
 
 BUDGET_DEFAULT = 15.0
 INCONCLUSIVE_WARNING = "kerasmp: inconclusive (--kerasmp-inconclusive=warn): {message}"
@@ -98,10 +101,17 @@ def export_seed(config: pytest.Config) -> None:
     child inherit; before any pinning, so pinned processes are seeded."""
     ns = config.known_args_namespace
     seed, det = getattr(ns, "kerasmp_seed", None), getattr(ns, "kerasmp_deterministic", False)
-    if seed is not None:
-        os.environ[seeding.SEED_ENV] = str(seed)
-    if det:
-        os.environ[seeding.DETERMINISTIC_ENV] = "1"
+    for name, value in ((seeding.SEED_ENV, None if seed is None else str(seed)), (seeding.DETERMINISTIC_ENV, "1" if det else None)):
+        if value is not None and name not in os.environ:
+            os.environ[name] = value
+            _EXPORTED.append(name)
+        elif value is not None:
+            os.environ[name] = value
+
+
+def unexport_seed() -> None:
+    while _EXPORTED:
+        os.environ.pop(_EXPORTED.pop(), None)
 
 
 def header(config: pytest.Config) -> str | None:
@@ -125,8 +135,14 @@ def configure(config: pytest.Config) -> None:
     if not budget >= 0:
         raise pytest.UsageError(f"--kerasmp-budget={raw!r} is invalid: use a number of seconds >= 0, e.g. 30")
     config.stash[SPEED_KEY] = SpeedSettings(floors=floors, budget_s=budget, verbose=config.option.verbose > 0)
-    if config.getoption("kerasmp_compare_fail") and not config.getoption("kerasmp_compare"):
+    path = config.getoption("kerasmp_compare")
+    if config.getoption("kerasmp_compare_fail") and not path:
         raise pytest.UsageError("--kerasmp-compare-fail needs --kerasmp-compare=OLD.json: the saved report to compare with")
+    if path and not hasattr(config, "workerinput"):
+        try:
+            config.stash[OLD_REPORT_KEY] = json.loads(open(path, encoding="utf-8").read())
+        except (OSError, ValueError) as exc:
+            raise pytest.UsageError(COMPARE_MISSING.format(path=path, error=exc)) from None
     if not hasattr(config, "workerinput") and config.getoption("kerasmp_report"):
         config.stash[NOISE_KEY] = {"before": machine_noise()}
 
@@ -147,13 +163,9 @@ def finish(session: pytest.Session, slots: Sequence[DeviceSlot], workers: int) -
     verdicts = gate(comparisons, settings.floors)
     inconclusive_fails = config.getoption("kerasmp_inconclusive") != "warn"
     against = None
-    path = config.getoption("kerasmp_compare")
-    if path:
-        try:
-            old = json.loads(open(path, encoding="utf-8").read())
-        except (OSError, ValueError) as exc:
-            raise pytest.UsageError(COMPARE_MISSING.format(path=path, error=exc)) from None
-        against = {"path": str(path), "rows": compare_reports(comparisons, old)}
+    old = config.stash.get(OLD_REPORT_KEY, None)
+    if old is not None:
+        against = {"path": str(config.getoption("kerasmp_compare")), "rows": compare_reports(comparisons, old)}
     regressions = sum(r["regression"] for r in against["rows"]) if against and config.getoption("kerasmp_compare_fail") else 0
     failed = failing(verdicts, inconclusive_fails=inconclusive_fails)
     if (failed or regressions) and session.exitstatus == pytest.ExitCode.OK:

@@ -115,7 +115,7 @@ def measure(
         settings = dataclasses.replace(settings, budget_s=budget_s)
     comparison = Comparison(
         scenario=scenario_name(item), variant=variant, workers=workers, serial_s=[], parallel_s=[],
-        nodeid=item.nodeid, kind=kind, params=_params(item),
+        nodeid=item.nodeid, kind=kind, params=_params(item), requested=rounds,
     )
     made = config.stash.setdefault(COMPARISONS_KEY, [])
     taken = {c.name for c in made}
