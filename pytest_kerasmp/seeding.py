@@ -5,7 +5,8 @@ and TensorFlow or Keras are seeded when they are imported, never imported here.
 workers and every child inherit it; ``--kerasmp-deterministic`` sets
 ``PYTEST_KERASMP_DETERMINISTIC=1``. Each process then calls :func:`seed_process` (``pin_process``
 does) and gets its own seed, derived from (N, slot, role), where the role comes from
-``PYTEST_KERASMP_ROLE`` (``pytest``, ``xdist-worker``, or what the parent set for its child).
+``PYTEST_KERASMP_ROLE`` (what the parent set for its child; otherwise ``child``, ``pytest`` or
+``xdist-worker``).
 """
 
 from __future__ import annotations
@@ -42,8 +43,12 @@ def deterministic(environ: Any = None) -> bool:
 
 
 def default_role() -> str:
+    """``PYTEST_KERASMP_ROLE`` if set; else ``child`` in a multiprocessing child (a pool worker
+    or server whose parent set no role), ``xdist-worker`` or ``pytest``."""
     if os.environ.get(ROLE_ENV):
         return os.environ[ROLE_ENV]
+    if "multiprocessing" in sys.modules and sys.modules["multiprocessing"].parent_process() is not None:
+        return "child"
     return "xdist-worker" if os.environ.get("PYTEST_XDIST_WORKER") else "pytest"
 
 
@@ -102,6 +107,6 @@ def applied() -> dict[str, Any] | None:
     return None if _applied is None else dict(_applied)
 
 
-def seed_table(base: int, slots: int, roles: tuple[str, ...] = ("pytest", "xdist-worker", "pool-worker", "server")) -> list[dict[str, Any]]:
+def seed_table(base: int, slots: int, roles: tuple[str, ...] = ("pytest", "xdist-worker", "child", "pool-worker", "server")) -> list[dict[str, Any]]:
     """The seed each (slot, role) gets from ``base``: what the report records."""
     return [{"slot": s, "role": r, "seed": derive_seed(base, s, r)} for s in range(slots) for r in roles]

@@ -129,3 +129,16 @@ def test_compare_with_a_missing_report_is_a_usage_error(pytester, run_pytest, tm
     result = run_pytest(f"--kerasmp-compare={tmp_path / 'nope.json'}")
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     result.stderr.fnmatch_lines(["*--kerasmp-compare=*nope.json*: cannot read the saved report*"])
+
+
+def test_disturbed_names_each_reason_and_quiet_runs_have_none(monkeypatch):
+    from pytest_kerasmp.report import NOISE_WARNING, disturbed
+
+    monkeypatch.setattr("os.cpu_count", lambda: 2)
+    quiet = {"loadavg": [0.2, 0.3, 0.3], "busy_processes": [], "cpu_governor": ["performance"]}
+    assert disturbed(quiet, quiet) == []
+    busy = {"loadavg": [1.8, 1.0, 0.5], "busy_processes": [{"pid": 9, "name": "python", "cpu_percent": 98}], "cpu_governor": ["powersave"]}
+    reasons = disturbed(busy, quiet)
+    assert reasons == ["load average 1.8 on 2 CPUs before the run", "busy processes before it: python (98%)",
+                       "CPU governor powersave, not performance"]
+    assert NOISE_WARNING.format(reasons="; ".join(reasons)).startswith("kerasmp: the machine was busy during this run (load average 1.8")

@@ -74,3 +74,24 @@ def test_a_started_process_seeds_tensorflow_on_import_with_op_determinism(run_py
     assert first.returncode == 0, first.stderr
     a, b = json.loads(first.stdout.splitlines()[-1]), json.loads(second.stdout.splitlines()[-1])
     assert a == b and a["seed"] == derive_seed(11, 1, "pool-worker") and a["det"] is True
+
+
+def test_a_multiprocessing_child_without_a_role_gets_its_own_seed(run_python, monkeypatch):
+    """Same slot as the pytest process, but another seed: role "child", not "pytest"."""
+    monkeypatch.setenv("PYTEST_KERASMP_SEED", "5")
+    result = run_python("""
+        import multiprocessing as mp
+        from pytest_kerasmp.seeding import seed_process
+
+        def child(q):
+            q.put(seed_process(0))
+
+        if __name__ == "__main__":
+            q = mp.get_context("spawn").Queue()
+            p = mp.get_context("spawn").Process(target=child, args=(q,))
+            p.start()
+            print(seed_process(0), q.get(timeout=60))
+            p.join()
+    """)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == [str(derive_seed(5, 0, "pytest")), str(derive_seed(5, 0, "child"))]
