@@ -242,3 +242,17 @@ def test_disagree(kerasmp_speedup):  # fails its check before any round is timed
     assert by_variant["broken"]["status"] == "DIFFERENT" and "disagree" in by_variant["broken"]["error"]
     assert by_variant["extra"]["extra"] == {"p50_ms": 1.5}
     assert len(by_variant["good"]["serial_s"]) >= 3 and by_variant["good"]["interval"]["low"] > 1
+
+
+def test_help_lists_the_speed_options_and_bad_budget_is_a_usage_error(pytester, run_pytest):
+    result = run_pytest("--help")
+    result.stdout.fnmatch_lines(["*--kerasmp-report=DIR*", "*--kerasmp-min-speedup=NAME:FLOOR*", "*--kerasmp-budget=SECONDS*",
+                                 "*--kerasmp-inconclusive={fail,warn}*", "*--kerasmp-compare=OLD.json*",
+                                 "*--kerasmp-compare-fail*", "*--kerasmp-seed=N*", "*--kerasmp-deterministic*"])
+    pytester.makepyfile(test_x="def test_x(): pass")
+    bad = run_pytest("--kerasmp-budget=soon")
+    assert bad.ret == pytest.ExitCode.USAGE_ERROR
+    bad.stderr.fnmatch_lines(["*--kerasmp-budget='soon' is invalid: use a number of seconds >= 0, e.g. 30*"])
+    alone = run_pytest("--kerasmp-compare-fail")
+    assert alone.ret == pytest.ExitCode.USAGE_ERROR
+    alone.stderr.fnmatch_lines(["*--kerasmp-compare-fail needs --kerasmp-compare=OLD.json*"])
