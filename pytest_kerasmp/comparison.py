@@ -187,8 +187,10 @@ def _plain(value: Any) -> Any:
 
 
 def ratio_text(x: float, unit: str = "x") -> str:
-    """1.73x, 0.36x, 0.0054x: two decimals, or two significant figures below 0.1."""
-    return (f"{x:.2f}" if x >= 0.095 else f"{x:.2g}") + unit
+    """106x, 31.4x, 1.73x, 0.36x, 0.0054x: about three significant figures."""
+    if x >= 100:
+        return f"{x:.0f}{unit}"
+    return (f"{x:.1f}" if x >= 10 else f"{x:.2f}" if x >= 0.095 else f"{x:.2g}") + unit
 
 
 def percent_text(x: float) -> str:
@@ -228,7 +230,8 @@ def summary_lines(comparisons: Sequence[Comparison], outcomes: Mapping[str, str]
             row = [c.name, str(c.workers), *times, c.figure_text()]
             if kind == "speedup":
                 row.append(f"{c.efficiency:.0%}" if c.timed else "-")
-            row += [str(len(c.parallel_s)) if c.timed else "-", check_text(c), outcomes.get(c.name, "-")]
+            rounds = "-" if not c.timed else str(len(c.parallel_s)) + ("" if c.interval.complete else f" ({c.interval.level:.0%})")
+            row += [rounds, check_text(c), outcomes.get(c.name, "-")]
             rows.append(tuple(row))
         widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
         lines += ["  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip() for r in rows]

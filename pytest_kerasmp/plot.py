@@ -53,7 +53,7 @@ def plot(path: Path, record: Mapping[str, Any]) -> Path | None:
     groups = [(k, [c for c in comparisons if c.kind == k]) for k in KINDS]
     groups = [(k, g) for k, g in groups if g]
     heights = [len(g) + 1.2 for _, g in groups]
-    fig, axes = plt.subplots(len(groups), 1, figsize=(11, 0.38 * sum(heights) + 1.4),
+    fig, axes = plt.subplots(len(groups), 1, figsize=(12, 0.38 * sum(heights) + 1.4),
                              gridspec_kw={"height_ratios": heights}, squeeze=False)
     for ax, (kind, group) in zip(axes[:, 0], groups, strict=True):
         invert = kind == "overhead"
@@ -78,7 +78,7 @@ def plot(path: Path, record: Mapping[str, Any]) -> Path | None:
         values += [1.0]
         lo, hi = min(values), max(values)
         ax.set_xscale("log")
-        ax.set_xlim(lo / 1.6, hi * 3.5)  # room on the right for the printed values
+        ax.set_xlim(lo / 1.6, hi * 5)  # room on the right for the printed values
         ax.axvline(1.0, color="black", linewidth=0.8, linestyle="--")
         ax.set_yticks(range(len(group)), [c.name for c in group], fontsize=7)
         ax.set_ylim(len(group) - 0.4, -0.8)
