@@ -36,7 +36,7 @@ OLD_REPORT_KEY = pytest.StashKey[dict[str, Any]]()
 #: The seed variables this process put into its environment (removed again at unconfigure).
 _EXPORTED: list[str] = []
 
-BUDGET_DEFAULT = 15.0
+BUDGET_DEFAULT = 60.0
 INCONCLUSIVE_WARNING = "kerasmp: inconclusive (--kerasmp-inconclusive=warn): {message}"
 COMPARE_MISSING = "--kerasmp-compare={path!r}: cannot read the saved report ({error}); pass a kerasmp-report.json that an earlier run wrote"
 
@@ -57,8 +57,9 @@ def addoptions(group: Any) -> None:
     )
     group.addoption(
         "--kerasmp-budget", dest="kerasmp_budget", metavar="SECONDS", default=None,
-        help="Most seconds of timed rounds per comparison: rounds continue past the test's own "
-        f"until the interval decides every floor (or reaches 95%%) or this is spent. Default: {BUDGET_DEFAULT:g}",
+        help="Most seconds of timed rounds for a comparison that a floor names: rounds continue past "
+        "the test's own until its interval decides every floor or this is spent (one no floor names "
+        f"stops at a 95%% interval or 15 s, or this if less). Default: {BUDGET_DEFAULT:g}",
     )
     group.addoption(
         "--kerasmp-inconclusive", dest="kerasmp_inconclusive", choices=("fail", "warn"), default="fail",

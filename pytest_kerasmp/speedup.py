@@ -32,7 +32,10 @@ class SpeedSettings:
     """How comparisons measure: floors (for adaptive rounds), budget, verbosity."""
 
     floors: tuple[Floor, ...] = ()
-    budget_s: float = 15.0
+    #: Seconds of timed rounds for a comparison that a floor names.
+    budget_s: float = 60.0
+    #: ... and for one that no floor names (it stops at 95% anyway): the smaller of the two.
+    ungated_budget_s: float = 15.0
     max_rounds: int = 200
     verbose: bool = False
 
@@ -78,7 +81,8 @@ def _should_stop(c: Comparison, settings: SpeedSettings, elapsed: float) -> str:
     if n >= settings.max_rounds:
         return "max rounds"
     per_round = elapsed / n
-    if elapsed + (next_look(n) - n) * per_round > settings.budget_s:
+    budget = settings.budget_s if floors else min(settings.budget_s, settings.ungated_budget_s)
+    if elapsed + (next_look(n) - n) * per_round > budget:
         return "budget"
     return ""
 
@@ -99,7 +103,8 @@ def measure(
     """Time ``serial`` (the baseline) and ``parallel`` (the candidate) in alternating rounds.
 
     ``rounds`` rounds are always run; more follow until the interval decides (see module
-    docstring) or ``budget_s`` (default ``--kerasmp-budget``) is spent. ``check(serial_result,
+    docstring) or ``budget_s`` is spent (default: ``--kerasmp-budget`` when a floor names the
+    comparison, else at most 15 s). ``check(serial_result,
     parallel_result)`` runs on the warm-up results and should raise when they disagree.
     ``kind`` is "speedup", "fraction" (of a limit) or "overhead" (against a reference).
     ``benchmark`` is pytest-benchmark's fixture or a function that returns it; None means
@@ -112,7 +117,7 @@ def measure(
     config = item.config
     settings = config.stash.get(SPEED_KEY, SpeedSettings())
     if budget_s is not None:
-        settings = dataclasses.replace(settings, budget_s=budget_s)
+        settings = dataclasses.replace(settings, budget_s=budget_s, ungated_budget_s=budget_s)
     comparison = Comparison(
         scenario=scenario_name(item), variant=variant, workers=workers, serial_s=[], parallel_s=[],
         nodeid=item.nodeid, kind=kind, params=_params(item), requested=rounds,

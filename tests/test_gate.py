@@ -103,3 +103,15 @@ def test_first_difference_names_the_array_and_element():
     assert first_difference([1, 2], [1, 2, 3]).startswith("result: shape (2,) vs (3,)")
     with pytest.raises(AssertionError, match=r"\['weights'\]\[1\] differs at index \(2,\)"):
         assert_same(a, b)
+
+
+def test_a_gated_comparison_gets_the_budget_an_ungated_one_stops_sooner():
+    from pytest_kerasmp.speedup import SpeedSettings, _should_stop
+
+    c = comparison(ratios=(2.0, 1.9, 2.1))  # 3 rounds: only a 75% interval
+    gated = SpeedSettings(floors=(Floor("s", 1.5),), budget_s=60)
+    assert _should_stop(c, gated, elapsed=10) == ""  # 6 rounds would take about 20 s: within 60
+    assert _should_stop(c, SpeedSettings(budget_s=60), elapsed=10) == "budget"  # ungated: 15 s
+    assert _should_stop(c, SpeedSettings(floors=(Floor("s", 1.5),), budget_s=15), elapsed=10) == "budget"
+    six = comparison(ratios=(2.0, 1.9, 2.1, 2.0, 2.2, 1.95))
+    assert _should_stop(six, gated, elapsed=1) == "decided" and _should_stop(six, SpeedSettings(), elapsed=1) == "no floor"
