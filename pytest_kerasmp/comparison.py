@@ -174,7 +174,8 @@ class Comparison:
             "requested": self.requested,  # the rounds the test asked for
             "extra": self.extra,
         }
-        return json.loads(json.dumps(data, default=_plain))
+        plain: dict[str, Any] = json.loads(json.dumps(data, default=_plain))
+        return plain
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> Comparison:
@@ -221,10 +222,10 @@ def summary_lines(comparisons: Sequence[Comparison], outcomes: Mapping[str, str]
         if not group:
             continue
         baseline, candidate, ratio_name = WORDS[kind]
-        header = ("name", "workers", baseline, candidate, f"{ratio_name} [95% interval]", "rounds", "check", "gate")
+        header: tuple[str, ...] = ("name", "workers", baseline, candidate, f"{ratio_name} [95% interval]", "rounds", "check", "gate")
         if kind == "speedup":
             header = header[:5] + ("efficiency",) + header[5:]
-        rows = [header]
+        rows: list[tuple[str, ...]] = [header]
         for c in group:
             times = (seconds_text(c.serial_median_s), seconds_text(c.parallel_median_s)) if c.timed else ("-", "-")
             row = [c.name, str(c.workers), *times, c.figure_text()]

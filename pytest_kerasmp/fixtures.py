@@ -8,14 +8,15 @@ from typing import Any
 
 import pytest
 
+from pytest_kerasmp.comparison import Comparison
 from pytest_kerasmp.config import session_plan
 from pytest_kerasmp.devices import DeviceSlot
-from pytest_kerasmp.pinning import current_slot
 from pytest_kerasmp.modelref import ModelRef
+from pytest_kerasmp.pinning import current_slot
 from pytest_kerasmp.pool import WorkerPool
-from pytest_kerasmp.server import InferenceServer
 from pytest_kerasmp.seeding import base_seed
-from pytest_kerasmp.speedup import Comparison, measure
+from pytest_kerasmp.server import InferenceServer
+from pytest_kerasmp.speedup import measure
 
 
 @pytest.fixture(scope="session")

@@ -41,6 +41,7 @@ def plot(path: Path, record: Mapping[str, Any]) -> Path | None:
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.lines import Line2D
     except ImportError:
         return None
     from pytest_kerasmp.report import title
@@ -91,9 +92,9 @@ def plot(path: Path, record: Mapping[str, Any]) -> Path | None:
         if math.log10(hi / lo) < 1.3:  # few decades: label the minor ticks too
             ax.xaxis.set_minor_formatter(matplotlib.ticker.FuncFormatter(fmt))
             ax.tick_params(axis="x", which="minor", labelsize=6)
-    handles = [plt.Line2D([], [], color=c, marker="o", linewidth=2.5, label=o) for o, c in COLOURS.items() if o in ("met", "missed", "inconclusive")]
-    handles.append(plt.Line2D([], [], color="tab:blue", marker="o", linewidth=2.5, label="no floor"))
-    handles.append(plt.Line2D([], [], color="black", marker="|", linestyle="", markersize=12, markeredgewidth=2, label="floor"))
+    handles = [Line2D([], [], color=c, marker="o", linewidth=2.5, label=o) for o, c in COLOURS.items() if o in ("met", "missed", "inconclusive")]
+    handles.append(Line2D([], [], color="tab:blue", marker="o", linewidth=2.5, label="no floor"))
+    handles.append(Line2D([], [], color="black", marker="|", linestyle="", markersize=12, markeredgewidth=2, label="floor"))
     fig.legend(handles=handles, loc="upper right", fontsize=7, ncols=5, frameon=False)
     verdict = record["gate"]["verdict"] or "no floors set"
     fig.suptitle(f"{title(record)}\n{verdict}; dots: median of paired ratios, lines: 95% interval", fontsize=9, x=0.01, ha="left")

@@ -15,6 +15,8 @@ from collections.abc import Sequence
 import pytest
 
 from pytest_kerasmp import config as cfg
+from pytest_kerasmp import seeding, speedgate
+from pytest_kerasmp.comparison import Comparison
 from pytest_kerasmp.devices import DeviceSlot, detect_gpus, plan_slots
 from pytest_kerasmp.errors import KerasMPError
 from pytest_kerasmp.fixtures import (  # noqa: F401  (fixtures registered with the plugin)
@@ -27,10 +29,8 @@ from pytest_kerasmp.fixtures import (  # noqa: F401  (fixtures registered with t
     kerasmp_slots,
     kerasmp_speedup,
 )
-from pytest_kerasmp import seeding
-from pytest_kerasmp import speedgate
 from pytest_kerasmp.pinning import pin_process
-from pytest_kerasmp.speedup import COMPARISONS_KEY, Comparison
+from pytest_kerasmp.speedup import COMPARISONS_KEY
 
 #: Set by the xdist controller for its workers: the plan and the controller's pid.
 PLAN_ENV = "PYTEST_KERASMP_PLAN"

@@ -111,7 +111,7 @@ def run_record(
 ) -> dict[str, Any]:
     """Every figure of the run plus what is needed to reproduce it (no TensorFlow import)."""
     return {
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "command": shlex.join(["pytest", *args]),
         "cwd": os.getcwd(),
         "exit_status": exit_status,

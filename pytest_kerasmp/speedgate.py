@@ -27,7 +27,16 @@ from pytest_kerasmp.gate import (
     parse_floors,
     verdict_line,
 )
-from pytest_kerasmp.report import NOISE_WARNING, REPORT_JSON, REPORT_MD, REPORT_PNG, disturbed, machine_noise, run_record, write_report
+from pytest_kerasmp.report import (
+    NOISE_WARNING,
+    REPORT_JSON,
+    REPORT_MD,
+    REPORT_PNG,
+    disturbed,
+    machine_noise,
+    run_record,
+    write_report,
+)
 from pytest_kerasmp.speedup import COMPARISONS_KEY, SPEED_KEY, SpeedSettings
 
 RESULT_KEY = pytest.StashKey[dict[str, Any]]()
@@ -163,7 +172,7 @@ def finish(session: pytest.Session, slots: Sequence[DeviceSlot], workers: int) -
     settings = config.stash.get(SPEED_KEY, SpeedSettings())
     verdicts = gate(comparisons, settings.floors)
     inconclusive_fails = config.getoption("kerasmp_inconclusive") != "warn"
-    against = None
+    against: dict[str, Any] | None = None
     old = config.stash.get(OLD_REPORT_KEY, None)
     if old is not None:
         against = {"path": str(config.getoption("kerasmp_compare")), "rows": compare_reports(comparisons, old)}
