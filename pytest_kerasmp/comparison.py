@@ -213,6 +213,14 @@ def check_text(c: Comparison) -> str:
     return {None: "not checked", True: "equal", False: "DIFFERENT"}[c.correct] if c.status != "raised" else "raised"
 
 
+def rounds_text(c: Comparison) -> str:
+    """6, or 3 (75%) when the rounds fall short of a 95% interval."""
+    if not c.timed:
+        return "-"
+    iv = c.interval
+    return str(iv.rounds) + ("" if iv.complete else f" ({iv.level:.0%})")
+
+
 def summary_lines(comparisons: Sequence[Comparison], outcomes: Mapping[str, str] | None = None) -> list[str]:
     """The terminal summary: one row per comparison, grouped by kind, worded by kind."""
     outcomes = outcomes or {}
@@ -231,8 +239,7 @@ def summary_lines(comparisons: Sequence[Comparison], outcomes: Mapping[str, str]
             row = [c.name, str(c.workers), *times, c.figure_text()]
             if kind == "speedup":
                 row.append(f"{c.efficiency:.0%}" if c.timed else "-")
-            rounds = "-" if not c.timed else str(len(c.parallel_s)) + ("" if c.interval.complete else f" ({c.interval.level:.0%})")
-            row += [rounds, check_text(c), outcomes.get(c.name, "-")]
+            row += [rounds_text(c), check_text(c), outcomes.get(c.name, "-")]
             rows.append(tuple(row))
         widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
         lines += ["  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip() for r in rows]

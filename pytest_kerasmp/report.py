@@ -20,7 +20,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from pytest_kerasmp.comparison import KINDS, WORDS, Comparison, check_text, seconds_text
+from pytest_kerasmp.comparison import KINDS, WORDS, Comparison, check_text, rounds_text, seconds_text
 from pytest_kerasmp.devices import DeviceSlot
 from pytest_kerasmp.gate import Verdict, comparison_lines, outcomes_by_name
 
@@ -168,7 +168,7 @@ def markdown(record: Mapping[str, Any]) -> str:
                 figure += f", efficiency {c.efficiency:.0%}"
             check = check_text(c) + (f": {c.error}" if c.error else "")
             lines.append(f"| `{c.name}` | {c.workers} | {times[0]} | {times[1]} | {figure} | "
-                         f"{len(c.parallel_s) if c.timed else '-'} | {check.replace('|', '/')} | {outcomes.get(c.name, '-')} |")
+                         f"{rounds_text(c)} | {check.replace('|', '/')} | {outcomes.get(c.name, '-')} |")
         lines.append("")
     if gate["verdicts"]:
         lines += ["### gate", ""] + [f"- {v['outcome']}: {v['message']}" for v in gate["verdicts"]] + [""]
