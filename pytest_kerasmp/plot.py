@@ -98,7 +98,7 @@ def plot(path: Path, record: Mapping[str, Any]) -> Path | None:
     fig.legend(handles=handles, loc="upper right", fontsize=7, ncols=5, frameon=False)
     verdict = record["gate"]["verdict"] or "no floors set"
     fig.suptitle(f"{title(record)}\n{verdict}; dots: median of paired ratios, lines: 95% interval", fontsize=9, x=0.01, ha="left")
-    fig.tight_layout(rect=(0, 0, 1, 0.97))
+    fig.tight_layout(rect=(0.01, 0, 1, 0.97))
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
