@@ -238,6 +238,11 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
     return lines + ([seed] if seed else [])
 
 
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    speedgate.mark_benchmark_users(config, items)
+
+
 def pytest_runtest_setup(item: pytest.Item) -> None:
     marker = item.get_closest_marker("kerasmp_gpus")
     if marker is None:

@@ -259,3 +259,10 @@ def test_help_lists_the_speed_options_and_bad_budget_is_a_usage_error(pytester, 
     alone = run_pytest("--kerasmp-compare-fail")
     assert alone.ret == pytest.ExitCode.USAGE_ERROR
     alone.stderr.fnmatch_lines(["*--kerasmp-compare-fail needs --kerasmp-compare=OLD.json*"])
+
+
+def test_benchmark_only_still_runs_comparisons(pytester, run_pytest):
+    pytester.makepyfile(test_gated=GATED + "\ndef test_plain():\n    pass\n")
+    result = run_pytest("--benchmark-only", "--kerasmp-min-speedup=gated:good:1.5")
+    result.assert_outcomes(passed=2, skipped=1)  # the two comparisons run, the plain test is skipped
+    assert result.ret == 0 and result.outlines[-1] == "kerasmp gate: passed (1 met)"
