@@ -63,6 +63,9 @@ class Comparison:
     suffix: str = ""
     #: The rounds the test asked for; more follow while the interval is undecided.
     requested: int = 0
+    #: Who competed for its slots while it was measured ("" if no one); set by the plugin
+    #: under xdist (main's issue 10). The table marks such a figure with ``*``.
+    competed: str = ""
 
     # ------------------------------------------------------------------ figures
 
@@ -172,6 +175,7 @@ class Comparison:
             "skipped": self.skipped,
             "stopped": self.stopped,
             "requested": self.requested,  # the rounds the test asked for
+            "competed": self.competed,
             "extra": self.extra,
         }
         plain: dict[str, Any] = json.loads(json.dumps(data, default=_plain))
@@ -236,7 +240,7 @@ def summary_lines(comparisons: Sequence[Comparison], outcomes: Mapping[str, str]
         rows: list[tuple[str, ...]] = [header]
         for c in group:
             times = (seconds_text(c.serial_median_s), seconds_text(c.parallel_median_s)) if c.timed else ("-", "-")
-            row = [c.name, str(c.workers), *times, c.figure_text()]
+            row = [c.name, str(c.workers), *times, c.figure_text() + ("*" if c.competed else "")]
             if kind == "speedup":
                 row.append(f"{c.efficiency:.0%}" if c.timed else "-")
             row += [rounds_text(c), check_text(c), outcomes.get(c.name, "-")]

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import pytest
@@ -177,8 +177,9 @@ def _seeds(slots: int) -> dict[str, Any] | None:
             "this_process": seeding.applied(), "derived": seeding.seed_table(base, slots)}
 
 
-def finish(session: pytest.Session, slots: Sequence[DeviceSlot], workers: int) -> None:
-    """Gate, compare and report at the end of the session (controller or single process)."""
+def finish(session: pytest.Session, slots: Sequence[DeviceSlot], workers: int, *, record_extra: Mapping[str, Any] | None = None) -> None:
+    """Gate, compare and report at the end of the session (controller or single process);
+    ``record_extra`` goes into the run record as it is (e.g. the placement table)."""
     config = session.config
     comparisons = config.stash.get(COMPARISONS_KEY, [])
     settings = config.stash.get(SPEED_KEY, SpeedSettings())
@@ -209,6 +210,7 @@ def finish(session: pytest.Session, slots: Sequence[DeviceSlot], workers: int) -
             comparisons, slots, args=config.invocation_params.args, exit_status=int(session.exitstatus),
             verdicts=verdicts, verdict=line, noise=noise, seeds=_seeds(len(slots)), against=against, xdist_workers=workers,
         )
+        record.update(record_extra or {})
         result["files"] = write_report(directory, record)
     config.stash[RESULT_KEY] = result
 

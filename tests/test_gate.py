@@ -115,3 +115,9 @@ def test_a_gated_comparison_gets_the_budget_an_ungated_one_stops_sooner():
     assert _should_stop(c, SpeedSettings(floors=(Floor("s", 1.5),), budget_s=15), elapsed=10) == "budget"
     six = comparison(ratios=(2.0, 1.9, 2.1, 2.0, 2.2, 1.95))
     assert _should_stop(six, gated, elapsed=1) == "decided" and _should_stop(six, SpeedSettings(), elapsed=1) == "no floor"
+
+
+def test_a_competed_comparison_is_starred_and_kept_in_json():
+    c = comparison(competed="gw1 on slot0")
+    assert "2.00x [2.00, 2.00]*" in summary_lines([c])[1]
+    assert Comparison.from_json(c.to_json()).competed == "gw1 on slot0"
