@@ -32,6 +32,10 @@ _WHERE = {
     "current_slot": "pinning",
     "pin_process": "pinning",
     "WorkerPool": "pool",
+    "assert_same": "results",
+    "first_difference": "results",
+    "derive_seed": "seeding",
+    "seed_everything": "seeding",
     "InferenceClient": "server",
     "InferenceServer": "server",
 }
@@ -57,46 +61,26 @@ if TYPE_CHECKING:
     from pytest_kerasmp.devices import DeviceSlot as DeviceSlot
     from pytest_kerasmp.devices import detect_gpus as detect_gpus
     from pytest_kerasmp.devices import plan_slots as plan_slots
-    from pytest_kerasmp.errors import (
-        DeviceAlreadyInitializedError as DeviceAlreadyInitializedError,
-    )
-    from pytest_kerasmp.errors import (
-        KerasMPError as KerasMPError,
-    )
-    from pytest_kerasmp.errors import (
-        KerasMPWarning as KerasMPWarning,
-    )
-    from pytest_kerasmp.errors import (
-        PoolBrokenError as PoolBrokenError,
-    )
-    from pytest_kerasmp.errors import (
-        PoolClosedError as PoolClosedError,
-    )
-    from pytest_kerasmp.errors import (
-        RemoteTraceback as RemoteTraceback,
-    )
-    from pytest_kerasmp.errors import (
-        ServerBusyError as ServerBusyError,
-    )
-    from pytest_kerasmp.errors import (
-        ServerClosedError as ServerClosedError,
-    )
-    from pytest_kerasmp.errors import (
-        ServerDiedError as ServerDiedError,
-    )
-    from pytest_kerasmp.errors import (
-        TaskTimeoutError as TaskTimeoutError,
-    )
-    from pytest_kerasmp.errors import (
-        WorkerCrashedError as WorkerCrashedError,
-    )
-    from pytest_kerasmp.errors import (
-        WorkerStartupError as WorkerStartupError,
-    )
+    from pytest_kerasmp.errors import DeviceAlreadyInitializedError as DeviceAlreadyInitializedError
+    from pytest_kerasmp.errors import KerasMPError as KerasMPError
+    from pytest_kerasmp.errors import KerasMPWarning as KerasMPWarning
+    from pytest_kerasmp.errors import PoolBrokenError as PoolBrokenError
+    from pytest_kerasmp.errors import PoolClosedError as PoolClosedError
+    from pytest_kerasmp.errors import RemoteTraceback as RemoteTraceback
+    from pytest_kerasmp.errors import ServerBusyError as ServerBusyError
+    from pytest_kerasmp.errors import ServerClosedError as ServerClosedError
+    from pytest_kerasmp.errors import ServerDiedError as ServerDiedError
+    from pytest_kerasmp.errors import TaskTimeoutError as TaskTimeoutError
+    from pytest_kerasmp.errors import WorkerCrashedError as WorkerCrashedError
+    from pytest_kerasmp.errors import WorkerStartupError as WorkerStartupError
     from pytest_kerasmp.modelref import ModelRef as ModelRef
     from pytest_kerasmp.pinning import configure_tensorflow as configure_tensorflow
     from pytest_kerasmp.pinning import current_slot as current_slot
     from pytest_kerasmp.pinning import pin_process as pin_process
     from pytest_kerasmp.pool import WorkerPool as WorkerPool
+    from pytest_kerasmp.results import assert_same as assert_same
+    from pytest_kerasmp.results import first_difference as first_difference
+    from pytest_kerasmp.seeding import derive_seed as derive_seed
+    from pytest_kerasmp.seeding import seed_everything as seed_everything
     from pytest_kerasmp.server import InferenceClient as InferenceClient
     from pytest_kerasmp.server import InferenceServer as InferenceServer

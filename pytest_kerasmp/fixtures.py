@@ -14,14 +14,15 @@ from typing import Any
 
 import pytest
 
+from pytest_kerasmp.comparison import Comparison
 from pytest_kerasmp.config import session_plan, session_settings
 from pytest_kerasmp.devices import DeviceSlot
-from pytest_kerasmp.pinning import current_slot
 from pytest_kerasmp.modelref import ModelRef
+from pytest_kerasmp.pinning import current_slot
 from pytest_kerasmp.pool import WorkerPool
+from pytest_kerasmp.seeding import base_seed
 from pytest_kerasmp.server import InferenceServer
-from pytest_kerasmp.speedup import Comparison, measure
-
+from pytest_kerasmp.speedup import measure
 
 #: kerasmp_device in a process that no slot was asked for.
 DEVICE_UNPINNED = (
@@ -88,14 +89,31 @@ def kerasmp_pool_factory(
 
 
 @pytest.fixture
-def kerasmp_speedup(request: pytest.FixtureRequest, benchmark: Any) -> Callable[..., Comparison]:
-    """measure(serial, parallel, *, workers, rounds=5, variant="", check=None) -> Comparison.
+def kerasmp_speedup(request: pytest.FixtureRequest) -> Callable[..., Comparison]:
+    """measure(serial, parallel, *, workers, rounds=5, variant="", check=None, kind="speedup") -> Comparison.
+
+    Rounds continue until the ratio's 95% interval decides its floors (--kerasmp-min-speedup,
+    --kerasmp-budget). Under --benchmark-skip the check still runs once, untimed.
 
     Under -n: timed in its own rounds (pytest-benchmark switches itself off), sent to the
     controller's summary, and marked * there when a process of another xdist worker was on
     this worker's slots meanwhile (always, without --kerasmp-gpus: every worker uses every core).
     """
+    config = request.config
+    skip = config.getoption("benchmark_skip", False) and not config.getoption("benchmark_only", False)
+    # Asked for only when the rounds start, so a failed check leaves pytest-benchmark quiet.
+    benchmark = None if skip else (lambda: request.getfixturevalue("benchmark"))
     return functools.partial(measure, request.node, benchmark)
+
+
+@pytest.fixture(scope="session")
+def kerasmp_seed() -> int | None:
+    """The run's base seed (session; --kerasmp-seed), or None when the run is not seeded.
+
+    Derive a seed per task with ``derive_seed(kerasmp_seed, index, "task")`` so that serial
+    and parallel runs of the same task use the same seed.
+    """
+    return base_seed()
 
 
 @pytest.fixture

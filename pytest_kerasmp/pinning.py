@@ -14,7 +14,7 @@ import importlib.machinery
 import os
 import sys
 import types
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from pytest_kerasmp.devices import DeviceSlot, set_scope
@@ -63,11 +63,22 @@ def pin_process(slot: DeviceSlot, *, memory_growth: bool | None = None) -> None:
     _pinned = slot
     # plan_slots() here plans within this slot; the plugin widens it for a pytest process.
     set_scope((slot,), f"this process's slot ({slot.describe()})")
-    tf = sys.modules.get("tensorflow")
-    if tf is not None and hasattr(tf, "config"):
-        configure_tensorflow(tf, slot)
-    else:
-        _TensorFlowImportHook.install(slot)
+    after_import("tensorflow", lambda tf: configure_tensorflow(tf, slot), key="pin")
+    from pytest_kerasmp.seeding import seed_process  # import-light; seeds only when asked to
+
+    seed_process(slot.index)
+
+
+def after_import(module: str, callback: Callable[[Any], None], *, key: str) -> None:
+    """Call ``callback(module)`` now if ``module`` is imported, else right after its import.
+
+    One callback per (module, key): a later one replaces it. Never imports ``module`` itself.
+    """
+    loaded = sys.modules.get(module)
+    if loaded is not None and (module != "tensorflow" or hasattr(loaded, "config")):
+        callback(loaded)
+        return
+    _ImportHook.add(module, key, callback)
 
 
 def configure_tensorflow(tf: Any, slot: DeviceSlot) -> None:
@@ -101,38 +112,41 @@ def _bind_cores(cores: Sequence[int]) -> None:
 
 
 class _ConfiguringLoader(importlib.abc.Loader):
-    """Runs TensorFlow's own loader, then configures the freshly imported module."""
+    """Runs the module's own loader, then the callbacks waiting for that module."""
 
-    def __init__(self, loader: importlib.abc.Loader, slot: DeviceSlot) -> None:
+    def __init__(self, loader: importlib.abc.Loader, name: str) -> None:
         self._loader = loader
-        self._slot = slot
+        self._name = name
 
     def create_module(self, spec: importlib.machinery.ModuleSpec) -> types.ModuleType | None:
         return self._loader.create_module(spec)
 
     def exec_module(self, module: types.ModuleType) -> None:
         self._loader.exec_module(module)
-        _TensorFlowImportHook.remove()
-        configure_tensorflow(module, self._slot)
+        for callback in _ImportHook.pop(self._name):
+            callback(module)
 
     def __getattr__(self, name: str) -> Any:  # resource readers, get_filename, ...
         return getattr(self._loader, name)
 
 
-class _TensorFlowImportHook(importlib.abc.MetaPathFinder):
-    """Meta-path finder that wraps the loader of the ``tensorflow`` package, once."""
+class _ImportHook(importlib.abc.MetaPathFinder):
+    """Meta-path finder that wraps the loader of the modules callbacks wait for, once each."""
 
-    def __init__(self, slot: DeviceSlot) -> None:
-        self.slot = slot
-
-    @classmethod
-    def install(cls, slot: DeviceSlot) -> None:
-        cls.remove()
-        sys.meta_path.insert(0, cls(slot))
+    waiting: dict[str, dict[str, Callable[[Any], None]]] = {}
 
     @classmethod
-    def remove(cls) -> None:
-        sys.meta_path[:] = [f for f in sys.meta_path if not isinstance(f, cls)]
+    def add(cls, module: str, key: str, callback: Callable[[Any], None]) -> None:
+        cls.waiting.setdefault(module, {})[key] = callback
+        if not any(isinstance(f, cls) for f in sys.meta_path):
+            sys.meta_path.insert(0, cls())
+
+    @classmethod
+    def pop(cls, module: str) -> list[Callable[[Any], None]]:
+        callbacks = list(cls.waiting.pop(module, {}).values())
+        if not cls.waiting:
+            sys.meta_path[:] = [f for f in sys.meta_path if not isinstance(f, cls)]
+        return callbacks
 
     def find_spec(
         self,
@@ -140,13 +154,13 @@ class _TensorFlowImportHook(importlib.abc.MetaPathFinder):
         path: Sequence[str] | None,
         target: types.ModuleType | None = None,
     ) -> importlib.machinery.ModuleSpec | None:
-        if fullname != "tensorflow":
+        if fullname not in self.waiting:
             return None
         for finder in sys.meta_path:
             if finder is self or not hasattr(finder, "find_spec"):
                 continue
             spec = finder.find_spec(fullname, path, target)
             if spec is not None and spec.loader is not None:
-                spec.loader = _ConfiguringLoader(spec.loader, self.slot)
+                spec.loader = _ConfiguringLoader(spec.loader, fullname)
                 return spec
         return None

@@ -12,11 +12,13 @@ import os
 import pathlib
 import warnings
 from collections.abc import Sequence
+from typing import Any
 
 import pytest
 
 from pytest_kerasmp import config as cfg
-from pytest_kerasmp import placement
+from pytest_kerasmp import placement, seeding, speedgate
+from pytest_kerasmp.comparison import Comparison
 from pytest_kerasmp.devices import (
     ADVICE_SESSION,
     DeviceSlot,
@@ -34,19 +36,16 @@ from pytest_kerasmp.fixtures import (  # noqa: F401  (fixtures registered with t
     kerasmp_pool,
     kerasmp_pool_factory,
     kerasmp_scale,
+    kerasmp_seed,
     kerasmp_slots,
     kerasmp_speedup,
 )
 from pytest_kerasmp.pinning import pin_process
-from pytest_kerasmp.report import REPORT_JSON, REPORT_PNG, gate, parse_floors, run_record, write_report
-from pytest_kerasmp.speedup import COMPARISONS_KEY, Comparison, summary_lines
+from pytest_kerasmp.speedup import COMPARISONS_KEY
 
-FLOORS_KEY = pytest.StashKey[list]()
 SESSION_DIR_KEY = pytest.StashKey[str]()
-PLACEMENT_KEY = pytest.StashKey[list]()
-CALL_WINDOW_KEY = pytest.StashKey[tuple]()
-GATE_KEY = pytest.StashKey[list]()
-REPORT_KEY = pytest.StashKey[list]()
+PLACEMENT_KEY = pytest.StashKey[list[dict[str, Any]]]()
+CALL_WINDOW_KEY = pytest.StashKey[tuple[float, float]]()
 
 #: Set by the xdist controller for its workers: the plan and the controller's pid.
 PLAN_ENV = "PYTEST_KERASMP_PLAN"
@@ -75,17 +74,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption(
         cfg.REQUIRE_OPTION, dest="kerasmp_require_gpu", action="store_true", help=cfg.REQUIRE_HELP
     )
-    group.addoption(
-        "--kerasmp-report", dest="kerasmp_report", metavar="DIR", default=None,
-        help=f"Write the run record ({REPORT_JSON}: every comparison, versions, slots, the "
-        f"command) and, with matplotlib installed, a speedup plot ({REPORT_PNG}) into DIR",
-    )
-    group.addoption(
-        "--kerasmp-min-speedup", dest="kerasmp_min_speedup", metavar="SCENARIO[:VARIANT]:FLOOR",
-        action="append", default=[],
-        help="Fail the session (not a test) when a comparison's speedup measured in this run "
-        "is below FLOOR, or was not measured; repeat or comma-separate, e.g. augmentation:pool:1.5",
-    )
+    speedgate.addoptions(group)
     group.addoption(
         "--kerasmp-scale", dest="kerasmp_scale", metavar="F", default="1",
         help="Scale the scenarios' workloads by F (e.g. 0.25 for a quick CI pass, 4 on a GPU "
@@ -153,7 +142,9 @@ def pytest_load_initial_conftests(early_config: pytest.Config) -> None:
         vars(early_config.known_args_namespace), os.environ, early_config.getini
     )
     early_config.stash[cfg.SETTINGS_KEY] = settings
+    speedgate.export_seed(early_config)  # before pinning: pin_process seeds from it
     if not settings.requested:
+        seeding.seed_process(None)
         return
     inherited = _inherited_plan()
     worker_id = os.environ.get("PYTEST_XDIST_WORKER")
@@ -184,16 +175,15 @@ def pytest_load_initial_conftests(early_config: pytest.Config) -> None:
     except KerasMPError as exc:
         raise pytest.UsageError(str(exc)) from exc
     early_config.stash[cfg.PLAN_KEY] = plan
+    if plan.pinned is None:
+        seeding.seed_process(None)
 
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", MARKER_HELP)
     if not hasattr(config, "workerinput"):
         config.pluginmanager.register(_WorkerComparisons(config), "kerasmp-worker-comparisons")
-    try:
-        config.stash[FLOORS_KEY] = parse_floors(config.getoption("kerasmp_min_speedup") or [])
-    except ValueError as exc:
-        raise pytest.UsageError(str(exc)) from None
+    speedgate.configure(config)
     raw = config.getoption("kerasmp_scale")
     try:
         scale = float(raw)
@@ -256,19 +246,10 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         return  # the controller gates and reports what its workers measured
     records = placement.read() if config.stash.get(SESSION_DIR_KEY, None) else []
     config.stash[PLACEMENT_KEY] = records
-    comparisons = config.stash.get(COMPARISONS_KEY, [])
-    failures = gate(comparisons, config.stash.get(FLOORS_KEY, []))
-    config.stash[GATE_KEY] = failures
-    if failures and session.exitstatus == pytest.ExitCode.OK:
-        session.exitstatus = pytest.ExitCode.TESTS_FAILED
-    directory = config.getoption("kerasmp_report")
-    if directory:
-        record = run_record(
-            comparisons, cfg.session_plan(config).slots,
-            args=config.invocation_params.args, exit_status=int(session.exitstatus), gate_failures=failures,
-        )
-        record["placement"] = placement.to_json(records)
-        config.stash[REPORT_KEY] = write_report(directory, record, comparisons)
+    speedgate.finish(
+        session, cfg.session_plan(config).slots, _xdist_workers(config),
+        record_extra={"placement": placement.to_json(records)} if records else None,
+    )
 
 
 def pytest_keyboard_interrupt(excinfo: pytest.ExceptionInfo[BaseException]) -> None:
@@ -286,6 +267,9 @@ def pytest_unconfigure(config: pytest.Config) -> None:
     directory = config.stash.get(SESSION_DIR_KEY, None)
     if directory:
         placement.close_session(pathlib.Path(directory))
+    if not hasattr(config, "workerinput"):
+        speedgate.last_line(config)  # after pytest's "N passed" line: the run's last word
+    speedgate.unexport_seed()
 
 
 def describe_plan(settings: cfg.Settings, plan: cfg.SessionPlan, workers: int = 0) -> str:
@@ -325,11 +309,13 @@ def describe_plan(settings: cfg.Settings, plan: cfg.SessionPlan, workers: int = 
     return line
 
 
-def pytest_report_header(config: pytest.Config) -> str | None:
+def pytest_report_header(config: pytest.Config) -> list[str]:
+    lines = []
     plan = config.stash.get(cfg.PLAN_KEY, None)
-    if plan is None:
-        return None
-    return describe_plan(cfg.session_settings(config), plan, _xdist_workers(config))
+    if plan is not None:
+        lines.append(describe_plan(cfg.session_settings(config), plan, _xdist_workers(config)))
+    seed = speedgate.header(config)
+    return lines + ([seed] if seed else [])
 
 
 def _xdist_workers(config: pytest.Config) -> int:
@@ -347,8 +333,11 @@ def _marker_gpus(item: pytest.Item) -> int | None:
     return int(args[0])
 
 
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Skip marked tests through a skip marker, so the skip points at the test, not here."""
+    """Skip kerasmp_gpus-marked tests through a skip marker, so the skip points at the test,
+    not here; and tell pytest-benchmark which tests time comparisons."""
+    speedgate.mark_benchmark_users(config, items)
     if cfg.session_settings(config).require_gpu:
         return  # they fail in setup instead
     for item in items:
@@ -374,16 +363,13 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, config: pytest.Config) -> None:
+    speedgate.terminal_summary(terminalreporter, config)
     comparisons = config.stash.get(COMPARISONS_KEY, [])
-    if comparisons:
-        terminalreporter.write_sep("-", "kerasmp: serial vs parallel, measured side by side (medians)")
-        for line in summary_lines(comparisons):
-            terminalreporter.write_line(line)
-        competed = [c for c in comparisons if c.competed]
-        if competed:
-            terminalreporter.write_line(placement.COMPETED_NOTE, yellow=True)
-            for c in competed:
-                terminalreporter.write_line(f"  {c.key}: {c.competed}", yellow=True)
+    competed = [c for c in comparisons if c.competed]
+    if competed:
+        terminalreporter.write_line(placement.COMPETED_NOTE, yellow=True)
+        for c in competed:
+            terminalreporter.write_line(f"  {c.name}: {c.competed}", yellow=True)
     records = config.stash.get(PLACEMENT_KEY, [])
     if records:
         terminalreporter.write_sep("-", f"kerasmp: placement of the {plural(len(records), 'process')} pinned in this session")
@@ -397,12 +383,3 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, config: p
         if shared:
             text = placement.SHARED_ACROSS_WORKERS.format(who=", ".join(shared))
             terminalreporter.write_line(f"kerasmp: {text}", yellow=True)
-    for path in config.stash.get(REPORT_KEY, []):
-        terminalreporter.write_line(f"kerasmp: wrote {path}")
-    if config.getoption("kerasmp_report") and not any(p.suffix == ".png" for p in config.stash.get(REPORT_KEY, [])) and comparisons:
-        terminalreporter.write_line("kerasmp: no plot: install matplotlib (pip install 'pytest-kerasmp[plot]')")
-    failures = config.stash.get(GATE_KEY, [])
-    if failures:
-        terminalreporter.write_sep("=", "kerasmp: speedup below its floor: session failed", red=True)
-        for line in failures:
-            terminalreporter.write_line(line, red=True)

@@ -1,101 +1,90 @@
-"""Serial against parallel, measured side by side in one run: the harness's unit of speed.
+"""Baseline against candidate, measured side by side in one run: the harness's unit of speed.
 
-``measure`` runs a serial and a parallel callable in alternating rounds (serial, then
-parallel, round after round, so that a noisy machine slows both alike), checks once that
-they agree, and records a :class:`Comparison`. The parallel rounds are pytest-benchmark's
-own measurement (so ``--benchmark-save`` and ``--benchmark-compare`` work on them); the
-serial medians and the speedup ride along in ``extra_info``. The session collects every
-comparison for the terminal summary, the report and the ``--kerasmp-min-speedup`` gate;
-under pytest-xdist each worker sends its comparisons to the controller on the test's report.
+``measure`` runs the two sides once untimed (the warm-up, whose results ``check`` compares),
+then in paired, alternating rounds until the ratio's interval decides against every floor
+that names the comparison (or, with no floor, until it reaches 95%), or until its time budget
+is spent. Each comparison is recorded, whatever happens: a failed check, a side that raised,
+rounds skipped by ``--benchmark-skip``. The candidate's rounds are pytest-benchmark's own
+measurement (all comparisons in one group, ``kerasmp``), with the baseline's rounds, the ratio
+and its interval in ``extra_info``. Under pytest-xdist each worker sends its comparisons to
+the controller on the test's report.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
-import statistics
 import time
 from collections.abc import Callable
 from typing import Any
 
 import pytest
 
-COMPARISONS_KEY = pytest.StashKey[list["Comparison"]]()
+from pytest_kerasmp.comparison import KINDS, Comparison, seconds_text, summary_lines  # noqa: F401  (re-exported)
+from pytest_kerasmp.gate import Floor, floors_for
+from pytest_kerasmp.stats import decide, next_look
+
+COMPARISONS_KEY = pytest.StashKey[list[Comparison]]()
+BENCHMARK_GROUP = "kerasmp"
 
 
-@dataclasses.dataclass
-class Comparison:
-    """One serial/parallel pair measured in one run. Times in seconds, one per round."""
+@dataclasses.dataclass(frozen=True)
+class SpeedSettings:
+    """How comparisons measure: floors (for adaptive rounds), budget, verbosity."""
 
-    scenario: str
-    variant: str
-    workers: int
-    serial_s: list[float]
-    parallel_s: list[float]
-    correct: bool | None = None  # None: no check was given
-    nodeid: str = ""
-    #: Further figures a test measured alongside (latency, memory, ...); go into the report.
-    extra: dict[str, Any] = dataclasses.field(default_factory=dict)
-    #: Who competed for its slots while it was measured ("" if no one); set by the plugin (issue 10).
-    competed: str = ""
-
-    @property
-    def serial_median_s(self) -> float:
-        return statistics.median(self.serial_s)
-
-    @property
-    def parallel_median_s(self) -> float:
-        return statistics.median(self.parallel_s)
-
-    @property
-    def speedup(self) -> float:
-        """Serial median over parallel median (> 1: the parallel pattern is faster)."""
-        return self.serial_median_s / self.parallel_median_s
-
-    @property
-    def efficiency(self) -> float:
-        """Speedup per worker (1.0: perfect scaling)."""
-        return self.speedup / self.workers
-
-    @property
-    def key(self) -> str:
-        return f"{self.scenario}:{self.variant}" if self.variant else self.scenario
-
-    def to_json(self) -> dict[str, Any]:
-        """Every figure, in plain JSON types (numpy scalars in ``extra`` become numbers); the
-        medians and ratios are None when no round was timed (the check failed first)."""
-        timed = bool(self.serial_s and self.parallel_s)
-        data = {
-            "scenario": self.scenario,
-            "variant": self.variant,
-            "nodeid": self.nodeid,
-            "workers": self.workers,
-            "rounds": len(self.parallel_s),
-            "serial_s": self.serial_s,
-            "parallel_s": self.parallel_s,
-            "serial_median_s": self.serial_median_s if timed else None,
-            "parallel_median_s": self.parallel_median_s if timed else None,
-            "speedup": self.speedup if timed else None,
-            "efficiency": self.efficiency if timed else None,
-            "correct": self.correct,
-            "extra": self.extra,
-            "competed": self.competed,
-        }
-        return json.loads(json.dumps(data, default=_plain))
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> Comparison:
-        return cls(**{f.name: data[f.name] for f in dataclasses.fields(cls) if f.name in data})
+    floors: tuple[Floor, ...] = ()
+    #: Seconds of timed rounds for a comparison that a floor names.
+    budget_s: float = 60.0
+    #: ... and for one that no floor names (it stops at 95% anyway): the smaller of the two.
+    ungated_budget_s: float = 15.0
+    max_rounds: int = 200
+    verbose: bool = False
 
 
-def _plain(value: Any) -> Any:
-    item = getattr(value, "item", None)  # numpy scalars and 0-d arrays
-    return item() if callable(item) else str(value)
+SPEED_KEY = pytest.StashKey[SpeedSettings]()
 
 
 def scenario_name(item: pytest.Item) -> str:
-    """``test_augmentation.py`` -> ``augmentation``; what the summary and gate call it."""
+    """``test_augmentation.py`` -> ``augmentation``; the first part of a comparison's name."""
     return item.path.stem.removeprefix("test_")
+
+
+def _params(item: pytest.Item) -> str:
+    callspec = getattr(item, "callspec", None)
+    return callspec.id if callspec is not None else ""
+
+
+def _error_text(side: str, exc: BaseException) -> str:
+    first = (str(exc).strip().splitlines() or [""])[0]
+    return f"{side} raised {type(exc).__name__}: {first}"[:300]
+
+
+def _progress(config: pytest.Config, line: str) -> None:
+    """A line on the terminal now, even while the test's output is captured."""
+    reporter = config.pluginmanager.getplugin("terminalreporter")
+    capman = config.pluginmanager.getplugin("capturemanager")
+    if reporter is None:
+        return
+    if capman is not None:
+        with capman.global_and_fixture_disabled():
+            reporter.write_line(line)
+    else:
+        reporter.write_line(line)
+
+
+def _should_stop(c: Comparison, settings: SpeedSettings, elapsed: float) -> str:
+    """Why to stop now ("" to go on to the next look)."""
+    iv = c.interval
+    floors = floors_for(c, settings.floors)
+    if iv.complete and all(decide(iv, f) != "inconclusive" for f in floors):
+        return "decided" if floors else "no floor"
+    n = iv.rounds
+    if n >= settings.max_rounds:
+        return "max rounds"
+    per_round = elapsed / n
+    budget = settings.budget_s if floors else min(settings.budget_s, settings.ungated_budget_s)
+    if elapsed + (next_look(n) - n) * per_round > budget:
+        return "budget"
+    return ""
 
 
 def measure(
@@ -108,72 +97,100 @@ def measure(
     rounds: int = 5,
     variant: str = "",
     check: Callable[[Any, Any], Any] | None = None,
+    kind: str = "speedup",
+    budget_s: float | None = None,
 ) -> Comparison:
-    """Time ``serial`` and ``parallel`` in alternating rounds after one untimed warm-up each.
+    """Time ``serial`` (the baseline) and ``parallel`` (the candidate) in alternating rounds.
 
-    ``check(serial_result, parallel_result)`` runs on the warm-up results and should raise
-    (e.g. an ``assert``) when they disagree; the comparison is recorded either way.
+    ``rounds`` rounds are always run; more follow until the interval decides (see module
+    docstring) or ``budget_s`` is spent (default: ``--kerasmp-budget`` when a floor names the
+    comparison, else at most 15 s). ``check(serial_result,
+    parallel_result)`` runs on the warm-up results and should raise when they disagree.
+    ``kind`` is "speedup", "fraction" (of a limit) or "overhead" (against a reference).
+    ``benchmark`` is pytest-benchmark's fixture or a function that returns it; None means
+    ``--benchmark-skip``: the check runs once, untimed, and the comparison is marked skipped.
     """
     if rounds < 1 or workers < 1:
         raise ValueError(f"rounds={rounds} and workers={workers} must be positive")
+    if kind not in KINDS:
+        raise ValueError(f"kind={kind!r} is not one of {', '.join(KINDS)}")
+    config = item.config
+    settings = config.stash.get(SPEED_KEY, SpeedSettings())
+    if budget_s is not None:
+        settings = dataclasses.replace(settings, budget_s=budget_s, ungated_budget_s=budget_s)
     comparison = Comparison(
-        scenario=scenario_name(item), variant=variant, workers=workers,
-        serial_s=[], parallel_s=[], nodeid=item.nodeid,
+        scenario=scenario_name(item), variant=variant, workers=workers, serial_s=[], parallel_s=[],
+        nodeid=item.nodeid, kind=kind, params=_params(item), requested=rounds,
     )
-    item.config.stash.setdefault(COMPARISONS_KEY, []).append(comparison)
-    serial_result, parallel_result = serial(), parallel()
+    made = config.stash.setdefault(COMPARISONS_KEY, [])
+    taken = {c.name for c in made}
+    n = 1
+    while comparison.name in taken:
+        n += 1
+        comparison.suffix = f"#{n}"
+    made.append(comparison)
+
+    def run(side: str, fn: Callable[[], Any]) -> Any:
+        try:
+            return fn()
+        except BaseException as exc:
+            comparison.error = _error_text(side, exc)
+            raise
+
+    serial_result, parallel_result = run("serial", serial), run("parallel", parallel)
     if check is not None:
-        comparison.correct = False
-        check(serial_result, parallel_result)
+        try:
+            check(serial_result, parallel_result)
+        except BaseException as exc:
+            comparison.correct = False
+            comparison.error = _error_text("check", exc).replace("check raised", "check failed:", 1)
+            raise
         comparison.correct = True
     del serial_result, parallel_result
+    if benchmark is None:
+        comparison.skipped = "--benchmark-skip"
+        return comparison
 
     def timed_serial() -> None:
         t0 = time.perf_counter()
-        serial()
+        run("serial", serial)
         comparison.serial_s.append(time.perf_counter() - t0)
 
     def timed_parallel() -> None:
         t0 = time.perf_counter()
-        parallel()
+        run("parallel", parallel)
         comparison.parallel_s.append(time.perf_counter() - t0)
 
-    if getattr(benchmark, "disabled", True):  # e.g. under xdist: our own timing still counts
-        for _ in range(rounds - 1):
+    if not hasattr(benchmark, "pedantic"):  # a getter: the fixture is made only now
+        benchmark = benchmark()
+    started = time.perf_counter()
+    fresh = not getattr(benchmark, "_mode", None)  # pytest-benchmark's fixture measures once a test
+    enabled = fresh and not getattr(benchmark, "disabled", True)
+    if enabled:
+        benchmark.group = BENCHMARK_GROUP
+        benchmark.pedantic(timed_parallel, setup=timed_serial, rounds=rounds, iterations=1)
+    else:  # e.g. under xdist, or a second comparison in one test: our own timing counts
+        for _ in range(rounds - 1 if fresh else rounds):
             timed_serial()
             timed_parallel()
-        benchmark.pedantic(timed_parallel, setup=timed_serial)  # disabled: one more round
-    else:
-        benchmark.group = f"{comparison.key} ({item.name})"
-        benchmark.pedantic(timed_parallel, setup=timed_serial, rounds=rounds, iterations=1)
+        if fresh:
+            benchmark.pedantic(timed_parallel, setup=timed_serial)  # disabled: one more round
+    stats = getattr(getattr(benchmark, "stats", None), "stats", None) if enabled else None
+    while True:
+        comparison.stopped = _should_stop(comparison, settings, time.perf_counter() - started)
+        if settings.verbose:
+            _progress(config, f"kerasmp: {comparison.name}: {len(comparison.parallel_s)} rounds, "
+                              f"{comparison.figure_text()}" + (f" ({comparison.stopped})" if comparison.stopped else ""))
+        if comparison.stopped:
+            break
+        for _ in range(next_look(len(comparison.parallel_s)) - len(comparison.parallel_s)):
+            timed_serial()
+            timed_parallel()
+            if stats is not None:
+                stats.update(comparison.parallel_s[-1])
+    if enabled:
         benchmark.extra_info.update(
-            {k: v for k, v in comparison.to_json().items() if k not in ("parallel_s", "nodeid")}
+            {k: v for k, v in comparison.to_json().items() if k not in ("parallel_s", "nodeid", "extra")}
         )
     return comparison
 
-
-def summary_lines(comparisons: list[Comparison]) -> list[str]:
-    """The terminal summary: one row per scenario and variant."""
-    header = ("scenario", "variant", "workers", "serial", "parallel", "speedup", "efficiency", "correct")
-    rows = [header]
-    for c in comparisons:
-        if not c.serial_s or not c.parallel_s:
-            rows.append((c.scenario, c.variant or "-", str(c.workers), "-", "-", "-", "-", _verdict(c)))
-            continue
-        rows.append(
-            (
-                c.scenario, c.variant or "-", str(c.workers),
-                seconds_text(c.serial_median_s), seconds_text(c.parallel_median_s),
-                f"{c.speedup:.2f}x" + ("*" if c.competed else ""), f"{c.efficiency:.0%}", _verdict(c),
-            )
-        )
-    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
-    return ["  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip() for r in rows]
-
-
-def _verdict(c: Comparison) -> str:
-    return {None: "not checked", True: "equal", False: "DIFFERENT"}[c.correct]
-
-
-def seconds_text(s: float) -> str:
-    return f"{s * 1e3:.1f} ms" if s < 1 else f"{s:.2f} s"

@@ -15,7 +15,8 @@ import os
 import numpy as np
 import pytest
 
-from pytest_kerasmp import current_slot
+from pytest_kerasmp import current_slot, seed_everything
+
 
 
 def test_this_process_is_pinned_before_tensorflow(kerasmp_slots):
@@ -42,7 +43,7 @@ def test_keras_trains_on_the_slot_device():
     y = x @ np.arange(8, dtype="float32")[:, None]
 
     def train() -> list[np.ndarray]:
-        keras.utils.set_random_seed(1)
+        seed_everything(1)
         import tensorflow as tf
 
         with tf.device(device):

@@ -19,7 +19,7 @@ import os
 import numpy as np
 import pytest
 
-from pytest_kerasmp import ModelRef
+from pytest_kerasmp import ModelRef, assert_same, derive_seed, seed_everything
 
 EPOCHS = 4
 
@@ -35,10 +35,8 @@ def make_data(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
 def train(config: dict, x: np.ndarray, y: np.ndarray, out_dir: str) -> dict:
     """Train one configuration from its seed; runs in a worker."""
     import keras
-    import tensorflow as tf
 
-    tf.config.experimental.enable_op_determinism()
-    keras.utils.set_random_seed(config["seed"])
+    seed_everything(config["seed"], determinism=True)  # random, numpy, TF, Keras; TF op determinism
     model = keras.Sequential(
         [
             keras.Input((x.shape[1],)),
@@ -67,18 +65,19 @@ def train(config: dict, x: np.ndarray, y: np.ndarray, out_dir: str) -> dict:
     }
 
 
-def configs(k: int, scale: int) -> list[dict]:
+def configs(k: int, scale: int, base_seed: int | None) -> list[dict]:
+    """One configuration per slot; each seed derived from the run's --kerasmp-seed (0 without)."""
     lrs = [1e-3, 3e-3, 1e-2, 3e-4, 2e-3, 5e-3, 7e-4, 1.5e-3]
     return [
-        {"name": f"mlp{i}", "seed": 100 + i, "units": 256, "lr": lrs[i % len(lrs)], "epochs": EPOCHS * scale}
+        {"name": f"mlp{i}", "seed": derive_seed(base_seed or 0, i, "task"), "units": 256, "lr": lrs[i % len(lrs)], "epochs": EPOCHS * scale}
         for i in range(k)
     ]
 
 
-def test_independent_training_one_model_per_slot(kerasmp_speedup, kerasmp_pool, kerasmp_pool_factory, kerasmp_slots, tmp_path):
+def test_independent_training_one_model_per_slot(kerasmp_speedup, kerasmp_pool, kerasmp_pool_factory, kerasmp_slots, kerasmp_seed, tmp_path):
     if len(kerasmp_slots) < 2:
         pytest.skip("needs 2 or more slots: run with --kerasmp-gpus=2 (CPU cores stand in for GPUs)")
-    sweep = configs(len(kerasmp_slots), scale=1)
+    sweep = configs(len(kerasmp_slots), scale=1, base_seed=kerasmp_seed)
     x, y = make_data(8000)
     serial_pool = kerasmp_pool_factory(kerasmp_slots[:1], name="serial")
 
@@ -91,8 +90,7 @@ def test_independent_training_one_model_per_slot(kerasmp_speedup, kerasmp_pool, 
     def same_weights(serial_runs: list[dict], parallel_runs: list[dict]) -> None:
         assert len({r["pid"] for r in parallel_runs}) == len(sweep), "the sweep did not spread over the workers"
         for s, p in zip(serial_runs, parallel_runs, strict=True):
-            for ws, wp in zip(s["weights"], p["weights"], strict=True):
-                np.testing.assert_array_equal(wp, ws, err_msg=f"{p['name']}: weights differ from serial training")
+            assert_same(s["weights"], p["weights"], name=f"{p['name']} weights (serial vs parallel)")
         print("\nmodel   val_loss  val_accuracy  saved as")
         for p in parallel_runs:
             print(f"{p['name']:6}  {p['val_loss']:.4f}    {p['val_accuracy']:.4f}        {p['model'].path}")
@@ -114,7 +112,7 @@ def train_mirrored(x: np.ndarray, y: np.ndarray, replicas: int) -> dict:
     import tensorflow as tf
 
     def fit(strategy) -> list[np.ndarray]:
-        keras.utils.set_random_seed(7)
+        seed_everything(7)
         with strategy.scope():
             model = keras.Sequential([keras.Input((x.shape[1],)), keras.layers.Dense(64, activation="relu"), keras.layers.Dense(10)])
             model.compile(optimizer=keras.optimizers.SGD(0.05), loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))

@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pytest_kerasmp import ModelRef
+from pytest_kerasmp import ModelRef, seed_everything
 
 
 def make_data(n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -28,7 +28,7 @@ def make_data(n: int) -> tuple[np.ndarray, np.ndarray]:
 def build_and_save(index: int, directory) -> ModelRef:
     import keras
 
-    keras.utils.set_random_seed(index)
+    seed_everything(index)
     model = keras.Sequential(
         [keras.Input((64,)), keras.layers.Dense(256 + 64 * index, activation="relu"), keras.layers.Dense(10)],
         name=f"model{index}",

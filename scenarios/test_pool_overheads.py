@@ -26,7 +26,7 @@ import time
 import numpy as np
 import pytest
 
-from pytest_kerasmp import ModelRef, WorkerCrashedError, WorkerPool
+from pytest_kerasmp import ModelRef, WorkerCrashedError, WorkerPool, seed_everything
 
 IMPORT_TF = [sys.executable, "-c", "import tensorflow"]
 
@@ -65,7 +65,7 @@ def count_params(ref: ModelRef, x: np.ndarray) -> int:
 def build_cnn():
     import keras
 
-    keras.utils.set_random_seed(0)
+    seed_everything(0)
     return keras.Sequential(
         [
             keras.Input((32, 32, 3)),
@@ -96,7 +96,7 @@ def test_pool_start_vs_one_tensorflow_import(kerasmp_speedup, two_slots, start_m
 
     comparison = kerasmp_speedup(
         import_tensorflow_in_a_new_process, start_pool, workers=2, rounds=3,
-        variant=f"start-{start_method}",
+        variant=f"start-{start_method}", kind="overhead",
     )
     # The pool's own figure: construction to all workers ready (close not included); the
     # first start is the warm-up, which for forkserver also starts the server.
@@ -122,7 +122,7 @@ def test_crashed_worker_replaced_vs_one_tensorflow_import(kerasmp_speedup, keras
 
     comparison = kerasmp_speedup(
         import_tensorflow_in_a_new_process, crash_and_wait_for_replacement,
-        workers=1, rounds=3, variant=f"replace-{start_method}",
+        workers=1, rounds=3, variant=f"replace-{start_method}", kind="overhead",
     )
     ready = pool.stats.replacement_ready_s
     comparison.extra.update({"crash_to_ready_s": ready, "crash_to_ready_median_s": float(np.median(ready))})
@@ -146,7 +146,7 @@ def test_array_round_trip_vs_two_copies(kerasmp_speedup, kerasmp_pool_factory, t
         return pickle.loads(pool.submit(echo_pickled, data).result(timeout=30))
 
     comparison = kerasmp_speedup(
-        two_copies, round_trip, workers=1, rounds=15, variant=f"array-{transport}",
+        two_copies, round_trip, workers=1, rounds=15, variant=f"array-{transport}", kind="overhead",
         check=lambda copied, sent_back: np.testing.assert_array_equal(sent_back, copied),
     )
     print(f"\n{transport}: {array.nbytes / 2**20:.1f} MiB there and back at "

@@ -24,7 +24,7 @@ import numpy as np
 import psutil
 import pytest
 
-from pytest_kerasmp import InferenceServer, ModelRef, WorkerPool
+from pytest_kerasmp import InferenceServer, ModelRef, WorkerPool, seed_everything
 
 MAX_BATCH = 32
 IN_FLIGHT = 4
@@ -34,7 +34,7 @@ TOLERANCE = 1e-4
 def build_tiny():
     import keras
 
-    keras.utils.set_random_seed(0)
+    seed_everything(0)
     return keras.Sequential(
         [keras.Input((32,)), keras.layers.Dense(64, activation="relu"), keras.layers.Dense(10)], name="tiny"
     )
@@ -43,7 +43,7 @@ def build_tiny():
 def build_cnn():
     import keras
 
-    keras.utils.set_random_seed(0)
+    seed_everything(0)
     return keras.Sequential(
         [
             keras.Input((64, 64, 3)),
@@ -172,7 +172,7 @@ def test_served_throughput_vs_in_process_full_batches(kerasmp_speedup, benchmark
         benchmark.extra_info["max_abs_diff_vs_predict"] = diff
         assert diff <= TOLERANCE, f"served predictions differ from model.predict by {diff}"
 
-    comparison = kerasmp_speedup(limit, serve, workers=m, rounds=3, variant=f"{model_name}-limit-M{m}", check=check)
+    comparison = kerasmp_speedup(limit, serve, workers=m, rounds=3, variant=f"{model_name}-limit-M{m}", check=check, kind="fraction")
     latency = np.concatenate([r["latency_s"] for r in runs])
     stats = server.stats()
     comparison.extra.update(
