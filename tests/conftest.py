@@ -149,6 +149,32 @@ def _leak_guard(request: pytest.FixtureRequest):
         assert not _broken_pools() - broken, "the test left a broken pool open"
 
 
+def _held_arena_maps() -> int:
+    """Arena mappings that live pools hold legitimately (a session pool outlives a module)."""
+    from pytest_kerasmp import lifecycle
+    from pytest_kerasmp.pool import WorkerPool
+
+    held = 0
+    for owner in list(lifecycle._owners):
+        if isinstance(owner, WorkerPool):
+            for w in owner._dispatcher.workers:
+                held += (w.to_worker.map is not None) + (w.from_worker.map is not None)
+    return held
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _arena_guard():
+    """After each test module (and its module fixtures) is done: no shared-memory arena
+    mapping left beyond those the still-open pools hold."""
+    import gc
+
+    before = len(arena_maps()) - _held_arena_maps()
+    yield
+    gc.collect()
+    left = len(arena_maps()) - _held_arena_maps()
+    assert left <= before, f"{left - before} shared-memory arena mapping(s) outlived this module's pools, servers and clients"
+
+
 @pytest.fixture
 def no_leftovers():
     """After the test: no mapping of a shared-memory arena beyond those held before it (every
