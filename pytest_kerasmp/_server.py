@@ -40,7 +40,9 @@ def input_problem(arrays: list[Any], inputs: list[InputSpec], what: str, batch_a
     from pytest_kerasmp.errors import BAD_REQUEST
 
     if len(arrays) != len(inputs):
-        return f"the model takes {len(inputs)} input(s), request {what} has {len(arrays)}"
+        from pytest_kerasmp.devices import plural
+
+        return f"the model takes {plural(len(inputs), 'input')}, request {what} has {len(arrays)}"
     lead = 1 if batch_axis else 0
     for k, (a, (shape, dtype, name)) in enumerate(zip(arrays, inputs, strict=True)):
         expected = f"{name}: per-sample shape {shape}, dtype {np.dtype(dtype)}"

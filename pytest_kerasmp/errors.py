@@ -154,7 +154,7 @@ POOL_CLOSED_RUNNING = (
 )
 POOL_BROKEN = "pool {pool!r} can run nothing more: {cause}; close it and start a new pool"
 SLOT_DEAD = (
-    "no worker of pool {pool!r} can run on {slot}: its worker failed to start {attempts} time(s) "
+    "no worker of pool {pool!r} can run on {slot}: its worker failed to start {attempts} times "
     "in a row (last: {reason})"
 )
 MAP_TIMED_OUT = (

@@ -184,7 +184,12 @@ class InferenceClient:
         if isinstance(x, dict):
             missing = [name for _, _, name in self.inputs if name not in x]
             if missing:
-                raise ValueError(f"request lacks input(s) {missing}; the model's inputs are {[n for *_, n in self.inputs]}")
+                from pytest_kerasmp.devices import plural
+
+                raise ValueError(
+                    f"request lacks {plural(len(missing), 'input')} {missing}; "
+                    f"the model's inputs are {[n for *_, n in self.inputs]}"
+                )
             x = [x[name] for _, _, name in self.inputs]
         arrays = [np.asarray(a) for a in (x if isinstance(x, (list, tuple)) else [x])]
         single = len(arrays) == len(self.inputs) and all(

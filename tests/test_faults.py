@@ -71,7 +71,7 @@ def test_failing_replacements_are_bounded_then_the_pool_refuses_work(no_leftover
         assert [f.result(timeout=30) for f in queued] == [0, 1, 2]
         with pytest.raises(WorkerCrashedError):
             crash.result(timeout=10)
-        with pytest.raises(PoolBrokenError, match=r"failed to start 3 time\(s\) in a row.*fails on purpose") as info:
+        with pytest.raises(PoolBrokenError, match=r"failed to start 3 times in a row.*fails on purpose") as info:
             pool.submit(pool_tasks.add, 1).result(timeout=60)  # refused at once, or failed when the slot dies
         assert "fails on purpose" in str(info.value.__cause__.__cause__)  # the child's traceback
         t0 = time.monotonic()

@@ -55,7 +55,7 @@ def test_bad_requests_get_a_clear_error_and_lose_nothing_else(server):
         server.predict(np.ones((2, 5), np.float32))
     with pytest.raises(ValueError, match="dtype complex64"):
         server.predict(np.ones((2, 4), np.complex64))
-    with pytest.raises(ValueError, match="takes 1 input"):
+    with pytest.raises(ValueError, match="takes 1 input,"):
         server.predict([np.ones((1, 4)), np.ones((1, 4))])
     x = np.ones((2, 4), np.float32)
     np.testing.assert_allclose(server.predict(x), server_models.expected(x), rtol=1e-5)
@@ -97,7 +97,7 @@ def test_multi_input_model_takes_a_list_or_a_dict(no_leftovers, kerasmp_inferenc
     a, b = np.ones((5, 4), np.float32), np.full((5, 2), 2.0, np.float32)
     np.testing.assert_allclose(server.predict([a, b]), np.full((5, 3), 8.0))
     np.testing.assert_allclose(server.predict({"b": b[0], "a": a[0]}), np.full(3, 8.0))
-    with pytest.raises(ValueError, match=r"lacks input\(s\) \['b'\]"):
+    with pytest.raises(ValueError, match=r"lacks 1 input \['b'\]"):
         server.predict({"a": a})
 
 
