@@ -359,3 +359,12 @@ def _running(pid: int) -> bool:
         return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return False
+
+
+def test_a_server_started_by_the_forkserver_serves_and_stops(no_leftovers):
+    ref = ModelRef.from_builder("server_models:linear")
+    with InferenceServer(ref, CPU0, start_method="forkserver", name="forked") as server:
+        x = np.ones((3, 4), np.float32)
+        np.testing.assert_allclose(server.predict(x), server_models.expected(x), rtol=1e-5)
+        pid = server.pid
+    assert not _running(pid)
