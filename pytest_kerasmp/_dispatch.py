@@ -152,18 +152,23 @@ class Dispatcher:
             except OSError:
                 pass  # already awake
 
-    def fail_everything(self, why: str) -> None:
-        """Fail what is queued and running with PoolClosedError(why); kill busy workers.
-        Only when the dispatcher thread is not running (or is stuck)."""
+    def fail_queued(self, why: str) -> None:
+        """Fail every task not yet started with PoolClosedError(why)."""
         with self.lock:
             queued, self.pending = list(self.pending), collections.deque()
         for task in queued:
             self.fail(task, PoolClosedError(POOL_CLOSED_QUEUED.format(pool=self.name, why=why, task=task.id, fn=task.fn)))
+
+    def fail_everything(self, why: str, stacks: dict[int, str | None] | None = None) -> None:
+        """Fail what is queued and running with PoolClosedError(why), killing busy workers
+        (``stacks``, by pid, are attached to their tasks). From the dispatcher thread, or
+        from the caller once the dispatcher has stopped (or is stuck)."""
+        self.fail_queued(why)
         for w in self.workers:
             if w.task is not None:
                 task, w.task = w.task, None
                 w.child.kill()
-                self.fail(task, self._closed_running(w, task, why))
+                self.fail(task, with_stacks(self._closed_running(w, task, why), (stacks or {}).get(w.child.pid)))
 
     def close_fds(self) -> None:
         with self.lock:
@@ -223,14 +228,8 @@ class Dispatcher:
     def _abort_now(self, why: str) -> None:
         """Kill running work (its stacks first, when a close timed out), fail it and
         everything queued, with ``why``."""
-        busy = [w for w in self.workers if w.task is not None]
-        stacks = dump_stacks_of([w.child for w in busy]) if self.dump_on_abort else {}
-        for w in busy:
-            task, w.task = w.task, None
-            assert task is not None
-            w.child.kill()
-            self.fail(task, with_stacks(self._closed_running(w, task, why), stacks.get(w.child.pid)))
-        self.fail_everything(why)
+        busy = [w.child for w in self.workers if w.task is not None]
+        self.fail_everything(why, dump_stacks_of(busy) if self.dump_on_abort else None)
 
     # -------------------------------------------------------------------------- messages
 
@@ -293,7 +292,7 @@ class Dispatcher:
             except WorkerStartupError as exc:
                 self._start_failed(w, exc)
             return
-        while w.child.conn.poll() if not w.child.conn.closed else False:  # a result sent just before dying counts
+        while self._pending_message(w):  # a result sent just before dying still counts
             if not self._on_message(w):
                 break
         how, hint = w.child.describe_exit()
@@ -319,6 +318,13 @@ class Dispatcher:
             )))
         if replace:
             self._restart(w, crashed_at=time.monotonic())
+
+    @staticmethod
+    def _pending_message(w: Worker) -> bool:
+        try:
+            return w.child.conn.poll()
+        except (OSError, ValueError):  # closed, or broken by the death
+            return False
 
     def _bury(self, w: Worker) -> None:
         w.state = "dead"

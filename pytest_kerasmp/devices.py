@@ -18,12 +18,14 @@ import subprocess
 import warnings
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from pytest_kerasmp.errors import KerasMPWarning
 
 #: Fake the GPU list, for tests and dry runs on machines without one: a count ("2") or
 #: comma-separated names ("A100,A100"). Detection then runs no nvidia-smi.
+T = TypeVar("T")
+
 FAKE_GPUS_ENV = "PYTEST_KERASMP_FAKE_GPUS"
 
 NVIDIA_SMI_TIMEOUT_S = 10.0
@@ -229,17 +231,19 @@ def parse_slot_count(value: int | str) -> int | Literal["auto"]:
     return value
 
 
-def split_cores(cores: Sequence[int], n: int) -> list[tuple[int, ...]]:
-    """``n`` disjoint, contiguous, near-equal core sets; round-robin single cores if n > cores."""
-    if n > len(cores):
-        return [(cores[i % len(cores)],) for i in range(n)]
-    base, extra = divmod(len(cores), n)
-    sets, start = [], 0
+def split_evenly(items: Sequence[T], n: int) -> list[tuple[T, ...]]:
+    """``n`` disjoint, contiguous, near-equal parts of ``items`` (the first parts one larger);
+    with ``n`` above ``len(items)``, single items round-robin. Cores among CPU slots, slots
+    among xdist workers."""
+    if n > len(items):
+        return [(items[i % len(items)],) for i in range(n)]
+    base, extra = divmod(len(items), n)
+    parts, start = [], 0
     for i in range(n):
         size = base + (1 if i < extra else 0)
-        sets.append(tuple(cores[start : start + size]))
+        parts.append(tuple(items[start : start + size]))
         start += size
-    return sets
+    return parts
 
 
 @dataclasses.dataclass(frozen=True)
@@ -359,7 +363,7 @@ def plan_slots(
             KerasMPWarning,
             stacklevel=2,
         )
-    sets = split_cores(core_list, count)
+    sets = split_evenly(core_list, count)
     core_uses = Counter(c for s in sets for c in s)
     return tuple(
         DeviceSlot(index=i, kind="CPU", cores=s, shared=any(core_uses[c] > 1 for c in s))

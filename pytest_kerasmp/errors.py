@@ -30,13 +30,6 @@ TF_ALREADY_INITIALIZED = (
     "a fixture or a test, or drop --kerasmp-gpus to run unpinned"
 )
 
-CORES_REUSED = (
-    "kerasmp: {slots} CPU slots requested but only {cores} usable cores {core_set}; cores are "
-    "reused round-robin, so slots share cores and timings will be slower than planned; "
-    "use --kerasmp-gpus={cores} or fewer"
-)
-
-
 class WorkerStartupError(KerasMPError):
     """A worker process could not start: pinning, the TensorFlow import or the initializer failed."""
 

@@ -311,8 +311,6 @@ class Child:
                 close()
             except OSError:
                 pass
-        if self._popen is None and self._out_fd >= 0:
-            pass  # the relay thread closes the forkserver child's output at its end
         if isinstance(self.sentinel, int) and self._popen is not None:
             try:
                 os.close(self.sentinel)

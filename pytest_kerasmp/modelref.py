@@ -46,10 +46,6 @@ class _FrozenKwargs(tuple):  # type: ignore[type-arg]
         return (_FrozenKwargs, (tuple(self),))
 
 
-def _is_frozen(kwargs: Any) -> bool:
-    return isinstance(kwargs, _FrozenKwargs)
-
-
 def _thaw(value: Any) -> Any:
     if isinstance(value, tuple) and len(value) == 2 and value[0] in ("__list__", "__tuple__", "__dict__"):
         tag, items = value
@@ -94,7 +90,7 @@ class ModelRef:
             raise ValueError(f"path={self.path!r} is not a .keras file; save with model.save('x.keras')")
         if self.builder is not None and ":" not in self.builder:
             raise ValueError(f"builder={self.builder!r} must be 'package.module:function'")
-        if not _is_frozen(self.builder_kwargs):  # dataclasses.replace passes them frozen already
+        if not isinstance(self.builder_kwargs, _FrozenKwargs):  # dataclasses.replace passes them frozen
             frozen = tuple((k, _freeze(v, k)) for k, v in self.builder_kwargs)
             object.__setattr__(self, "builder_kwargs", _FrozenKwargs(frozen))
 

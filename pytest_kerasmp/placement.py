@@ -18,9 +18,7 @@ Two parts, both import-light (no pytest, no TensorFlow), so children can use the
 from __future__ import annotations
 
 import json
-import multiprocessing
 import os
-import re
 import shutil
 import tempfile
 import time
@@ -28,7 +26,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from pytest_kerasmp.devices import DeviceSlot, plural
+from pytest_kerasmp.devices import DeviceSlot, plural, split_evenly
 
 SESSION_ENV = "PYTEST_KERASMP_SESSION_DIR"
 
@@ -46,7 +44,6 @@ SHARED_ACROSS_WORKERS = (
 )
 UNPINNED_COMPETED = "xdist workers unpinned (no --kerasmp-gpus): every worker shared every core"
 
-_POOL_NAME = re.compile(r"^kerasmp-(?P<pool>.+)-w(?P<index>\d+)-(?:gpu|cpu).*$")
 
 
 # ---------------------------------------------------------------------------- partition
@@ -60,18 +57,7 @@ def worker_index(worker_id: str) -> int:
 def partition(slots: Sequence[DeviceSlot], workers: int) -> list[tuple[DeviceSlot, ...]]:
     """One part of ``slots`` per xdist worker: disjoint when ``workers <= len(slots)``
     (contiguous, the first parts one larger), else slot ``K mod N`` for worker K."""
-    n = len(slots)
-    if workers <= 0:
-        return [tuple(slots)]
-    if workers > n:
-        return [(slots[k % n],) for k in range(workers)]
-    base, extra = divmod(n, workers)
-    parts, start = [], 0
-    for k in range(workers):
-        size = base + (1 if k < extra else 0)
-        parts.append(tuple(slots[start : start + size]))
-        start += size
-    return parts
+    return split_evenly(slots, workers) if workers > 0 else [tuple(slots)]
 
 
 def part_of(slots: Sequence[DeviceSlot], worker_id: str | None, workers: int) -> tuple[DeviceSlot, ...]:
@@ -172,22 +158,6 @@ def record(role: str, slot: DeviceSlot, *, label: str, part: Sequence[DeviceSlot
             "end": None,
         },
     )
-
-
-def record_child() -> None:
-    """Record a pool worker or server; called in the child right after it pinned itself."""
-    from pytest_kerasmp.pinning import current_slot
-
-    slot = current_slot()
-    if slot is None or session_dir() is None:
-        return
-    name = multiprocessing.current_process().name
-    m = _POOL_NAME.match(name)
-    if m:
-        role, label = "pool worker", f"{m['pool']} w{m['index']}"
-    else:
-        role, label = "server", name.removeprefix("kerasmp-")
-    record(role, slot, label=label)
 
 
 def release(pid: int | None) -> None:

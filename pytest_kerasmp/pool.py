@@ -28,7 +28,7 @@ from pytest_kerasmp.errors import (
     TaskTimeoutError,
 )
 from pytest_kerasmp.lifecycle import START_METHODS, Child
-from pytest_kerasmp.transport import check_runnable_in_worker, dumps_call
+from pytest_kerasmp.transport import dumps_call
 
 __all__ = ["PoolStats", "WorkerPool"]
 
@@ -82,7 +82,6 @@ class WorkerPool:
         self._import_tf = import_tensorflow
         self._init_call: bytes | None = None
         if initializer is not None:
-            check_runnable_in_worker(initializer)
             self._init_call, _ = dumps_call(initializer, tuple(initargs), {}, out_of_band=False)
         self._ids = itertools.count()
         self._closed = self._finished = False
@@ -166,7 +165,7 @@ class WorkerPool:
         d = self._begin_close()
         try:
             if cancel_pending:
-                self._cancel_queued("close(cancel_pending=True)")
+                d.fail_queued("close(cancel_pending=True)")
             d.wake()
             d.thread.join(timeout)
             if d.thread.is_alive():
@@ -219,7 +218,6 @@ class WorkerPool:
             raise PoolClosedError(POOL_CLOSED.format(pool=self.name, fn=name))
         if d.broken is not None:
             raise PoolBrokenError(POOL_BROKEN.format(pool=self.name, cause=d.broken))
-        check_runnable_in_worker(fn)
         call, buffers = dumps_call(fn, args, kwargs)
         task = QueuedTask(next(self._ids), call, buffers, Future(), name, timeout_s, worker)
         d.enqueue(task)
@@ -240,15 +238,6 @@ class WorkerPool:
                 done=len(done), total=len(futures),
             ))
         return [f.result() for f in futures]
-
-    def _cancel_queued(self, why: str) -> None:
-        d = self._dispatcher
-        from pytest_kerasmp.errors import POOL_CLOSED_QUEUED
-
-        with d.lock:
-            queued, d.pending = list(d.pending), type(d.pending)()
-        for task in queued:
-            d.fail(task, PoolClosedError(POOL_CLOSED_QUEUED.format(pool=self.name, why=why, task=task.id, fn=task.fn)))
 
     def _begin_close(self) -> Dispatcher:
         """Refuse new tasks from now on; no worker is replaced any more."""

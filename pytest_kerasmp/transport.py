@@ -226,7 +226,7 @@ def dumps_call(
     The out-of-band buffers are copies, so the caller may change its arrays at once.
     """
     __tracebackhide__ = True
-    check_importable(fn)
+    check_runnable_in_worker(fn)
     buffers: list[Any] | None = [] if out_of_band else None
     name = _name(fn)
     items = [(f"function {fn!r}", fn)]

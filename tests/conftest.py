@@ -107,6 +107,16 @@ def _leftover_children() -> set[int]:
     return found
 
 
+def running(pid: int) -> bool:
+    """Whether process ``pid`` still runs (a zombie does not)."""
+    import psutil
+
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
 def arena_maps() -> list[str]:
     """This process's mappings of pytest-kerasmp shared-memory arenas (memfd files)."""
     with open("/proc/self/maps") as maps:

@@ -30,6 +30,7 @@ from pytest_kerasmp import (
     WorkerPool,
     WorkerStartupError,
 )
+from conftest import running as _running
 from pytest_kerasmp import _dispatch
 
 CORES = sorted(os.sched_getaffinity(0))
@@ -350,15 +351,6 @@ def test_builder_kwargs_may_be_lists_and_dicts():
     assert hash(ref) == hash(ModelRef.from_builder("server_models:layered", layers=[8, 4], options={"act": "relu"}))
     with pytest.raises(TypeError, match=r"builder argument data=.*not hashable"):
         ModelRef.from_builder("server_models:layered", data=np.ones(3))
-
-
-def _running(pid: int) -> bool:
-    import psutil
-
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
 
 
 def test_a_server_started_by_the_forkserver_serves_and_stops(no_leftovers):

@@ -10,10 +10,10 @@ import threading
 import time
 
 import numpy as np
-import psutil
 import pytest
 
 import pool_tasks
+from conftest import running as _running
 from pytest_kerasmp import (
     DeviceSlot,
     PoolClosedError,
@@ -200,13 +200,6 @@ def test_task_timeout_kills_and_replaces_the_worker(pool):
     while before <= set(pool.pids()) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not before <= set(pool.pids())
-
-
-def _running(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
 
 
 @pytest.mark.parametrize("end", ["close", "timeout", "crash"])
