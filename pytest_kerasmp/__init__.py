@@ -15,6 +15,10 @@ _WHERE = {
     "DeviceSlot": "devices",
     "detect_gpus": "devices",
     "plan_slots": "devices",
+    "TFCluster": "cluster",
+    "task_info": "cluster",
+    "ClusterStartError": "errors",
+    "ClusterTaskError": "errors",
     "DeviceAlreadyInitializedError": "errors",
     "KerasMPError": "errors",
     "KerasMPWarning": "errors",
@@ -57,10 +61,14 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:
+    from pytest_kerasmp.cluster import TFCluster as TFCluster
+    from pytest_kerasmp.cluster import task_info as task_info
     from pytest_kerasmp.devices import GPU as GPU
     from pytest_kerasmp.devices import DeviceSlot as DeviceSlot
     from pytest_kerasmp.devices import detect_gpus as detect_gpus
     from pytest_kerasmp.devices import plan_slots as plan_slots
+    from pytest_kerasmp.errors import ClusterStartError as ClusterStartError
+    from pytest_kerasmp.errors import ClusterTaskError as ClusterTaskError
     from pytest_kerasmp.errors import DeviceAlreadyInitializedError as DeviceAlreadyInitializedError
     from pytest_kerasmp.errors import KerasMPError as KerasMPError
     from pytest_kerasmp.errors import KerasMPWarning as KerasMPWarning

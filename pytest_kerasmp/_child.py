@@ -25,6 +25,7 @@ PARENT_POLL_S = 0.5
 ENTRY_POINTS = {
     "pool-worker": "pytest_kerasmp._worker:main",
     "server": "pytest_kerasmp._server:main",
+    "cluster-task": "pytest_kerasmp._worker:main",  # a pool worker with TF_CONFIG (cluster.py)
 }
 
 #: Set while this child imports its owner's ``__main__`` script (a script without a

@@ -304,13 +304,13 @@ class Dispatcher:
             return
         if not w.killed:
             self.stats.crashes += 1
-        replace = not self.closing
+        replace = not self.closing and self.pool.replace_workers
         if w.task is not None:
             task, w.task = w.task, None
             fate = (
-                "the pool is starting a replacement on the same slot"
-                if replace
-                else "it was not replaced: the pool is closing"
+                "the pool is starting a replacement on the same slot" if replace
+                else "it was not replaced: the pool is closing" if self.closing
+                else "it was not replaced: its owner restarts all its processes together"
             )
             self.fail(task, WorkerCrashedError(WORKER_CRASHED.format(
                 index=w.index, slot=w.slot.describe(), pid=w.pid, pool=self.name,

@@ -65,6 +65,27 @@ class ServerBusyError(KerasMPError):
     """The inference server's queue stayed full for the whole wait."""
 
 
+class ClusterTaskError(KerasMPError):
+    """A task of a :class:`~pytest_kerasmp.TFCluster` raised, died or timed out: the call fails
+    in every task (shared fate) and the cluster restarts on its next use.
+
+    Attributes: ``task`` (``"worker:1"``), ``slot`` (its description), ``pid``, ``exitcode``
+    (negative: the signal; ``None`` if the process still ran), ``outputs`` (each task's recent
+    output, by task) and ``stacks`` (the Python stacks of tasks that were still running).
+    """
+
+    task: str | None = None
+    slot: str | None = None
+    pid: int | None = None
+    exitcode: int | None = None
+    outputs: dict[str, str] = {}  # noqa: RUF012  (replaced per instance)
+    stacks: dict[str, str] = {}  # noqa: RUF012
+
+
+class ClusterStartError(ClusterTaskError, WorkerStartupError):
+    """A task of a :class:`~pytest_kerasmp.TFCluster` could not start (or its port is taken)."""
+
+
 class RemoteTraceback(Exception):
     """The traceback text of an exception raised in a worker, attached as ``__cause__``."""
 
@@ -190,3 +211,31 @@ SERVER_NO_ANSWER = (
     "server.stats()"
 )
 BAD_REQUEST = "request {what} does not fit the model's input {index} ({expected}): {problem}"
+CLUSTER_TASK_FAILED = (
+    "task {task} ({slot}, pid {pid}) of cluster {cluster!r} {what} during run({fn}); every "
+    "task of the cluster was stopped with it (shared fate: the others would wait for it in "
+    "their next collective) and the cluster restarts on its next use; {advice}"
+)
+CLUSTER_TIMED_OUT = (
+    "run({fn}) on cluster {cluster!r} did not finish within {timeout:g} s: {stuck} still "
+    "ran (a task waiting in a collective for a peer that never comes, or a slow step); every "
+    "task was stopped, their Python stacks are attached below, and the cluster restarts on its "
+    "next use; raise timeout (or run_timeout_s) if the work is just slow"
+)
+CLUSTER_START_FAILED = (
+    "cluster {cluster!r} could not start: {reason}; no task of it is left running"
+)
+CLUSTER_PORT_TAKEN = (
+    "port {port} on 127.0.0.1, asked for task {task} of cluster {cluster!r}, is already in use"
+    "{holder}; free it, or leave ports=None so that the cluster picks free ports"
+)
+CLUSTER_NOT_ENOUGH_SLOTS = (
+    "cluster {cluster!r} needs one slot per task ({tasks} tasks: {names}) and got {slots} "
+    "({described}); pass --kerasmp-gpus={tasks} or more (each xdist worker owns only its part "
+    "of the slots), or give slots=[...] explicitly"
+)
+CLUSTER_CLOSED = "cluster {cluster!r} is closed; run({fn}) was not run; make a new TFCluster"
+CLUSTER_BUSY = (
+    "cluster {cluster!r} is already running run({running}) in another thread; run() calls of "
+    "one cluster take turns, since every task runs every call; call run() from one thread"
+)

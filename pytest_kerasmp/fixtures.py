@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 
+from pytest_kerasmp.cluster import TFCluster
 from pytest_kerasmp.comparison import Comparison
 from pytest_kerasmp.config import session_plan, session_settings
 from pytest_kerasmp.devices import DeviceSlot
@@ -136,6 +137,31 @@ def kerasmp_inference_server(
     yield start
     for server in servers:
         server.close(timeout=30.0)
+
+
+@pytest.fixture
+def kerasmp_tf_cluster(
+    kerasmp_slots: tuple[DeviceSlot, ...],
+) -> Iterator[Callable[..., TFCluster]]:
+    """Factory: make(workers=2, **options) -> TFCluster, closed at test end (function).
+
+    Each task on its own slot of those this process owns (``--kerasmp-gpus=N`` with N >= the
+    number of tasks; under -n, this xdist worker's part). The cluster stays warm across the
+    test's ``run`` calls; for one warm cluster across a module, make a module-scoped fixture
+    that yields ``TFCluster(...)`` as a context manager.
+    """
+    clusters: list[TFCluster] = []
+
+    def make(workers: int = 2, **options: Any) -> TFCluster:
+        options.setdefault("name", f"cluster{len(clusters)}")
+        options.setdefault("slots", kerasmp_slots)  # the first ones, one per task
+        cluster = TFCluster(workers, **options)
+        clusters.append(cluster)
+        return cluster
+
+    yield make
+    for cluster in clusters:
+        cluster.close(timeout=30.0)
 
 
 @pytest.fixture(scope="session")

@@ -51,8 +51,11 @@ TF_LOGS_ENV = "PYTEST_KERASMP_TF_LOGS"
 OUTPUT_TAIL = 200
 STACK_DUMP_S = 1.0
 #: TensorFlow's start-up chatter that TF_CPP_MIN_LOG_LEVEL does not silence (absl's banner,
-#: info lines in glog format): kept in the output tail for error messages, not printed.
-_CHATTER = re.compile(r"^(WARNING: All log messages before absl::InitializeLog\(\)|I\d{4} [\d:.]+ )")
+#: info lines in glog format, the failed CUDA probe of a CPU-only slot): kept in the output
+#: tail for error messages, not printed.
+_CHATTER = re.compile(
+    r"^(WARNING: All log messages before absl::InitializeLog\(\)|I\d{4} [\d:.]+ |E\d{4} .*failed call to cuInit)"
+)
 
 _PACKAGE_ROOT = str(Path(__file__).resolve().parent.parent)
 _children: weakref.WeakSet[Child] = weakref.WeakSet()
@@ -89,7 +92,7 @@ class Child:
     """One started process on one slot, until :meth:`stop`.
 
     Args:
-        role: ``"pool-worker"`` or ``"server"`` (the entry point in ``_child``).
+        role: ``"pool-worker"``, ``"server"`` or ``"cluster-task"`` (its entry point in ``_child``).
         name: Process name (``ps`` shows its first 15 bytes) and output prefix.
         slot: The slot it pins itself to before anything imports TensorFlow.
         args: Arguments of the role's entry point (pickled; unpickled after pinning).
@@ -98,6 +101,7 @@ class Child:
         who: How messages name it: a template with ``{slot}`` and ``{pid}``, e.g.
             ``"worker 0 ({slot}, pid {pid}) of pool 'x'"``.
         label: How the session's placement table names it (default: ``name``).
+        env: Environment variables the child sets before it pins and imports TensorFlow.
     """
 
     def __init__(
@@ -111,6 +115,7 @@ class Child:
         import_tensorflow: bool = True,
         who: str = "",
         label: str = "",
+        env: dict[str, str] | None = None,
     ) -> None:
         if _child.importing_main:
             raise RuntimeError(MAIN_NOT_GUARDED.format(path=_child.importing_main))
@@ -121,7 +126,7 @@ class Child:
         self.output: collections.deque[str] = collections.deque(maxlen=OUTPUT_TAIL)
         self.started_at = time.monotonic()
         self._stopped = False
-        env = {"PYTEST_KERASMP_ROLE": role}
+        env = {**(env or {}), "PYTEST_KERASMP_ROLE": role}
         self._quiet = os.environ.get(TF_LOGS_ENV, "") in ("", "0")
         if self._quiet:
             env["TF_CPP_MIN_LOG_LEVEL"] = os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -217,7 +222,9 @@ class Child:
         return self._who.format(name=self.name, slot=self.slot.describe(), pid=self.pid)
 
     def recent_output(self, lines: int = 20) -> str:
-        return "\n".join(list(self.output)[-lines:])
+        """Its last lines of output (without TensorFlow's chatter, unless it is shown)."""
+        kept = [line for line in self.output if not (self._quiet and _CHATTER.match(line))]
+        return "\n".join(kept[-lines:])
 
     # -------------------------------------------------------------------------- startup
 

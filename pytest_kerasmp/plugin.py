@@ -39,6 +39,7 @@ from pytest_kerasmp.fixtures import (  # noqa: F401  (fixtures registered with t
     kerasmp_seed,
     kerasmp_slots,
     kerasmp_speedup,
+    kerasmp_tf_cluster,
 )
 from pytest_kerasmp.pinning import pin_process
 from pytest_kerasmp.speedup import COMPARISONS_KEY

@@ -54,6 +54,9 @@ class WorkerPool:
         import_tensorflow: Import TensorFlow in each worker before it is ready (warm).
     """
 
+    #: Whether a worker that dies is replaced (a cluster's owner restarts all of them instead).
+    replace_workers = True
+
     def __init__(
         self,
         slots: Sequence[DeviceSlot],
