@@ -32,6 +32,7 @@ from pytest_kerasmp.errors import (
     CLUSTER_BUSY,
     CLUSTER_CLOSED,
     CLUSTER_NOT_ENOUGH_SLOTS,
+    CLUSTER_PORT_LOST,
     CLUSTER_PORT_TAKEN,
     CLUSTER_START_FAILED,
     CLUSTER_TASK_FAILED,
@@ -245,6 +246,9 @@ class TFCluster:
                 lines = str(cause).strip().splitlines()
                 what = f"raised {type(cause).__name__}" + (f": {lines[-1].strip()}" if lines else "")
                 advice = "its traceback is attached below"
+                if "Could not start gRPC server" in str(cause):  # its port was taken meanwhile
+                    port = self.ports[i]
+                    advice = CLUSTER_PORT_LOST.format(port=port, holder=port_holder(port) or "")
             error = ClusterTaskError(CLUSTER_TASK_FAILED.format(
                 task=self.task_names[i], slot=child.slot.describe(), pid=child.pid, cluster=self.name,
                 what=what, fn=fn, advice=advice,

@@ -229,6 +229,10 @@ CLUSTER_PORT_TAKEN = (
     "port {port} on 127.0.0.1, asked for task {task} of cluster {cluster!r}, is already in use"
     "{holder}; free it, or leave ports=None so that the cluster picks free ports"
 )
+CLUSTER_PORT_LOST = (
+    "its port {port} on 127.0.0.1 was taken by another process{holder} before TensorFlow could "
+    "listen on it; the restart picks new ports (given ports=[...], free that one)"
+)
 CLUSTER_NOT_ENOUGH_SLOTS = (
     "cluster {cluster!r} needs one slot per task ({tasks} tasks: {names}) and got {slots} "
     "({described}); pass --kerasmp-gpus={tasks} or more (each xdist worker owns only its part "

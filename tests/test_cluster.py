@@ -1,0 +1,250 @@
+"""TFCluster: a local TensorFlow cluster of pinned, warm tasks with shared fate.
+
+Real TensorFlow in every task (CPU slots here; GPU placement with faked GPUs). Every fault
+test bounds its waits and checks the elapsed time, so a broken promise fails in seconds.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+import cluster_tasks
+from conftest import running
+from pytest_kerasmp import ClusterStartError, ClusterTaskError, DeviceSlot, TFCluster, cluster, plan_slots
+
+CORES = sorted(os.sched_getaffinity(0))
+CPU0 = DeviceSlot(index=0, kind="CPU", cores=(CORES[0],))
+CPU1 = DeviceSlot(index=1, kind="CPU", cores=(CORES[-1],))
+TESTS = os.path.dirname(cluster_tasks.__file__)
+
+
+def gone(pids, within: float = 5.0) -> bool:
+    deadline = time.monotonic() + within
+    while any(running(p) for p in pids if p):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+@pytest.fixture(scope="module")
+def warm():
+    """One 2-task cluster for the happy-path tests (started before any test's leak guard)."""
+    with TFCluster(2, slots=[CPU0, CPU1], name="warm") as c:
+        yield c
+
+
+# ------------------------------------------------------------------------------ happy path
+
+
+def test_tasks_are_pinned_told_the_loopback_cluster_and_ran_no_op(warm):
+    infos = warm.run(cluster_tasks.describe)
+    assert [i["task"] for i in infos] == [("worker", 0), ("worker", 1)]
+    assert warm.task_names == ["worker:0", "worker:1"]
+    spec = warm.cluster_spec
+    assert spec == {"worker": [f"127.0.0.1:{p}" for p in warm.ports]} and len(set(warm.ports)) == 2
+    for k, info in enumerate(infos):
+        assert info["tf_config"] == {"cluster": spec, "task": {"type": "worker", "index": k}}
+        assert info["cores"] == list((CPU0, CPU1)[k].cores)
+        assert info["slot"]["index"] == k
+        # The warm-up imported TensorFlow and ran no op, so the strategy can still set up collectives.
+        assert info["context_initialized"] is False
+    assert [i["pid"] for i in infos] == warm.pids()
+
+
+def test_the_strategy_made_in_the_first_call_all_reduces_and_the_tasks_stay_warm(warm):
+    pids = warm.pids()
+    first = warm.run(cluster_tasks.all_reduce_rank)
+    assert first == [(3.0, 2, 60.0)] * 2  # 1 + 2 over both tasks; the cluster's collective timeout
+    t0 = time.monotonic()
+    assert warm.run(cluster_tasks.all_reduce_rank, timeout=30) == first
+    assert time.monotonic() - t0 < 5  # warm: no process start, no TensorFlow import
+    assert warm.pids() == pids and warm.starts == 1
+
+
+def test_ports_are_claimed_so_concurrent_clusters_never_share_one(tmp_path, monkeypatch):
+    monkeypatch.setattr(cluster, "PORTS_DIR", tmp_path)
+    ports = [cluster._claim_free_port() for _ in range(20)]
+    assert len(set(ports)) == 20
+    assert sorted(int(p.name) for p in tmp_path.iterdir()) == sorted(ports)
+    assert all((tmp_path / str(p)).read_text() == str(os.getpid()) for p in ports)
+    # A claim whose owner is gone is taken over; a live one never is.
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True).stdout.strip()
+    (tmp_path / "stale").write_text(dead)
+    assert not cluster._claim_alive(tmp_path / "stale")
+    assert cluster._claim_alive(tmp_path / str(ports[0]))
+
+
+def test_bad_arguments_get_clear_errors_and_start_nothing():
+    with pytest.raises(ValueError, match="needs one slot per task .*3 tasks: chief:0, worker:0, worker:1.* got 2"):
+        TFCluster(2, chief=True, slots=[CPU0, CPU1])
+    with pytest.raises(ValueError, match="workers=0 must be a positive"):
+        TFCluster(0)
+    with pytest.raises(ValueError, match="one port per task"):
+        TFCluster(2, slots=[CPU0, CPU1], ports=[1234])
+
+
+# ---------------------------------------------------------------------------------- faults
+
+
+def test_a_task_killed_mid_training_fails_the_run_in_seconds_and_the_next_run_restarts(kerasmp_tf_cluster):
+    c = kerasmp_tf_cluster(2, slots=[CPU0, CPU1])
+    assert c.run(cluster_tasks.train_steps, 3) == [3, 3]
+    pids = c.pids()
+    t0 = time.monotonic()
+    with pytest.raises(ClusterTaskError) as info:
+        c.run(cluster_tasks.train_steps, 10_000, 5, timeout=60)
+    elapsed = time.monotonic() - t0
+    error = info.value
+    assert elapsed < 5, f"{elapsed:.1f} s to notice a dead task"
+    assert f"task worker:1 (slot1 cores {{{CPU1.cores[0]}}}, pid {pids[1]}) of cluster 'cluster0' died with SIGKILL during run(cluster_tasks.train_steps)" in str(error)
+    assert "every task of the cluster was stopped" in str(error)
+    assert (error.task, error.pid, error.exitcode) == ("worker:1", pids[1], -signal.SIGKILL)
+    assert "task 1 dies at step 5" in error.outputs["worker:1"]
+    assert "worker:0" in error.stacks  # the survivor was waiting in a collective
+    assert gone(pids), "a task outlived the failed run"
+    assert c.pids() == [None, None]
+    assert c.run(cluster_tasks.all_reduce_rank, timeout=60) == [(3.0, 2, 60.0)] * 2  # restarted, new ports
+    assert c.starts == 2 and not set(c.pids()) & set(pids)
+
+
+def test_a_task_that_raises_fails_the_run_in_every_task_with_its_traceback_and_output(kerasmp_tf_cluster):
+    c = kerasmp_tf_cluster(2, slots=[CPU0, CPU1])
+    pids = c.pids()
+    t0 = time.monotonic()
+    with pytest.raises(ClusterTaskError, match=r"task worker:0 .* raised ValueError: learning rate must be positive, got -0.1 during run\(cluster_tasks.raise_in\)") as info:
+        c.run(cluster_tasks.raise_in, 0, timeout=60)
+    assert time.monotonic() - t0 < 5  # the healthy task was stopped, not waited for (60 s)
+    assert "raise ValueError" in str(info.value.__cause__.__cause__)  # the task's traceback
+    assert "about to fail" in info.value.outputs["worker:0"]
+    assert any("recent output of task worker:0" in n for n in info.value.__notes__)
+    assert gone(pids)
+
+
+def test_a_run_past_its_bound_dumps_the_stuck_tasks_and_stops_them(kerasmp_tf_cluster):
+    c = kerasmp_tf_cluster(2, slots=[CPU0, CPU1])
+    pids = c.pids()
+    t0 = time.monotonic()
+    with pytest.raises(ClusterTaskError, match=r"run\(cluster_tasks.sleep_in\) on cluster 'cluster0' did not finish within 1 s: worker:1") as info:
+        c.run(cluster_tasks.sleep_in, 1, 1000, timeout=1)
+    assert time.monotonic() - t0 < 5
+    assert "sleep_in" in info.value.stacks["worker:1"]
+    assert gone(pids)
+
+
+def test_tensorflow_collectives_time_out_when_a_peer_does_not_come(kerasmp_tf_cluster):
+    """The cluster gives every strategy a collective timeout: the waiting task fails in TF itself."""
+    c = kerasmp_tf_cluster(2, slots=[CPU0, CPU1], collective_timeout_s=2)
+    with pytest.raises(ClusterTaskError, match="task worker:0 .* raised DeadlineExceededError: .*Collective has timed out") as info:
+        c.run(cluster_tasks.late_second_collective, 1000, timeout=60)
+    assert info.value.task == "worker:0"
+
+
+def test_a_task_that_cannot_start_fails_the_cluster_start_and_leaves_nothing(kerasmp_tf_cluster):
+    bad = DeviceSlot(index=1, kind="CPU", cores=(4095,))  # no such core: its pin fails
+    t0 = time.monotonic()
+    with pytest.raises(ClusterStartError, match=r"cluster 'cluster0' could not start: task worker:1 \(slot1 cores \{4095\}, pid \d+\) of cluster 'cluster0' failed to start: .*no task of it is left running"):
+        kerasmp_tf_cluster(2, slots=[CPU0, bad])
+    assert time.monotonic() - t0 < 10
+    assert not list(cluster.PORTS_DIR.glob("*")) or all(cluster._claim_alive(p) for p in cluster.PORTS_DIR.glob("*") if p.read_text() != str(os.getpid()))
+
+
+def test_a_port_already_taken_is_refused_before_anything_starts():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        taken = s.getsockname()[1]
+        t0 = time.monotonic()
+        with pytest.raises(ClusterStartError, match=f"port {taken} on 127.0.0.1, asked for task worker:1 of cluster 'ports', is already in use \\(process {os.getpid()}"):
+            TFCluster(2, slots=[CPU0, CPU1], ports=[0, taken], name="ports")
+        assert time.monotonic() - t0 < 2
+
+
+def test_a_port_taken_after_start_fails_the_run_naming_it_and_the_restart_picks_new_ones(kerasmp_tf_cluster):
+    c = kerasmp_tf_cluster(2, slots=[CPU0, CPU1])
+    old = list(c.ports)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", old[0]))
+        s.listen()
+        t0 = time.monotonic()
+        with pytest.raises(ClusterTaskError, match=f"task worker:0 .* raised .*Could not start gRPC server.*its port {old[0]} on 127.0.0.1 was taken by another process"):
+            c.run(cluster_tasks.all_reduce_rank, timeout=60)
+        assert time.monotonic() - t0 < 15
+        assert c.run(cluster_tasks.all_reduce_rank, timeout=60)[0][0] == 3.0
+        assert old[0] not in c.ports
+
+
+OWNER = """
+import sys
+sys.path.insert(0, {tests!r})
+import cluster_tasks
+from pytest_kerasmp import DeviceSlot, TFCluster
+if __name__ == "__main__":
+    slots = [DeviceSlot(index=0, kind="CPU", cores=({c0},)), DeviceSlot(index=1, kind="CPU", cores=({c1},))]
+    with TFCluster(2, slots=slots) as c:
+        print(*c.pids(), flush=True)
+        c.run(cluster_tasks.sleep_in, 0, 1000)
+"""
+
+
+def test_ctrl_c_during_run_ends_every_task_within_seconds(tmp_path):
+    script = tmp_path / "owner.py"
+    script.write_text(OWNER.format(tests=TESTS, c0=CPU0.cores[0], c1=CPU1.cores[0]))
+    with subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as proc:
+        try:
+            pids = [int(p) for p in proc.stdout.readline().split()]
+            assert len(pids) == 2, proc.stderr.read()
+            time.sleep(0.5)  # run() is waiting
+            t0 = time.monotonic()
+            proc.send_signal(signal.SIGINT)
+            proc.wait(timeout=10)
+            assert time.monotonic() - t0 < 4
+            assert "KeyboardInterrupt" in proc.stderr.read()
+        finally:
+            proc.kill()
+    assert gone(pids, within=3), "tasks outlived the interrupted owner"
+
+
+# ------------------------------------------------------------------------------- placement
+
+
+@pytest.mark.parametrize("cap", [None, 1024])
+def test_tasks_on_faked_gpus_get_their_own_gpu_and_its_memory_setting(monkeypatch, cap):
+    monkeypatch.setenv("PYTEST_KERASMP_FAKE_GPUS", "2")
+    slots = plan_slots(2, memory_limit_mb=cap)
+    assert [s.kind for s in slots] == ["GPU", "GPU"]
+    with TFCluster(2, slots=slots, name="gpus") as c:
+        infos = c.run(cluster_tasks.describe)
+    assert [i["cuda_visible"] for i in infos] == [slots[0].gpu, slots[1].gpu] == ["0", "1"]
+    if cap is None:
+        assert [i["growth"] for i in infos] == ["true", "true"]
+    else:
+        assert [i["slot"]["memory_limit_mb"] for i in infos] == [1024, 1024]
+
+
+def test_the_fixture_makes_a_cluster_on_the_slots_this_process_owns(run_pytest, pytester):
+    pytester.makepyfile(test_uses=f"""
+        import sys
+        sys.path.insert(0, {TESTS!r})
+        import cluster_tasks
+
+        def test_cluster(kerasmp_tf_cluster, kerasmp_slots):
+            c = kerasmp_tf_cluster(2)
+            infos = c.run(cluster_tasks.describe)
+            assert [i["slot"]["index"] for i in infos] == [s.index for s in kerasmp_slots[:2]]
+            print("PIDS", *c.pids())
+    """)
+    result = run_pytest("--kerasmp-gpus=2", "-s")
+    result.assert_outcomes(passed=1)
+    pids = [int(p) for line in result.outlines if "PIDS" in line for p in line.split("PIDS")[1].split()]
+    assert len(pids) == 2 and gone(pids, within=1)
+    result = run_pytest("--kerasmp-gpus=2", "-n", "2")
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(["*needs one slot per task (2 tasks: worker:0, worker:1) and got 1*each xdist worker owns only its part*"])
