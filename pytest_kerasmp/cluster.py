@@ -52,7 +52,7 @@ PORTS_DIR = Path(tempfile.gettempdir()) / "pytest-kerasmp-ports"
 OUTPUT_LINES = 20
 #: After one task failed, how long the others may take to finish or fail too before they
 #: count as stuck (their stacks are taken) and are stopped.
-FAILURE_GRACE_S = 1.0
+FAILURE_GRACE_S = 0.5
 
 
 class TFCluster:
