@@ -30,3 +30,18 @@ def augment(images: np.ndarray, seed: int) -> np.ndarray:
 
 def augment_all(images: np.ndarray, chunks: int = 4) -> np.ndarray:
     return np.concatenate([augment(part, i) for i, part in enumerate(np.array_split(images, chunks))])
+
+
+_strategy = None
+
+
+def cluster_sum() -> dict:
+    """In a TFCluster task: all-reduce (task index + 1) with the strategy made on first use."""
+    global _strategy
+    import tensorflow as tf
+
+    if _strategy is None:
+        _strategy = tf.distribute.MultiWorkerMirroredStrategy()
+    rank = json.loads(os.environ["TF_CONFIG"])["task"]["index"]
+    out = _strategy.run(lambda: tf.distribute.get_replica_context().all_reduce("sum", tf.constant(float(rank + 1))))
+    return {**where(), "sum": float(_strategy.experimental_local_results(out)[0])}
