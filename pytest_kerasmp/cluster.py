@@ -137,7 +137,7 @@ class TFCluster:
     def start(self) -> None:
         """Start every task (a no-op while they run); raises :class:`ClusterStartError`."""
         if self._closed:
-            raise ClusterStartError(CLUSTER_CLOSED.format(cluster=self.name, fn="start"))
+            raise RuntimeError(CLUSTER_CLOSED.format(cluster=self.name, what="start()"))
         if self._pool is not None:
             return
         self.ports = self._claim_ports()
@@ -165,7 +165,7 @@ class TFCluster:
         __tracebackhide__ = True
         name = f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', fn)}"
         if self._closed:
-            raise ClusterTaskError(CLUSTER_CLOSED.format(cluster=self.name, fn=name))
+            raise RuntimeError(CLUSTER_CLOSED.format(cluster=self.name, what=f"run({name})"))
         if not self._lock.acquire(blocking=False):
             raise RuntimeError(CLUSTER_BUSY.format(cluster=self.name, running=self._running))
         try:

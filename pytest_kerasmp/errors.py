@@ -238,7 +238,7 @@ CLUSTER_NOT_ENOUGH_SLOTS = (
     "({described}); pass --kerasmp-gpus={tasks} or more (each xdist worker owns only its part "
     "of the slots), or give slots=[...] explicitly"
 )
-CLUSTER_CLOSED = "cluster {cluster!r} is closed; run({fn}) was not run; make a new TFCluster"
+CLUSTER_CLOSED = "cluster {cluster!r} is closed; {what} was refused; make a new TFCluster"
 CLUSTER_BUSY = (
     "cluster {cluster!r} is already running run({running}) in another thread; run() calls of "
     "one cluster take turns, since every task runs every call; call run() from one thread"

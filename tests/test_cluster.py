@@ -69,6 +69,35 @@ def test_the_strategy_made_in_the_first_call_all_reduces_and_the_tasks_stay_warm
     assert warm.pids() == pids and warm.starts == 1
 
 
+def test_a_chief_joins_the_workers_and_a_closed_cluster_refuses_work():
+    with TFCluster(2, chief=True, slots=[CPU0, CPU1, CPU0], name="chiefed") as c:
+        assert c.task_names == ["chief:0", "worker:0", "worker:1"]
+        assert list(c.cluster_spec) == ["chief", "worker"] and len(c.cluster_spec["worker"]) == 2
+        infos = c.run(cluster_tasks.describe)
+        assert [i["task"] for i in infos] == [("chief", 0), ("worker", 0), ("worker", 1)]
+        # Every task is a replica: 1 (chief 0) + 1 (worker 0) + 2 (worker 1).
+        assert c.run(cluster_tasks.all_reduce_rank, timeout=60) == [(4.0, 3, 60.0)] * 3
+        pids = c.pids()
+    assert gone(pids, within=1)
+    with pytest.raises(RuntimeError, match=r"cluster 'chiefed' is closed; run\(cluster_tasks.describe\) was refused"):
+        c.run(cluster_tasks.describe)
+
+
+CLAIMER = """
+import sys
+from pytest_kerasmp import cluster
+cluster.PORTS_DIR = cluster.Path(sys.argv[1])
+print(*[cluster._claim_free_port() for _ in range(50)])
+"""
+
+
+def test_ports_claimed_by_concurrent_processes_never_collide(tmp_path):
+    procs = [subprocess.Popen([sys.executable, "-c", CLAIMER, str(tmp_path)], stdout=subprocess.PIPE, text=True) for _ in range(3)]
+    claimed = [[int(p) for p in proc.communicate(timeout=60)[0].split()] for proc in procs]
+    ports = [p for c in claimed for p in c]
+    assert len(ports) == 150 and len(set(ports)) == 150
+
+
 def test_ports_are_claimed_so_concurrent_clusters_never_share_one(tmp_path, monkeypatch):
     monkeypatch.setattr(cluster, "PORTS_DIR", tmp_path)
     ports = [cluster._claim_free_port() for _ in range(20)]
