@@ -17,6 +17,7 @@ _WHERE = {
     "plan_slots": "devices",
     "TFCluster": "cluster",
     "task_info": "cluster",
+    "ClusterClosedError": "errors",
     "ClusterStartError": "errors",
     "ClusterTaskError": "errors",
     "DeviceAlreadyInitializedError": "errors",
@@ -67,6 +68,7 @@ if TYPE_CHECKING:
     from pytest_kerasmp.devices import DeviceSlot as DeviceSlot
     from pytest_kerasmp.devices import detect_gpus as detect_gpus
     from pytest_kerasmp.devices import plan_slots as plan_slots
+    from pytest_kerasmp.errors import ClusterClosedError as ClusterClosedError
     from pytest_kerasmp.errors import ClusterStartError as ClusterStartError
     from pytest_kerasmp.errors import ClusterTaskError as ClusterTaskError
     from pytest_kerasmp.errors import DeviceAlreadyInitializedError as DeviceAlreadyInitializedError

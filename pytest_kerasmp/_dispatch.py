@@ -23,6 +23,7 @@ from pytest_kerasmp._wire import Done, Failed, Ready, Stop, Task
 from pytest_kerasmp.devices import DeviceSlot
 from pytest_kerasmp.errors import (
     ARENA_FAILED,
+    NONE_REPLACED,
     POOL_BROKEN,
     POOL_CLOSED,
     POOL_CLOSED_QUEUED,
@@ -30,6 +31,7 @@ from pytest_kerasmp.errors import (
     SLOT_DEAD,
     TASK_TIMED_OUT,
     WORKER_CRASHED,
+    WORKER_GONE,
     PoolBrokenError,
     PoolClosedError,
     TaskTimeoutError,
@@ -318,6 +320,18 @@ class Dispatcher:
             )))
         if replace:
             self._restart(w, crashed_at=time.monotonic())
+        elif not self.closing:  # not replaced: what only this worker could run never runs now
+            alive = any(x.state != "dead" for x in self.workers)
+            with self.lock:
+                if not alive:
+                    self.broken = NONE_REPLACED
+                doomed = [t for t in self.pending if t.worker == w.index or not alive]
+                for task in doomed:
+                    self.pending.remove(task)
+            for task in doomed:
+                self.fail(task, WorkerCrashedError(WORKER_GONE.format(
+                    index=w.index, slot=w.slot.describe(), pid=w.pid, pool=self.name, how=how, task=task.id, fn=task.fn,
+                )) if task.worker == w.index else self.broken_error())
 
     @staticmethod
     def _pending_message(w: Worker) -> bool:

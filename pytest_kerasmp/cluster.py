@@ -13,41 +13,39 @@ process runs ops, and user code creates the strategy in its first call). ``run(f
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import socket
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_EXCEPTION, Future
 from concurrent.futures import wait as wait_futures
-from pathlib import Path
 from typing import Any, Self
 
-from pytest_kerasmp import lifecycle
+from pytest_kerasmp import _ports, lifecycle
 from pytest_kerasmp.devices import DeviceSlot
 from pytest_kerasmp.errors import (
     CLUSTER_BUSY,
     CLUSTER_CLOSED,
+    CLUSTER_DIED_IDLE,
+    CLUSTER_NO_PORT,
     CLUSTER_NOT_ENOUGH_SLOTS,
     CLUSTER_PORT_LOST,
     CLUSTER_PORT_TAKEN,
     CLUSTER_START_FAILED,
     CLUSTER_TASK_FAILED,
     CLUSTER_TIMED_OUT,
+    ClusterClosedError,
     ClusterStartError,
     ClusterTaskError,
+    PoolBrokenError,
     WorkerCrashedError,
     WorkerStartupError,
 )
 from pytest_kerasmp.lifecycle import Child, describe_exit
 from pytest_kerasmp.pool import WorkerPool
 
-HOST = "127.0.0.1"
-#: Where clusters claim their ports, machine-wide: one file per port, holding the owner's pid.
-PORTS_DIR = Path(tempfile.gettempdir()) / "pytest-kerasmp-ports"
+HOST = _ports.HOST
 #: Lines of each task's output attached to a ClusterTaskError.
 OUTPUT_LINES = 20
 #: After one task failed, how long the others may take to finish or fail too before they
@@ -69,11 +67,13 @@ class TFCluster:
             default: the slots this process owns (the session's, or this xdist worker's part),
             else ``plan_slots("auto")``. A slot given twice puts two tasks on it, on purpose.
         ports: One port per task; default: free ports, picked anew at every (re)start.
-        run_timeout_s: Default bound on one :meth:`run`.
+        run_timeout_s: Default bound on one :meth:`run` (a positive number of seconds).
         start_timeout_s: Bound on starting every task (TensorFlow import).
         collective_timeout_s: Given to every ``MultiWorkerMirroredStrategy`` a task creates
-            without a ``communication_options`` timeout, so that a collective waiting for a dead
-            peer fails in TensorFlow too; ``None`` leaves TensorFlow's default (no timeout).
+            without a ``communication_options`` timeout, so that a collective waiting for a
+            peer fails in TensorFlow too. Off (``None``) by default: TensorFlow starts a
+            thread per collective that lives for the timeout (2,100 threads per task after
+            1,000 steps of 1 ms were seen here), so use it to debug a hang, with a short timeout.
         start_method: ``"spawn"`` (default) or ``"forkserver"``.
         name: Name used in process names and messages.
         start: Start the tasks now (default) or at the first :meth:`run`.
@@ -88,7 +88,7 @@ class TFCluster:
         ports: Sequence[int] | None = None,
         run_timeout_s: float = 600.0,
         start_timeout_s: float = 120.0,
-        collective_timeout_s: float | None = 60.0,
+        collective_timeout_s: float | None = None,
         start_method: str = "spawn",
         name: str = "cluster",
         start: bool = True,
@@ -99,6 +99,8 @@ class TFCluster:
         self.tasks: tuple[tuple[str, int], ...] = (
             (("chief", 0),) if chief else ()) + tuple(("worker", i) for i in range(workers))
         self.slots = self._slots_for(slots)
+        if not (isinstance(run_timeout_s, (int, float)) and run_timeout_s > 0):
+            raise ValueError(f"run_timeout_s={run_timeout_s!r} must be a positive number of seconds: every run is bounded")
         if ports is not None and len(ports) != len(self.tasks):
             raise ValueError(f"ports={list(ports)!r} must give one port per task ({len(self.tasks)})")
         self._fixed_ports = list(ports) if ports is not None else None
@@ -109,6 +111,7 @@ class TFCluster:
         #: How many times the tasks were started (a restart after a failure adds one).
         self.starts = 0
         self._pool: _TaskPool | None = None
+        self._starting: list[Child] = []  # the children of the start in progress
         self._closed = False
         self._running: str | None = None
         self._lock = threading.Lock()
@@ -130,6 +133,9 @@ class TFCluster:
             spec.setdefault(kind, []).append(f"{HOST}:{port}")
         return spec
 
+    def closed(self) -> bool:
+        return self._closed
+
     def pids(self) -> list[int | None]:
         """Each task's process id (None while the cluster is down)."""
         return self._pool.pids() if self._pool is not None else [None] * len(self.tasks)
@@ -137,21 +143,25 @@ class TFCluster:
     def start(self) -> None:
         """Start every task (a no-op while they run); raises :class:`ClusterStartError`."""
         if self._closed:
-            raise RuntimeError(CLUSTER_CLOSED.format(cluster=self.name, what="start()"))
+            raise ClusterClosedError(CLUSTER_CLOSED.format(cluster=self.name, what="start()"))
         if self._pool is not None:
             return
-        self.ports = self._claim_ports()
+        self._starting = []
         try:
+            self._claim_ports()
             self._pool = _TaskPool(self)
         except WorkerStartupError as exc:
             self._release_ports()
-            error = ClusterStartError(CLUSTER_START_FAILED.format(cluster=self.name, reason=exc))
-            error.__cause__ = exc.__cause__ or exc
-            raise error from error.__cause__
+            raise self._start_error(exc) from (exc.__cause__ or exc)
         except BaseException:
             self._release_ports()
             raise
+        finally:
+            self._starting = []
         self.starts += 1
+        if self.closed():  # close() from another thread while this start ran
+            self._teardown("closed while starting")
+            raise ClusterClosedError(CLUSTER_CLOSED.format(cluster=self.name, what="start()"))
 
     def run(self, fn: Callable[..., Any], /, *args: Any, timeout: float | None = None, **kwargs: Any) -> list[Any]:
         """Run ``fn(*args, **kwargs)`` in every task; their results, in task order.
@@ -165,9 +175,9 @@ class TFCluster:
         __tracebackhide__ = True
         name = f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', fn)}"
         if self._closed:
-            raise RuntimeError(CLUSTER_CLOSED.format(cluster=self.name, what=f"run({name})"))
+            raise ClusterClosedError(CLUSTER_CLOSED.format(cluster=self.name, what=f"run({name})"))
         if not self._lock.acquire(blocking=False):
-            raise RuntimeError(CLUSTER_BUSY.format(cluster=self.name, running=self._running))
+            raise ClusterClosedError(CLUSTER_BUSY.format(cluster=self.name, running=self._running))
         try:
             self._running = name
             self.start()
@@ -208,7 +218,18 @@ class TFCluster:
     def _run(self, pool: _TaskPool, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],
              name: str, timeout: float) -> list[Any]:
         __tracebackhide__ = True
-        futures = [pool.submit_to(i, fn, args, kwargs) for i in range(len(self.tasks))]
+        self._check_alive(pool, name)
+        futures: list[Future[Any]] = []
+        try:
+            for i in range(len(self.tasks)):
+                futures.append(pool.submit_to(i, fn, args, kwargs))
+        except PoolBrokenError:  # a task died just now, between the check and its submit
+            self._check_alive(pool, name)
+            raise
+        except BaseException:
+            if futures:  # never leave a task to run the call alone
+                self._teardown(f"run({name}) could not be sent to every task")
+            raise
         ended: dict[int, float] = {}  # when each task's call ended: the first failure is the cause
 
         def note_end(i: int) -> Callable[[Future[Any]], object]:
@@ -223,11 +244,29 @@ class TFCluster:
         except BaseException:  # Ctrl-C: every task ends now
             self._teardown(f"interrupted during run({name})")
             raise
-        failed = sorted((i for i, f in enumerate(futures) if f.done() and f.exception()), key=lambda i: ended.get(i, 0.0))
+        failed = [i for i, f in enumerate(futures) if f.done() and f.exception()]
         if not failed and not running:
             return [f.result() for f in futures]
+        # The cause: a task that died (its peers' errors follow from it), else the first to fail.
+        failed.sort(key=lambda i: (not isinstance(futures[i].exception(), WorkerCrashedError), ended.get(i, 0.0)))
         error = self._failure(pool, futures, failed, name, timeout)
         self._teardown(f"a task failed during run({name})")
+        raise error
+
+    def _check_alive(self, pool: _TaskPool, fn: str) -> None:
+        """A task that died between runs (the OOM killer, say) ends the cluster: say so."""
+        workers = pool.workers()
+        dead = next((i for i, w in enumerate(workers) if w.state == "dead" or w.child.exitcode is not None), None)
+        if dead is None:
+            return
+        child = workers[dead].child
+        how, hint = child.describe_exit()
+        error = ClusterTaskError(CLUSTER_DIED_IDLE.format(
+            task=self.task_names[dead], slot=child.slot.describe(), pid=child.pid, cluster=self.name, how=how, fn=fn, hint=hint,
+        ))
+        self._describe(error, dead, child, [w.child for w in workers], {})
+        error.exitcode = child.exitcode
+        self._teardown(f"task {self.task_names[dead]} died between runs")
         raise error
 
     def _failure(self, pool: _TaskPool, futures: list[Future[Any]], failed: list[int], fn: str, timeout: float) -> ClusterTaskError:
@@ -248,7 +287,7 @@ class TFCluster:
                 advice = "its traceback is attached below"
                 if "Could not start gRPC server" in str(cause):  # its port was taken meanwhile
                     port = self.ports[i]
-                    advice = CLUSTER_PORT_LOST.format(port=port, holder=port_holder(port) or "")
+                    advice = CLUSTER_PORT_LOST.format(port=port, holder=_ports.holder(port) or "")
             error = ClusterTaskError(CLUSTER_TASK_FAILED.format(
                 task=self.task_names[i], slot=child.slot.describe(), pid=child.pid, cluster=self.name,
                 what=what, fn=fn, advice=advice,
@@ -260,14 +299,30 @@ class TFCluster:
             child = workers[i].child
             names = ", ".join(f"{self.task_names[j]} (pid {workers[j].child.pid})" for j in stuck)
             error = ClusterTaskError(CLUSTER_TIMED_OUT.format(fn=fn, cluster=self.name, timeout=timeout, stuck=names))
+        by_pid = {workers[j].child.pid: text for j in stuck if (text := stacks.get(workers[j].child.pid))}
+        return self._describe(error, i, child, [w.child for w in workers], by_pid)
+
+    def _describe(self, error: ClusterTaskError, i: int, child: Child, children: list[Child],
+                  stacks: dict[int, str]) -> ClusterTaskError:
+        """Fill in ``error``: the task at fault, every task's recent output, the stacks taken."""
         error.task, error.slot, error.pid = self.task_names[i], child.slot.describe(), child.pid
-        error.outputs = {self.task_names[j]: w.child.recent_output(OUTPUT_LINES) for j, w in enumerate(workers)}
-        error.stacks = {self.task_names[j]: text for j in stuck if (text := stacks.get(workers[j].child.pid))}
+        error.outputs = {self.task_names[j]: c.recent_output(OUTPUT_LINES, chatter=False) for j, c in enumerate(children)}
+        error.stacks = {self.task_names[j]: stacks[c.pid] for j, c in enumerate(children) if c.pid in stacks}
         for task, text in error.stacks.items():
             error.add_note(f"Python stacks of task {task}, still running when the cluster was stopped:\n{text.rstrip()}")
         for task, text in error.outputs.items():
             if text.strip():
                 error.add_note(f"recent output of task {task}:\n{text.rstrip()}")
+        return error
+
+    def _start_error(self, exc: WorkerStartupError) -> ClusterStartError:
+        """The start failed in one task (its message names it): the error, filled in."""
+        error = ClusterStartError(CLUSTER_START_FAILED.format(cluster=self.name, reason=exc))
+        named = [j for j, task in enumerate(self.task_names) if f"task {task} (" in str(exc)]
+        if named and named[0] < len(self._starting):
+            child = self._starting[named[0]]
+            self._describe(error, named[0], child, self._starting, {})
+            error.exitcode = child.exitcode
         return error
 
     def _teardown(self, why: str) -> None:
@@ -292,20 +347,28 @@ class TFCluster:
             ))
         return slots[: len(self.tasks)]
 
-    def _claim_ports(self) -> list[int]:
-        if self._fixed_ports is None:
-            return [_claim_free_port() for _ in self.tasks]
-        for task, port in zip(self.task_names, self._fixed_ports, strict=True):
-            holder = port_holder(port)
-            if holder is not None:
-                raise ClusterStartError(CLUSTER_PORT_TAKEN.format(port=port, task=task, cluster=self.name, holder=holder))
-        return list(self._fixed_ports)
+    def _claim_ports(self) -> None:
+        """Free ports claimed one by one into ``self.ports`` (so a failure releases those), or
+        the given ones, each checked free."""
+        self.ports = []
+        if self._fixed_ports is not None:
+            for task, port in zip(self.task_names, self._fixed_ports, strict=True):
+                holder = _ports.holder(port)
+                if holder is not None:
+                    raise ClusterStartError(CLUSTER_PORT_TAKEN.format(port=port, task=task, cluster=self.name, holder=holder))
+            self.ports = list(self._fixed_ports)
+            return
+        for _ in self.tasks:
+            claimed = _ports.claim_free_port()
+            if claimed is None:
+                low, high = _ports.port_range()
+                raise ClusterStartError(CLUSTER_NO_PORT.format(cluster=self.name, low=low, high=high - 1, tries=_ports.TRIES))
+            self.ports.append(claimed)
 
     def _release_ports(self) -> None:
         if self._fixed_ports is None:
             for port in self.ports:
-                with contextlib.suppress(OSError):
-                    (PORTS_DIR / str(port)).unlink()
+                _ports.release(port)
         self.ports = []
 
     def tf_config(self, index: int) -> str:
@@ -329,7 +392,7 @@ class _TaskPool(WorkerPool):
     def start_child(self, index: int, slot: DeviceSlot) -> Child:
         cluster = self.cluster
         task = cluster.task_names[index]
-        return Child(
+        child = Child(
             "cluster-task",
             f"kerasmp-{cluster.name}-{task.replace(':', '')}",
             slot,
@@ -339,6 +402,8 @@ class _TaskPool(WorkerPool):
             label=f"{cluster.name} {task}",
             env={"TF_CONFIG": cluster.tf_config(index)},
         )
+        cluster._starting.append(child)
+        return child
 
     def submit_to(self, index: int, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Future[Any]:
         return self._submit(fn, args, kwargs, None, index)
@@ -379,60 +444,6 @@ def task_info() -> tuple[str, int] | None:
         return None
     task = json.loads(raw)["task"]
     return task["type"], int(task["index"])
-
-
-# ------------------------------------------------------------------------------------ ports
-
-
-def _claim_free_port() -> int:
-    """A port free on 127.0.0.1 now, claimed machine-wide (a file per port holding our pid)
-    so that no other cluster of any session picks it before this one releases it."""
-    PORTS_DIR.mkdir(exist_ok=True)
-    for _ in range(100):
-        with socket.socket() as s:
-            s.bind((HOST, 0))
-            port: int = s.getsockname()[1]
-        path = PORTS_DIR / str(port)
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            if _claim_alive(path):
-                continue
-            path.unlink(missing_ok=True)  # its owner is gone: stale
-            continue
-        with os.fdopen(fd, "w") as f:
-            f.write(str(os.getpid()))
-        return port
-    raise ClusterStartError("no free port on 127.0.0.1 could be claimed in 100 tries; free some ports")
-
-
-def _claim_alive(path: Path) -> bool:
-    try:
-        pid = int(path.read_text() or "0")
-        os.kill(pid, 0)
-    except (OSError, ValueError):
-        return False
-    return True
-
-
-def port_holder(port: int) -> str | None:
-    """None if ``port`` can be bound on 127.0.0.1 now; else who holds it, in words."""
-    with socket.socket() as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind((HOST, port))
-            return None
-        except OSError:
-            pass
-    try:
-        import psutil
-
-        for conn in psutil.net_connections("tcp"):
-            if conn.laddr and conn.laddr.port == port and conn.status == psutil.CONN_LISTEN and conn.pid:
-                return f" (process {conn.pid}, {psutil.Process(conn.pid).name()}, listens on it)"
-    except (psutil.Error, OSError):
-        pass
-    return ""
 
 
 __all__ = ["TFCluster", "task_info"]

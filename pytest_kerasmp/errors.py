@@ -74,16 +74,22 @@ class ClusterTaskError(KerasMPError):
     output, by task) and ``stacks`` (the Python stacks of tasks that were still running).
     """
 
-    task: str | None = None
-    slot: str | None = None
-    pid: int | None = None
-    exitcode: int | None = None
-    outputs: dict[str, str] = {}  # noqa: RUF012  (replaced per instance)
-    stacks: dict[str, str] = {}  # noqa: RUF012
+    def __init__(self, *args: object) -> None:
+        super().__init__(*args)
+        self.task: str | None = None
+        self.slot: str | None = None
+        self.pid: int | None = None
+        self.exitcode: int | None = None
+        self.outputs: dict[str, str] = {}
+        self.stacks: dict[str, str] = {}
 
 
 class ClusterStartError(ClusterTaskError, WorkerStartupError):
     """A task of a :class:`~pytest_kerasmp.TFCluster` could not start (or its port is taken)."""
+
+
+class ClusterClosedError(KerasMPError, RuntimeError):
+    """The :class:`~pytest_kerasmp.TFCluster` was closed, or is running a call in another thread."""
 
 
 class RemoteTraceback(Exception):
@@ -152,6 +158,12 @@ WORKER_CRASHED = (
     "worker {index} ({slot}, pid {pid}) of pool {pool!r} died with {how} while running task "
     "{task} ({fn}); {fate}; {hint}"
 )
+WORKER_GONE = (
+    "worker {index} ({slot}, pid {pid}) of pool {pool!r} died with {how} before task {task} "
+    "({fn}), queued for it alone, could start; it was not replaced: its owner restarts all "
+    "its processes together"
+)
+NONE_REPLACED = "every worker died and the pool does not replace them (its owner restarts them together)"
 TASK_TIMED_OUT = (
     "task {task} ({fn}) ran past its {timeout:g} s timeout on worker {index} ({slot}, pid {pid}); "
     "the worker was killed ({fate}); its Python stacks are attached below; raise the timeout "
@@ -235,8 +247,18 @@ CLUSTER_PORT_LOST = (
 )
 CLUSTER_NOT_ENOUGH_SLOTS = (
     "cluster {cluster!r} needs one slot per task ({tasks} tasks: {names}) and got {slots} "
-    "({described}); pass --kerasmp-gpus={tasks} or more (each xdist worker owns only its part "
-    "of the slots), or give slots=[...] explicitly"
+    "({described}); give slots=[...] with one per task (a slot given twice puts two tasks on "
+    "it), or under pytest pass --kerasmp-gpus={tasks} or more (under -n each xdist worker "
+    "owns only its part of the slots)"
+)
+CLUSTER_DIED_IDLE = (
+    "task {task} ({slot}, pid {pid}) of cluster {cluster!r} died with {how} between runs, so "
+    "run({fn}) was not started; every task of the cluster was stopped with it and the cluster "
+    "restarts on its next use; {hint}"
+)
+CLUSTER_NO_PORT = (
+    "no free port for cluster {cluster!r} in {low}-{high} on 127.0.0.1 after {tries} tries; "
+    "free some ports there, or give ports=[...]"
 )
 CLUSTER_CLOSED = "cluster {cluster!r} is closed; {what} was refused; make a new TFCluster"
 CLUSTER_BUSY = (

@@ -8,6 +8,7 @@ exceeds the number of slots, which the header says).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -160,8 +161,9 @@ def kerasmp_tf_cluster(
         return cluster
 
     yield make
-    for cluster in clusters:
-        cluster.close(timeout=30.0)
+    with contextlib.ExitStack() as stack:  # every cluster is closed, even if one close raises
+        for cluster in clusters:
+            stack.callback(cluster.close, timeout=30.0)
 
 
 @pytest.fixture(scope="session")

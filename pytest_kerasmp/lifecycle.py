@@ -51,11 +51,10 @@ TF_LOGS_ENV = "PYTEST_KERASMP_TF_LOGS"
 OUTPUT_TAIL = 200
 STACK_DUMP_S = 1.0
 #: TensorFlow's start-up chatter that TF_CPP_MIN_LOG_LEVEL does not silence (absl's banner,
-#: info lines in glog format, the failed CUDA probe of a CPU-only slot): kept in the output
-#: tail for error messages, not printed.
-_CHATTER = re.compile(
-    r"^(WARNING: All log messages before absl::InitializeLog\(\)|I\d{4} [\d:.]+ |E\d{4} .*failed call to cuInit)"
-)
+#: info lines in glog format): kept in the output tail for error messages, not printed.
+_CHATTER = re.compile(r"^(WARNING: All log messages before absl::InitializeLog\(\)|I\d{4} [\d:.]+ )")
+#: TensorFlow's failed probe for CUDA: chatter on a CPU slot, which hides every GPU on purpose.
+_NO_CUDA = re.compile(r"^E\d{4} .*failed call to cuInit")
 
 _PACKAGE_ROOT = str(Path(__file__).resolve().parent.parent)
 _children: weakref.WeakSet[Child] = weakref.WeakSet()
@@ -221,10 +220,16 @@ class Child:
         """How messages name this process (role, slot, pid)."""
         return self._who.format(name=self.name, slot=self.slot.describe(), pid=self.pid)
 
-    def recent_output(self, lines: int = 20) -> str:
-        """Its last lines of output (without TensorFlow's chatter, unless it is shown)."""
-        kept = [line for line in self.output if not (self._quiet and _CHATTER.match(line))]
+    def recent_output(self, lines: int = 20, *, chatter: bool = True) -> str:
+        """Its last lines of output; ``chatter=False`` leaves out TensorFlow's start-up chatter
+        that was not printed."""
+        kept = [line for line in self.output if chatter or not (self._quiet and self._chatter(line))]
         return "\n".join(kept[-lines:])
+
+    def _chatter(self, line: str) -> bool:
+        """TensorFlow's start-up chatter; on a CPU slot also its failed probe for CUDA (on a GPU
+        slot that line says why TensorFlow found no GPU, so it is shown)."""
+        return bool(_CHATTER.match(line)) or (self.slot.kind == "CPU" and bool(_NO_CUDA.match(line)))
 
     # -------------------------------------------------------------------------- startup
 
@@ -365,7 +370,7 @@ class Child:
 
     def _emit(self, line: str) -> None:
         self.output.append(line)
-        if self._quiet and _CHATTER.match(line):
+        if self._quiet and self._chatter(line):
             return
         try:
             sys.stderr.write(self.prefix + line + "\n")

@@ -13,11 +13,24 @@ import subprocess
 import sys
 import time
 
+import psutil
 import pytest
 
 import cluster_tasks
 from conftest import running
-from pytest_kerasmp import ClusterStartError, ClusterTaskError, DeviceSlot, TFCluster, cluster, plan_slots
+import pool_tasks
+from pytest_kerasmp import (
+    ClusterClosedError,
+    ClusterStartError,
+    ClusterTaskError,
+    DeviceSlot,
+    PoolBrokenError,
+    TFCluster,
+    WorkerCrashedError,
+    WorkerPool,
+    _ports,
+    plan_slots,
+)
 
 CORES = sorted(os.sched_getaffinity(0))
 CPU0 = DeviceSlot(index=0, kind="CPU", cores=(CORES[0],))
@@ -54,15 +67,13 @@ def test_tasks_are_pinned_told_the_loopback_cluster_and_ran_no_op(warm):
         assert info["tf_config"] == {"cluster": spec, "task": {"type": "worker", "index": k}}
         assert info["cores"] == list((CPU0, CPU1)[k].cores)
         assert info["slot"]["index"] == k
-        # The warm-up imported TensorFlow and ran no op, so the strategy can still set up collectives.
-        assert info["context_initialized"] is False
     assert [i["pid"] for i in infos] == warm.pids()
 
 
 def test_the_strategy_made_in_the_first_call_all_reduces_and_the_tasks_stay_warm(warm):
     pids = warm.pids()
     first = warm.run(cluster_tasks.all_reduce_rank)
-    assert first == [(3.0, 2, 60.0)] * 2  # 1 + 2 over both tasks; the cluster's collective timeout
+    assert first == [(3.0, 2, None)] * 2  # 1 + 2 over both tasks; no collective timeout by default
     t0 = time.monotonic()
     assert warm.run(cluster_tasks.all_reduce_rank, timeout=30) == first
     assert time.monotonic() - t0 < 5  # warm: no process start, no TensorFlow import
@@ -75,19 +86,26 @@ def test_a_chief_joins_the_workers_and_a_closed_cluster_refuses_work():
         assert list(c.cluster_spec) == ["chief", "worker"] and len(c.cluster_spec["worker"]) == 2
         infos = c.run(cluster_tasks.describe)
         assert [i["task"] for i in infos] == [("chief", 0), ("worker", 0), ("worker", 1)]
+        # The warm-up imported TensorFlow and ran no op, so the strategy can still set up collectives.
+        assert [i["context_initialized"] for i in infos] == [False] * 3
         # Every task is a replica: 1 (chief 0) + 1 (worker 0) + 2 (worker 1).
-        assert c.run(cluster_tasks.all_reduce_rank, timeout=60) == [(4.0, 3, 60.0)] * 3
+        assert c.run(cluster_tasks.all_reduce_rank, timeout=60) == [(4.0, 3, None)] * 3
+        # The tasks talk to each other on loopback only.
+        peers = {conn.raddr.ip.removeprefix("::ffff:") for p in c.pids() for conn in psutil.Process(p).net_connections("tcp") if conn.raddr}
+        assert peers == {"127.0.0.1"}
         pids = c.pids()
     assert gone(pids, within=1)
-    with pytest.raises(RuntimeError, match=r"cluster 'chiefed' is closed; run\(cluster_tasks.describe\) was refused"):
+    with pytest.raises(ClusterClosedError, match=r"cluster 'chiefed' is closed; run\(cluster_tasks.describe\) was refused"):
         c.run(cluster_tasks.describe)
+    with pytest.raises(ClusterClosedError, match=r"cluster 'chiefed' is closed; start\(\) was refused"):
+        c.start()
 
 
 CLAIMER = """
 import sys
-from pytest_kerasmp import cluster
-cluster.PORTS_DIR = cluster.Path(sys.argv[1])
-print(*[cluster._claim_free_port() for _ in range(50)])
+from pathlib import Path
+from pytest_kerasmp import _ports
+print(*[_ports.claim_free_port(Path(sys.argv[1])) for _ in range(50)])
 """
 
 
@@ -96,19 +114,23 @@ def test_ports_claimed_by_concurrent_processes_never_collide(tmp_path):
     claimed = [[int(p) for p in proc.communicate(timeout=60)[0].split()] for proc in procs]
     ports = [p for c in claimed for p in c]
     assert len(ports) == 150 and len(set(ports)) == 150
+    low, high = _ports.port_range()
+    assert all(low <= p < high for p in ports)  # below the kernel's ephemeral range
 
 
-def test_ports_are_claimed_so_concurrent_clusters_never_share_one(tmp_path, monkeypatch):
-    monkeypatch.setattr(cluster, "PORTS_DIR", tmp_path)
-    ports = [cluster._claim_free_port() for _ in range(20)]
-    assert len(set(ports)) == 20
-    assert sorted(int(p.name) for p in tmp_path.iterdir()) == sorted(ports)
-    assert all((tmp_path / str(p)).read_text() == str(os.getpid()) for p in ports)
-    # A claim whose owner is gone is taken over; a live one never is.
+def test_port_claims_are_released_and_stale_ones_taken_over(tmp_path, monkeypatch):
+    monkeypatch.setattr(_ports, "PORTS_DIR", tmp_path)
+    port = _ports.claim_free_port()
+    assert (tmp_path / str(port)).read_text() == str(os.getpid())
+    assert not _ports.claim(tmp_path, port)  # held by a live process: never taken
+    _ports.release(port)
+    assert not list(tmp_path.iterdir())
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True).stdout.strip()
-    (tmp_path / "stale").write_text(dead)
-    assert not cluster._claim_alive(tmp_path / "stale")
-    assert cluster._claim_alive(tmp_path / str(ports[0]))
+    for text in (dead, ""):  # an owner that is gone, or died before writing
+        (tmp_path / str(port)).write_text(text)
+        assert _ports.claim(tmp_path, port)
+        assert (tmp_path / str(port)).read_text() == str(os.getpid())
+        _ports.release(port)
 
 
 def test_bad_arguments_get_clear_errors_and_start_nothing():
@@ -118,6 +140,57 @@ def test_bad_arguments_get_clear_errors_and_start_nothing():
         TFCluster(0)
     with pytest.raises(ValueError, match="one port per task"):
         TFCluster(2, slots=[CPU0, CPU1], ports=[1234])
+    with pytest.raises(ValueError, match="run_timeout_s=None must be a positive number of seconds"):
+        TFCluster(2, slots=[CPU0, CPU1], run_timeout_s=None)
+
+
+def test_a_task_that_died_between_runs_fails_the_next_run_at_once_and_the_one_after_restarts(kerasmp_tf_cluster):
+    c = kerasmp_tf_cluster(2, slots=[CPU0, CPU1])
+    pids = c.pids()
+    os.kill(pids[1], signal.SIGKILL)  # the OOM killer, between two runs
+    assert gone(pids[1:], within=5)
+    t0 = time.monotonic()
+    with pytest.raises(ClusterTaskError, match=rf"task worker:1 \(slot1 .*, pid {pids[1]}\) of cluster 'cluster0' died with SIGKILL between runs, so run\(cluster_tasks.describe\) was not started") as info:
+        c.run(cluster_tasks.describe, timeout=60)
+    assert time.monotonic() - t0 < 2
+    assert (info.value.task, info.value.exitcode) == ("worker:1", -signal.SIGKILL)
+    assert gone(pids)
+    assert len(c.run(cluster_tasks.describe, timeout=60)) == 2 and c.starts == 2
+
+
+def test_a_second_thread_cannot_run_while_a_run_is_on(kerasmp_tf_cluster):
+    import threading
+
+    c = kerasmp_tf_cluster(2, slots=[CPU0, CPU1])
+    first = threading.Thread(target=c.run, args=(cluster_tasks.sleep_in, 0, 2))
+    first.start()
+    time.sleep(0.3)
+    with pytest.raises(ClusterClosedError, match=r"is already running run\(cluster_tasks.sleep_in\) in another thread"):
+        c.run(cluster_tasks.describe)
+    first.join(10)
+    assert not first.is_alive()
+
+
+@pytest.mark.kerasmp_expect_broken
+def test_a_pool_that_does_not_replace_fails_what_a_dead_worker_would_have_run():
+    """The cluster's pool semantics: what was queued for a dead worker alone fails at once, and
+    so does everything once no worker is left."""
+    with WorkerPool([CPU0, CPU1], import_tensorflow=False, name="norep") as pool:
+        pool.replace_workers = False
+        running = [pool._submit(pool_tasks.sleep_then, (1000,), {}, None, w) for w in (0, 1)]
+        queued = pool._submit(pool_tasks.sleep_then, (0,), {}, None, 1)
+        anywhere = pool.submit(pool_tasks.sleep_then, 0)
+        time.sleep(0.3)
+        pids = pool.pids()
+        os.kill(pids[1], signal.SIGKILL)
+        with pytest.raises(WorkerCrashedError, match="it was not replaced: its owner restarts all its processes together"):
+            running[1].result(timeout=5)
+        with pytest.raises(WorkerCrashedError, match=r"worker 1 .* before task 2 \(pool_tasks:sleep_then\), queued for it alone, could start"):
+            queued.result(timeout=5)
+        assert not anywhere.done()  # worker 0 may still run it
+        os.kill(pids[0], signal.SIGKILL)
+        with pytest.raises(PoolBrokenError, match="every worker died and the pool does not replace them"):
+            anywhere.result(timeout=5)
 
 
 # ---------------------------------------------------------------------------------- faults
@@ -140,7 +213,7 @@ def test_a_task_killed_mid_training_fails_the_run_in_seconds_and_the_next_run_re
     assert "worker:0" in error.stacks  # the survivor was waiting in a collective
     assert gone(pids), "a task outlived the failed run"
     assert c.pids() == [None, None]
-    assert c.run(cluster_tasks.all_reduce_rank, timeout=60) == [(3.0, 2, 60.0)] * 2  # restarted, new ports
+    assert c.run(cluster_tasks.all_reduce_rank, timeout=60) == [(3.0, 2, None)] * 2  # restarted, new ports
     assert c.starts == 2 and not set(c.pids()) & set(pids)
 
 
@@ -176,13 +249,15 @@ def test_tensorflow_collectives_time_out_when_a_peer_does_not_come(kerasmp_tf_cl
     assert info.value.task == "worker:0"
 
 
-def test_a_task_that_cannot_start_fails_the_cluster_start_and_leaves_nothing(kerasmp_tf_cluster):
+def test_a_task_that_cannot_start_fails_the_cluster_start_and_leaves_nothing(kerasmp_tf_cluster, tmp_path, monkeypatch):
+    monkeypatch.setattr(_ports, "PORTS_DIR", tmp_path)
     bad = DeviceSlot(index=1, kind="CPU", cores=(4095,))  # no such core: its pin fails
     t0 = time.monotonic()
-    with pytest.raises(ClusterStartError, match=r"cluster 'cluster0' could not start: task worker:1 \(slot1 cores \{4095\}, pid \d+\) of cluster 'cluster0' failed to start: .*no task of it is left running"):
+    with pytest.raises(ClusterStartError, match=r"cluster 'cluster0' could not start: task worker:1 \(slot1 cores \{4095\}, pid \d+\) of cluster 'cluster0' failed to start: .*no task of it is left running") as info:
         kerasmp_tf_cluster(2, slots=[CPU0, bad])
     assert time.monotonic() - t0 < 10
-    assert not list(cluster.PORTS_DIR.glob("*")) or all(cluster._claim_alive(p) for p in cluster.PORTS_DIR.glob("*") if p.read_text() != str(os.getpid()))
+    assert info.value.task == "worker:1" and info.value.slot == bad.describe() and info.value.pid
+    assert not list(tmp_path.iterdir()), "the failed start left its port claims"
 
 
 def test_a_port_already_taken_is_refused_before_anything_starts():
