@@ -150,6 +150,9 @@ class TFCluster:
         try:
             self._claim_ports()
             self._pool = _TaskPool(self)
+        except ClusterStartError:  # a port taken or none free: said as it is
+            self._release_ports()
+            raise
         except WorkerStartupError as exc:
             self._release_ports()
             raise self._start_error(exc) from (exc.__cause__ or exc)
