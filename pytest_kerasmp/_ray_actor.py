@@ -48,8 +48,9 @@ def start(slot_json: dict[str, Any], import_tensorflow: bool) -> tuple[DeviceSlo
 
 
 def identity(slot: DeviceSlot) -> dict[str, Any]:
-    import ray
+    import ray as ray_module
 
+    ray: Any = ray_module
     ctx = ray.get_runtime_context()
     return {"pid": os.getpid(), "node": ctx.get_node_id(), "ip": ray.util.get_node_ip_address(), "slot": slot.to_json()}
 

@@ -71,13 +71,14 @@ def actor_options(slot: DeviceSlot, name: str) -> dict[str, Any]:
     }
 
 
-def ray_failure(exc: BaseException) -> tuple[str, str]:
-    """How a Ray actor ended, from Ray's error, and a hint (as ``describe_exit``)."""
+def ray_failure(exc: BaseException, node: str = "") -> tuple[str, str]:
+    """How a Ray actor on ``node`` ended, from Ray's error (and whether its node is still in
+    the cluster), and a hint (as ``describe_exit``)."""
     text = str(exc)
     lines = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.startswith("\t")]
     detail = next((ln for ln in lines[1:] if "died" in ln or "exit" in ln.lower()), lines[-1] if lines else text)
     detail = detail.split(" Some common causes")[0]
-    if "node has died" in text or "node was terminated" in text:
+    if "node has died" in text or "node was terminated" in text or (node and not node_alive(node)):
         return f"its node's end (Ray: {detail})", "the Ray node left the cluster; check that node's raylet log"
     return f"the end of its Ray worker process (Ray: {detail})", (
         "a SIGKILL is usually the OOM killer: lower the batch size or the number of slots per node"
@@ -105,6 +106,8 @@ class RayWorker:
 class RayWorkerPool(WorkerPool):
     """:class:`WorkerPool` on Ray; see ``WorkerPool`` for the arguments, plus ``ray_address``
     (``None``: the cluster this process is connected to, else a new local one)."""
+
+    _dispatcher: RayDispatcher  # type: ignore[assignment]
 
     def __init__(
         self,
@@ -219,7 +222,7 @@ class RayWorkerPool(WorkerPool):
         except BaseException:
             self.terminate("interrupted during close()")
             raise
-        self._finish(f"close(timeout={timeout:g}) expired")
+        self._end(f"close(timeout={timeout:g}) expired")
 
     def terminate(self, why: str = "terminated") -> None:
         if self._finished:
@@ -229,9 +232,9 @@ class RayWorkerPool(WorkerPool):
         d.closing, d.abort = True, why
         d.post(("wake",))
         d.thread.join(2.0)
-        self._finish(why)
+        self._end(why)
 
-    def _finish(self, why: str) -> None:
+    def _end(self, why: str) -> None:
         d = self._dispatcher
         d.fail_everything(why)
         for w in d.workers:
@@ -390,7 +393,7 @@ class RayDispatcher:
                 resolve(task.future, result=result)
 
     def _crashed(self, w: RayWorker, task: QueuedTask, error: BaseException) -> None:
-        how, hint = ray_failure(error)
+        how, hint = ray_failure(error, w.slot.node)
         w.state = "dead"
         self.stats.crashes += 1
         replace = not self.closing

@@ -62,7 +62,7 @@ class WorkerPool:
             process is connected to, else a new local one).
     """
 
-    def __new__(cls, *args: Any, backend: str = "local", **kwargs: Any) -> WorkerPool:
+    def __new__(cls, *args: Any, backend: str = "local", **kwargs: Any) -> Self:
         if backend not in BACKENDS:
             raise ValueError(BACKEND_UNKNOWN.format(backend=backend))
         if backend == "ray" and cls is WorkerPool:

@@ -12,7 +12,7 @@ import contextlib
 import os
 import time
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import Any, Self
 
 from pytest_kerasmp.devices import DeviceSlot, plural, split_evenly
 from pytest_kerasmp.errors import (
@@ -172,7 +172,8 @@ def listening_addresses(pids: Sequence[int]) -> dict[str, str]:
             continue
         for c in conns:
             if c.status == psutil.CONN_LISTEN:
-                found[f"{name} {pid} port {c.laddr.port}"] = c.laddr.ip
+                ip = c.laddr.ip
+                found[f"{name} {pid} port {c.laddr.port}"] = ip.removeprefix("::ffff:")  # IPv4 as IPv6
     return found
 
 
@@ -195,7 +196,7 @@ class LocalCluster:
 
         me = psutil.Process()
         before = {p.pid for p in me.children(recursive=True)}
-        self.cluster = Cluster(initialize_head=False)
+        self.cluster: Any = Cluster(initialize_head=False)
         self.nodes: list[Any] = []
         try:
             for i in range(nodes):
@@ -234,9 +235,10 @@ class LocalCluster:
     def node_ids(self) -> list[str]:
         return [str(n.node_id) for n in self.nodes]
 
-    def remove_node(self, node_id: str) -> None:
+    def remove_node(self, node_id: str, *, graceful: bool = True) -> None:
+        """Stop a node as ``ray stop`` does (graceful), or kill its processes at once."""
         node = next(n for n in self.nodes if str(n.node_id) == node_id)
-        self.cluster.remove_node(node, allow_graceful=False)
+        self.cluster.remove_node(node, allow_graceful=graceful)
         self.nodes.remove(node)
 
     def processes(self) -> list[int]:
@@ -274,7 +276,7 @@ class LocalCluster:
                     proc.kill()
             raise KerasMPError(RAY_PROCESSES_LEFT.format(n=plural(len(left), "process"), wait=SHUTDOWN_WAIT_S, names=", ".join(names)))
 
-    def __enter__(self) -> LocalCluster:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *_: object) -> None:
