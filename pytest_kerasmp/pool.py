@@ -68,7 +68,7 @@ class WorkerPool:
         if backend == "ray" and cls is WorkerPool:
             from pytest_kerasmp._ray_pool import RayWorkerPool
 
-            return super().__new__(RayWorkerPool)
+            return super().__new__(RayWorkerPool)  # type: ignore[return-value]
         return super().__new__(cls)
 
     def __init__(
