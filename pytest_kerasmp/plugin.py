@@ -35,6 +35,7 @@ from pytest_kerasmp.fixtures import (  # noqa: F401  (fixtures registered with t
     kerasmp_inference_server,
     kerasmp_pool,
     kerasmp_pool_factory,
+    kerasmp_ray,
     kerasmp_scale,
     kerasmp_seed,
     kerasmp_slots,
@@ -75,6 +76,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         cfg.REQUIRE_OPTION, dest="kerasmp_require_gpu", action="store_true", help=cfg.REQUIRE_HELP
     )
     speedgate.addoptions(group)
+    group.addoption(cfg.RAY_OPTION, dest="kerasmp_ray", metavar="ADDRESS|local", help=cfg.RAY_HELP)
     group.addoption(
         "--kerasmp-scale", dest="kerasmp_scale", metavar="F", default="1",
         help="Scale the scenarios' workloads by F (e.g. 0.25 for a quick CI pass, 4 on a GPU "
@@ -314,6 +316,8 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
     plan = config.stash.get(cfg.PLAN_KEY, None)
     if plan is not None:
         lines.append(describe_plan(cfg.session_settings(config), plan, _xdist_workers(config)))
+    if config.getoption("kerasmp_ray", None):
+        lines.append(cfg.RAY_HEADER.format(option=cfg.RAY_OPTION, address=config.getoption("kerasmp_ray")))
     seed = speedgate.header(config)
     return lines + ([seed] if seed else [])
 
