@@ -162,13 +162,13 @@ def kerasmp_ray(pytestconfig: pytest.Config) -> Iterator[tuple[DeviceSlot, ...] 
     if not address:
         yield None
         return
-    from pytest_kerasmp.ray_cluster import LocalCluster, connect, plan_ray_slots
+    from pytest_kerasmp.ray_cluster import LocalRayCluster, connect, plan_ray_slots
 
     cluster = None
     if address == "local":
         from pytest_kerasmp.devices import usable_cores
 
-        cluster = LocalCluster(1, cpus_per_node=len(usable_cores()))
+        cluster = LocalRayCluster(1, cpus_per_node=len(usable_cores()))
     else:
         connect(address)
     try:

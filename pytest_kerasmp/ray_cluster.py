@@ -177,7 +177,7 @@ def listening_addresses(pids: Sequence[int]) -> dict[str, str]:
     return found
 
 
-class LocalCluster:
+class LocalRayCluster:
     """A Ray cluster of ``nodes`` nodes on this machine, on loopback only, for tests.
 
     Each node gets ``cpus_per_node`` CPUs and, where this process may use enough cores, its

@@ -142,11 +142,11 @@ def _broken_pools() -> set[int]:
 @pytest.fixture(scope="session")
 def ray_cluster():
     """One loopback-only local Ray cluster of 2 nodes (1 CPU each) for every Ray test; at
-    its end every process it started must be gone (LocalCluster.shutdown checks)."""
+    its end every process it started must be gone (LocalRayCluster.shutdown checks)."""
     pytest.importorskip("ray")
-    from pytest_kerasmp.ray_cluster import LocalCluster
+    from pytest_kerasmp.ray_cluster import LocalRayCluster
 
-    cluster = LocalCluster(2, cpus_per_node=1)
+    cluster = LocalRayCluster(2, cpus_per_node=1)
     yield cluster
     cluster.shutdown()
 
