@@ -58,7 +58,7 @@ class RayInferenceClient(InferenceClient):
 
     def _actor(self) -> Any:
         if self._handle is None:
-            ray = connect(self.cluster)
+            ray = connect(self.cluster, quiet=True)
             try:
                 self._handle = ray.get_actor(self.actor_name, namespace=NAMESPACE)
             except ValueError:

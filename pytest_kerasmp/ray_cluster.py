@@ -50,12 +50,13 @@ def import_ray() -> Any:
     return ray
 
 
-def connect(address: str | None = None) -> Any:
+def connect(address: str | None = None, *, quiet: bool = False) -> Any:
     """Connect this process to Ray (once) and return the ``ray`` module.
 
     ``None``: the cluster this process is already connected to, else a new local single-node
     cluster on loopback; ``"local"``: that new local cluster; anything else: the address of a
-    running cluster (``"127.0.0.1:6379"``, ``"ray://host:10001"``, ``"auto"``).
+    running cluster (``"127.0.0.1:6379"``, ``"ray://host:10001"``, ``"auto"``). ``quiet``: the
+    cluster's workers' output is not copied to this process (for clients).
     """
     ray = import_ray()
     if ray.is_initialized():
@@ -69,7 +70,7 @@ def connect(address: str | None = None) -> Any:
             configure_logging=False,
         )
     else:
-        ray.init(address=address, configure_logging=False)
+        ray.init(address=address, configure_logging=False, log_to_driver=not quiet)
     return ray
 
 
@@ -186,8 +187,13 @@ class LocalRayCluster:
     says which did not end.
     """
 
-    def __init__(self, nodes: int = 2, *, cpus_per_node: int = 1, object_store_mb: int = OBJECT_STORE_MB) -> None:
+    def __init__(
+        self, nodes: int = 2, *, cpus_per_node: int = 1, object_store_mb: int = OBJECT_STORE_MB,
+        cores: Sequence[int] | None = None,
+    ) -> None:
         import psutil
+
+        from pytest_kerasmp.devices import usable_cores
 
         ray = import_ray()
         if ray.is_initialized():
@@ -198,6 +204,8 @@ class LocalRayCluster:
         before = {p.pid for p in me.children(recursive=True)}
         self.cluster: Any = Cluster(initialize_head=False)
         self.nodes: list[Any] = []
+        # the cores each node (its raylet, so its workers) may run on: disjoint while there are enough
+        self._core_parts = split_evenly(list(cores or usable_cores()), nodes)
         try:
             for i in range(nodes):
                 self.add_node(cpus_per_node, object_store_mb, head=i == 0, index=i)
@@ -212,18 +220,13 @@ class LocalRayCluster:
 
     def add_node(self, cpus: int, object_store_mb: int = OBJECT_STORE_MB, *, head: bool = False, index: int | None = None) -> Any:
         """Start one more node (its processes are ended by :meth:`shutdown` or :meth:`remove_node`)."""
-        from pytest_kerasmp.devices import usable_cores
-
-        cores = usable_cores()
         index = len(self.nodes) if index is None else index
         args: dict[str, Any] = {
             "num_cpus": cpus, "node_ip_address": LOOPBACK, "object_store_memory": object_store_mb * 2**20,
         }
         if head:
             args["include_dashboard"] = False
-        own = split_evenly(cores, max(len(cores) // max(cpus, 1), 1))
-        mine = set(own[index % len(own)]) if len(cores) >= cpus else set(cores)
-        with _affinity(mine):
+        with _affinity(set(self._core_parts[index % len(self._core_parts)])):
             node = self.cluster.add_node(**args)
         self.nodes.append(node)
         if hasattr(self, "_processes"):
