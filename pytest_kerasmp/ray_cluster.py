@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from typing import Any, Self
@@ -31,6 +32,7 @@ LOOPBACK = "127.0.0.1"
 #: Object store per node of the local clusters this module starts (MB): small, tests move little.
 OBJECT_STORE_MB = 150
 SHUTDOWN_WAIT_S = 15.0
+_connecting = threading.Lock()  # a client's threads may all connect on their first request
 
 
 def import_ray() -> Any:
@@ -59,8 +61,13 @@ def connect(address: str | None = None, *, quiet: bool = False) -> Any:
     cluster's workers' output is not copied to this process (for clients).
     """
     ray = import_ray()
-    if ray.is_initialized():
-        return ray
+    with _connecting:
+        if not ray.is_initialized():
+            _init(ray, address, quiet)
+    return ray
+
+
+def _init(ray: Any, address: str | None, quiet: bool) -> None:
     if address in (None, "local"):
         from pytest_kerasmp.devices import usable_cores
 
@@ -71,7 +78,6 @@ def connect(address: str | None = None, *, quiet: bool = False) -> Any:
         )
     else:
         ray.init(address=address, configure_logging=False, log_to_driver=not quiet)
-    return ray
 
 
 def alive_nodes() -> list[dict[str, Any]]:
