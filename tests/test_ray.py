@@ -19,6 +19,7 @@ pytest.importorskip("ray")
 import pool_tasks  # noqa: E402
 
 from pytest_kerasmp import (  # noqa: E402
+    KerasMPError,
     ModelRef,
     PoolBrokenError,
     PoolClosedError,
@@ -66,6 +67,8 @@ def test_slots_are_planned_from_the_nodes(slots, ray_cluster):
     assert all(s.kind == "CPU" and s.cores == (0,) for s in slots)
     assert [s.index for s in slots] == [0, 1]
     assert "on node " + slots[1].node[:8] in slots[1].describe()
+    with pytest.raises(KerasMPError, match=r"no node with 5 free CPU\(s\) or a GPU.*node .* at 127.0.0.1: 1 CPU, 0 GPU"):
+        plan_ray_slots(cpus_per_slot=5)
 
 
 # ------------------------------------------------------------------------------- pool
