@@ -16,7 +16,8 @@ import warnings
 from typing import Any
 
 from pytest_kerasmp import lifecycle
-from pytest_kerasmp._ray_pool import actor_options, ray_failure
+from pytest_kerasmp._ray_dispatch import ray_failure
+from pytest_kerasmp._ray_pool import actor_options
 from pytest_kerasmp._wire import Answer, Busy, Closed, Failed
 from pytest_kerasmp.devices import DeviceSlot
 from pytest_kerasmp.errors import (

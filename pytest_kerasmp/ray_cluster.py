@@ -232,13 +232,15 @@ class LocalRayCluster:
         }
         if head:
             args["include_dashboard"] = False
+        import psutil
+
+        me = psutil.Process()
+        before = {p.pid for p in me.children(recursive=True)}
         with _affinity(set(self._core_parts[index % len(self._core_parts)])):
             node = self.cluster.add_node(**args)
         self.nodes.append(node)
-        if hasattr(self, "_processes"):
-            import psutil
-
-            self._processes |= {p.pid for p in psutil.Process().children(recursive=True)}
+        if hasattr(self, "_processes"):  # only what this node started, not other owners' children
+            self._processes |= {p.pid for p in me.children(recursive=True)} - before
         return node
 
     def node_ids(self) -> list[str]:

@@ -19,6 +19,7 @@ pytest.importorskip("ray")
 import pool_tasks  # noqa: E402
 
 from pytest_kerasmp import (  # noqa: E402
+    DeviceSlot,
     KerasMPError,
     ModelRef,
     PoolBrokenError,
@@ -126,7 +127,10 @@ def test_an_actor_killed_mid_task_fails_it_and_is_replaced(slots, no_leftovers):
 
 @pytest.mark.kerasmp_expect_broken
 def test_a_node_removed_mid_task_is_a_clear_error(ray_cluster, no_leftovers):
-    node = ray_cluster.add_node(1)
+    local = DeviceSlot(index=0, kind="CPU", cores=(sorted(os.sched_getaffinity(0))[0],))
+    with WorkerPool([local], import_tensorflow=False, name="bystander") as bystander:
+        node = ray_cluster.add_node(1)
+        assert not set(bystander.pids()) & set(ray_cluster.processes()), "the cluster would end another owner's process"
     node_id = str(node.node_id)
     slot = next(s for s in plan_ray_slots() if s.node == node_id)
     slot = dataclasses.replace(slot, index=0)
