@@ -83,10 +83,11 @@ class SlotWorker:
     def ready(self) -> dict[str, Any]:
         return {**identity(self.slot), "failure": self.failure}
 
-    def run(self, fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    def run(self, call: tuple[Any, tuple[Any, ...], dict[str, Any]]) -> Any:
         from pytest_kerasmp._wire import Failed
         from pytest_kerasmp.errors import pack_exception
 
+        fn, args, kwargs = call  # Ray read it from the object store (arrays read-only, no copy)
         try:
             return fn(*args, **kwargs)
         except BaseException as exc:

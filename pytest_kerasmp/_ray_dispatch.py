@@ -297,9 +297,9 @@ class RayDispatcher:
                 self.pending.remove(task)
             if not task.future.set_running_or_notify_cancel():
                 continue
-            fn, args, kwargs = task.payload  # type: ignore[attr-defined]
+            payload = task.payload  # type: ignore[attr-defined]
             del task.payload  # type: ignore[attr-defined]
             w.state, w.task = "busy", task
-            w.ref = w.actor.run.remote(fn, args, kwargs)
+            w.ref = w.actor.run.remote(payload)
             w.deadline = time.monotonic() + task.timeout_s if task.timeout_s else None
             self._watch("done", w, w.ref)

@@ -52,6 +52,7 @@ def actor_options(slot: DeviceSlot, name: str) -> dict[str, Any]:
         "runtime_env": {"env_vars": env}, "name": None, "lifetime": None,
     }
 
+
 class RayWorkerPool(WorkerPool):
     """:class:`WorkerPool` on Ray; see ``WorkerPool`` for the arguments, plus ``ray_address``
     (``None``: the cluster this process is connected to, else a new local one)."""
@@ -202,6 +203,8 @@ class RayWorkerPool(WorkerPool):
         check_runnable_in_worker(fn)
         dumps((fn, args, kwargs), f"a call of {name}", buffers=[])  # refuses live models, names what cannot travel
         task = QueuedTask(next(self._ids), b"", [], Future(), name, timeout_s, worker)
-        task.payload = (fn, args, kwargs)  # type: ignore[attr-defined]
+        # Into the object store now, as the local backend copies at submit: the caller may
+        # change its arrays at once.
+        task.payload = self.ray.put((fn, args, kwargs))  # type: ignore[attr-defined]
         self._dispatcher.enqueue(task)
         return task.future

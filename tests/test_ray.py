@@ -86,7 +86,10 @@ def test_the_pool_runs_pinned_warm_workers_one_per_node(slots, no_leftovers):
         assert [s["node"] for s in pool.broadcast(pool_tasks.slot_env)] == [s.node for s in slots]
         assert pool.map(pool_tasks.add, range(6), range(6), timeout=30) == [0, 2, 4, 6, 8, 10]
         x = np.arange(19 * 2**20 // 8, dtype=np.float64)
-        assert np.array_equal(pool.submit(pool_tasks.scale, x, 2.0).result(timeout=30), x * 2)
+        future = pool.submit(pool_tasks.scale, x, 2.0)
+        expected = x * 2
+        x[:] = -1  # the caller may change its array once submit returned
+        assert np.array_equal(future.result(timeout=30), expected)
         with pytest.raises(ValueError, match="on purpose") as info:
             pool.submit(pool_tasks.raise_value_error, "on purpose").result(timeout=30)
         assert "raise_value_error" in str(info.value.__cause__)
