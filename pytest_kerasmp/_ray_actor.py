@@ -83,12 +83,13 @@ class SlotWorker:
     def ready(self) -> dict[str, Any]:
         return {**identity(self.slot), "failure": self.failure}
 
-    def run(self, call: tuple[Any, tuple[Any, ...], dict[str, Any]]) -> Any:
+    def run(self, call: bytes, *buffers: Any) -> Any:
         from pytest_kerasmp._wire import Failed
         from pytest_kerasmp.errors import pack_exception
+        from pytest_kerasmp.transport import loads_call
 
-        fn, args, kwargs = call  # Ray read it from the object store (arrays read-only, no copy)
         try:
+            fn, args, kwargs = loads_call(call, buffers)
             return fn(*args, **kwargs)
         except BaseException as exc:
             return Failed(-1, pack_exception(exc), "".join(traceback.format_exception(exc)))

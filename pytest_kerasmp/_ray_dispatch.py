@@ -297,9 +297,8 @@ class RayDispatcher:
                 self.pending.remove(task)
             if not task.future.set_running_or_notify_cancel():
                 continue
-            payload = task.payload  # type: ignore[attr-defined]
-            del task.payload  # type: ignore[attr-defined]
             w.state, w.task = "busy", task
-            w.ref = w.actor.run.remote(payload)
+            w.ref = w.actor.run.remote(task.call, *task.buffers)  # the buffers: ObjectRefs, read in place
+            task.buffers = []
             w.deadline = time.monotonic() + task.timeout_s if task.timeout_s else None
             self._watch("done", w, w.ref)

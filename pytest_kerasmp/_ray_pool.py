@@ -32,7 +32,7 @@ from pytest_kerasmp.errors import (
 )
 from pytest_kerasmp.pool import WorkerPool
 from pytest_kerasmp.ray_cluster import check_feasible, connect, slot_resources
-from pytest_kerasmp.transport import check_runnable_in_worker, dumps
+from pytest_kerasmp.transport import dumps_call
 
 
 def actor_options(slot: DeviceSlot, name: str) -> dict[str, Any]:
@@ -73,8 +73,6 @@ class RayWorkerPool(WorkerPool):
         backend: str = "ray",
         ray_address: str | None = None,
     ) -> None:
-        from pytest_kerasmp.transport import dumps_call
-
         slots = list(slots)
         if not slots or not all(isinstance(s, DeviceSlot) for s in slots):
             raise TypeError(f"slots must be a non-empty sequence of DeviceSlot, got {slots!r}")
@@ -144,6 +142,12 @@ class RayWorkerPool(WorkerPool):
             else:
                 self.check_ready(w, info)
 
+    def _to_object_store(self, view: Any) -> Any:
+        """A large buffer of a call copied into Ray's object store (the actor maps it, read-only)."""
+        import numpy as np
+
+        return self.ray.put(np.frombuffer(view, np.uint8))
+
     # -------------------------------------------------------------------------- public
 
     def pids(self) -> list[int | None]:
@@ -200,11 +204,9 @@ class RayWorkerPool(WorkerPool):
         name = f"{getattr(fn, '__module__', '?')}:{getattr(fn, '__qualname__', fn)}"
         if self._closed:
             raise PoolClosedError(POOL_CLOSED.format(pool=self.name, fn=name))
-        check_runnable_in_worker(fn)
-        dumps((fn, args, kwargs), f"a call of {name}", buffers=[])  # refuses live models, names what cannot travel
-        task = QueuedTask(next(self._ids), b"", [], Future(), name, timeout_s, worker)
-        # Into the object store now, as the local backend copies at submit: the caller may
-        # change its arrays at once.
-        task.payload = self.ray.put((fn, args, kwargs))  # type: ignore[attr-defined]
+        # Pickled (and its arrays copied) now, as on the local backend: the caller may change
+        # its arrays at once; a live model or an unimportable function is refused here.
+        call, buffers = dumps_call(fn, args, kwargs, copy=self._to_object_store)
+        task = QueuedTask(next(self._ids), call, buffers, Future(), name, timeout_s, worker)
         self._dispatcher.enqueue(task)
         return task.future
