@@ -90,6 +90,7 @@ def test_the_pool_runs_pinned_warm_workers_one_per_node(slots, no_leftovers):
         expected = x * 2
         x[:] = -1  # the caller may change its array once submit returned
         assert np.array_equal(future.result(timeout=30), expected)
+        assert pool.submit(pool_tasks.writeable, x).result(timeout=30) is False  # mapped from the object store
         with pytest.raises(ValueError, match="on purpose") as info:
             pool.submit(pool_tasks.raise_value_error, "on purpose").result(timeout=30)
         assert "raise_value_error" in str(info.value.__cause__)
