@@ -33,6 +33,11 @@ RAY_HELP = (
     "that the session starts and ends. Slots are planned from the cluster's nodes "
     "(plan_ray_slots). Needs pytest-kerasmp[ray]. Default: off (local processes)"
 )
+RAY_LOCAL_XDIST = (
+    "--kerasmp-ray=local with -n would start one Ray cluster per xdist worker, each on every "
+    "core; start one cluster (ray start --head --node-ip-address=127.0.0.1) and pass its "
+    "address, e.g. --kerasmp-ray=127.0.0.1:6379, or drop -n"
+)
 RAY_HEADER = (
     "kerasmp: {option}={address} -> pools and servers are Ray actors; slots planned from the "
     "cluster's nodes when a fixture first needs them"

@@ -183,6 +183,8 @@ def pytest_load_initial_conftests(early_config: pytest.Config) -> None:
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", MARKER_HELP)
+    if config.getoption("kerasmp_ray", None) == "local" and _xdist_workers(config):
+        raise pytest.UsageError(cfg.RAY_LOCAL_XDIST)
     if not hasattr(config, "workerinput"):
         config.pluginmanager.register(_WorkerComparisons(config), "kerasmp-worker-comparisons")
     speedgate.configure(config)

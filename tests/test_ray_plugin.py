@@ -52,3 +52,12 @@ def test_kerasmp_ray_local_puts_the_fixtures_on_a_session_cluster(pytester, run_
 def test_help_names_the_option(pytester, run_pytest):
     result = run_pytest("--help")
     result.stdout.fnmatch_lines(["*--kerasmp-ray=ADDRESS|local*"])
+
+
+def test_a_local_cluster_per_xdist_worker_is_refused(pytester, run_pytest):
+    from pytest_kerasmp.config import RAY_LOCAL_XDIST
+
+    pytester.makepyfile("def test_nothing(): pass")
+    result = run_pytest("--kerasmp-ray=local", "-n", "2")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["*" + RAY_LOCAL_XDIST[:60] + "*"])
