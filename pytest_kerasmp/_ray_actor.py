@@ -32,14 +32,17 @@ def local_slot(slot: DeviceSlot) -> DeviceSlot:
     return dataclasses.replace(slot, cores=tuple(sorted({avail[c % len(avail)] for c in slot.cores})))
 
 
-def start(slot_json: dict[str, Any], import_tensorflow: bool) -> tuple[DeviceSlot, str | None]:
-    """Pin, then import TensorFlow; the slot applied and a failure's traceback (or None)."""
+def start(slot_json: dict[str, Any], import_tensorflow: bool, role: str, label: str) -> tuple[DeviceSlot, str | None]:
+    """Pin, record the placement (on the session's machine), then import TensorFlow; the
+    slot applied and a failure's traceback (or None)."""
     slot = DeviceSlot.from_json(slot_json)
     try:
+        from pytest_kerasmp import placement
         from pytest_kerasmp.pinning import pin_process
 
         slot = local_slot(slot)
         pin_process(slot)
+        placement.record(role, slot, label=label)
         if import_tensorflow:
             import tensorflow  # noqa: F401  (warm: imported once per actor)
     except BaseException:
@@ -69,8 +72,8 @@ def all_stacks() -> str:
 class SlotWorker:
     """A pool worker on one slot (threaded: ``stacks`` answers while a task runs)."""
 
-    def __init__(self, slot_json: dict[str, Any], init_call: bytes | None, import_tensorflow: bool) -> None:
-        self.slot, self.failure = start(slot_json, import_tensorflow)
+    def __init__(self, slot_json: dict[str, Any], init_call: bytes | None, import_tensorflow: bool, label: str = "") -> None:
+        self.slot, self.failure = start(slot_json, import_tensorflow, "pool worker", label)
         if self.failure is None and init_call is not None:
             try:
                 from pytest_kerasmp.transport import loads_call
@@ -111,8 +114,8 @@ class ServerWorker:
     """An inference server on one slot: the local server's batching (``_server._Server``),
     fed by concurrent actor calls instead of socket connections."""
 
-    def __init__(self, slot_json: dict[str, Any], model_ref: Any, options: dict[str, Any]) -> None:
-        self.slot, self.failure = start(slot_json, True)
+    def __init__(self, slot_json: dict[str, Any], model_ref: Any, options: dict[str, Any], label: str = "") -> None:
+        self.slot, self.failure = start(slot_json, True, "server", label)
         self.lock = threading.Condition()
         self.closing = False
         if self.failure is not None:

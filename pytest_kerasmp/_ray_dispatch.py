@@ -14,6 +14,7 @@ import threading
 import time
 from typing import Any
 
+from pytest_kerasmp import placement
 from pytest_kerasmp._dispatch import MAX_START_ATTEMPTS, QueuedTask, resolve
 from pytest_kerasmp._wire import Failed
 from pytest_kerasmp.devices import DeviceSlot
@@ -220,6 +221,7 @@ class RayDispatcher:
 
     def _restart(self, w: RayWorker, crashed_at: float | None, failed_starts: int) -> None:
         self.ray.kill(w.actor, no_restart=True)
+        placement.release(w.pid)
         if not node_alive(w.slot.node):
             self._give_up(w, WorkerStartupError(f"its Ray node {w.slot.node[:8]} is gone from the cluster"), failed_starts + 1)
             return

@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from typing import Any
 
-from pytest_kerasmp import lifecycle
+from pytest_kerasmp import lifecycle, placement
 from pytest_kerasmp._dispatch import PoolStats, QueuedTask
 from pytest_kerasmp._ray_dispatch import STACKS_S, RayDispatcher, RayWorker, ray_failure
 from pytest_kerasmp.devices import DeviceSlot
@@ -30,6 +30,7 @@ from pytest_kerasmp.errors import (
     RemoteTraceback,
     WorkerStartupError,
 )
+from pytest_kerasmp.placement import SESSION_ENV
 from pytest_kerasmp.pool import WorkerPool
 from pytest_kerasmp.ray_cluster import check_feasible, connect, slot_resources
 from pytest_kerasmp.transport import dumps_call
@@ -46,6 +47,9 @@ def actor_options(slot: DeviceSlot, name: str) -> dict[str, Any]:
     env = {k: v for k, v in slot.environ().items() if not (slot.kind == "GPU" and k == "CUDA_VISIBLE_DEVICES")}
     env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if isinstance(p, str) and p and os.path.isdir(p))
     env["TF_CPP_MIN_LOG_LEVEL"] = os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2")
+    for key in (SESSION_ENV, "PYTEST_XDIST_WORKER"):  # so that the actor records its placement
+        if os.environ.get(key):
+            env[key] = os.environ[key]
     return {
         "num_cpus": res["CPU"], "num_gpus": res.get("GPU", 0.0), "max_restarts": 0, "max_concurrency": 2,
         "scheduling_strategy": NodeAffinitySchedulingStrategy(slot.node, soft=False),
@@ -105,7 +109,7 @@ class RayWorkerPool(WorkerPool):
 
         label = f"kerasmp-{self.name}-w{index}"
         cls = self.ray.remote(SlotWorker).options(**actor_options(slot, label))
-        actor = cls.remote(slot.to_json(), self._init_call, self._import_tf)
+        actor = cls.remote(slot.to_json(), self._init_call, self._import_tf, f"{self.name} w{index}")
         return RayWorker(index, slot, actor, actor.ready.remote(), next(self._gens), **fields)
 
     def who(self, w: RayWorker) -> str:
@@ -194,6 +198,7 @@ class RayWorkerPool(WorkerPool):
         for w in d.workers:
             w.state = "dead"
             self.ray.kill(w.actor, no_restart=True)
+            placement.release(w.pid)
         self._finished = True
         lifecycle.unregister_owner(self)
 

@@ -15,7 +15,7 @@ import time
 import warnings
 from typing import Any
 
-from pytest_kerasmp import lifecycle
+from pytest_kerasmp import lifecycle, placement
 from pytest_kerasmp._ray_dispatch import ray_failure
 from pytest_kerasmp._ray_pool import actor_options
 from pytest_kerasmp._wire import Answer, Busy, Closed, Failed
@@ -131,7 +131,7 @@ class RayInferenceServer(InferenceServer):
         options = {"max_batch_size": max_batch_size, "max_delay_ms": max_delay_ms, "max_queue": max_queue}
         ray_options = actor_options(slot, self.actor_name)
         ray_options.update(name=self.actor_name, namespace=NAMESPACE, max_concurrency=min(max_queue, 128) + 4)
-        self.actor = ray.remote(ServerWorker).options(**ray_options).remote(slot.to_json(), model_ref, options)
+        self.actor = ray.remote(ServerWorker).options(**ray_options).remote(slot.to_json(), model_ref, options, name)
         try:
             info = self._wait_ready(start_timeout_s)
         except BaseException:
@@ -211,6 +211,7 @@ class RayInferenceServer(InferenceServer):
                 name=self.name, pid=self.pid, slot=self.slot.describe(), timeout=timeout, stacks=stacks or "(none)",
             ), KerasMPWarning, stacklevel=2)
         ray.kill(self.actor, no_restart=True)
+        placement.release(self.pid or None)
         lifecycle.unregister_owner(self)
 
     def terminate(self, why: str = "terminated") -> None:
@@ -219,4 +220,5 @@ class RayInferenceServer(InferenceServer):
         self._closed = True
         _closed.add(self.address)
         self.ray.kill(self.actor, no_restart=True)
+        placement.release(self.pid or None)
         lifecycle.unregister_owner(self)
