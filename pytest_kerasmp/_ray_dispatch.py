@@ -35,7 +35,7 @@ from pytest_kerasmp.errors import (
     unpack_exception,
     with_stacks,
 )
-from pytest_kerasmp.ray_cluster import node_alive
+from pytest_kerasmp.ray_cluster import kill_actor, node_alive
 
 IDLE_POLL_S = 0.5
 STACKS_S = 1.0
@@ -121,7 +121,7 @@ class RayDispatcher:
         for w in self.workers:
             if w.task is not None:
                 task, w.task = w.task, None
-                self.ray.kill(w.actor, no_restart=True)
+                kill_actor(w.actor)
                 error = PoolClosedError(POOL_CLOSED_RUNNING.format(
                     pool=self.name, why=why, task=task.id, fn=task.fn, index=w.index, slot=w.slot.describe(), pid=w.pid,
                 ))
@@ -220,7 +220,7 @@ class RayDispatcher:
             self._restart(w, time.monotonic(), 0)
 
     def _restart(self, w: RayWorker, crashed_at: float | None, failed_starts: int) -> None:
-        self.ray.kill(w.actor, no_restart=True)
+        kill_actor(w.actor)
         placement.release(w.pid)
         if not node_alive(w.slot.node):
             self._give_up(w, WorkerStartupError(f"its Ray node {w.slot.node[:8]} is gone from the cluster"), failed_starts + 1)
@@ -236,7 +236,7 @@ class RayDispatcher:
         if attempts < MAX_START_ATTEMPTS and not self.closing and self.abort is None:
             self._restart(w, w.crashed_at, attempts)
         else:
-            self.ray.kill(w.actor, no_restart=True)
+            kill_actor(w.actor)
             self._give_up(w, error, attempts)
 
     def _give_up(self, w: RayWorker, error: Exception, attempts: int) -> None:
@@ -286,7 +286,7 @@ class RayDispatcher:
                 if not self.closing:
                     self._restart(w, time.monotonic(), 0)
                 else:
-                    self.ray.kill(w.actor, no_restart=True)
+                    kill_actor(w.actor)
 
     def _assign(self) -> None:
         for w in self.workers:

@@ -32,7 +32,7 @@ from pytest_kerasmp.errors import (
 )
 from pytest_kerasmp.placement import SESSION_ENV
 from pytest_kerasmp.pool import WorkerPool
-from pytest_kerasmp.ray_cluster import check_feasible, connect, slot_resources
+from pytest_kerasmp.ray_cluster import check_feasible, connect, kill_actor, slot_resources
 from pytest_kerasmp.transport import dumps_call
 
 
@@ -95,7 +95,7 @@ class RayWorkerPool(WorkerPool):
             self._wait_started(workers, t0 + start_timeout_s)
         except BaseException:
             for w in workers:
-                self.ray.kill(w.actor, no_restart=True)
+                kill_actor(w.actor)
             raise
         self.stats.start_s = time.monotonic() - t0
         self._dispatcher = RayDispatcher(self, workers)
@@ -197,7 +197,7 @@ class RayWorkerPool(WorkerPool):
         d.fail_everything(why)
         for w in d.workers:
             w.state = "dead"
-            self.ray.kill(w.actor, no_restart=True)
+            kill_actor(w.actor)
             placement.release(w.pid)
         self._finished = True
         lifecycle.unregister_owner(self)

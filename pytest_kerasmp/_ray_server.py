@@ -34,7 +34,7 @@ from pytest_kerasmp.errors import (
     WorkerStartupError,
 )
 from pytest_kerasmp.modelref import ModelRef
-from pytest_kerasmp.ray_cluster import check_feasible, connect, plan_ray_slots
+from pytest_kerasmp.ray_cluster import check_feasible, connect, kill_actor, plan_ray_slots
 from pytest_kerasmp.server import InferenceClient, InferenceServer, _clients, _closed
 
 NAMESPACE = "kerasmp"
@@ -135,7 +135,7 @@ class RayInferenceServer(InferenceServer):
         try:
             info = self._wait_ready(start_timeout_s)
         except BaseException:
-            ray.kill(self.actor, no_restart=True)
+            kill_actor(self.actor)
             raise
         self.pid = info["pid"]
         self.inputs, self.outputs = info["specs"]
@@ -210,7 +210,7 @@ class RayInferenceServer(InferenceServer):
             warnings.warn(SERVER_CLOSE_TIMED_OUT.format(
                 name=self.name, pid=self.pid, slot=self.slot.describe(), timeout=timeout, stacks=stacks or "(none)",
             ), KerasMPWarning, stacklevel=2)
-        ray.kill(self.actor, no_restart=True)
+        kill_actor(self.actor)
         placement.release(self.pid or None)
         lifecycle.unregister_owner(self)
 
@@ -219,6 +219,6 @@ class RayInferenceServer(InferenceServer):
             return
         self._closed = True
         _closed.add(self.address)
-        self.ray.kill(self.actor, no_restart=True)
+        kill_actor(self.actor)
         placement.release(self.pid or None)
         lifecycle.unregister_owner(self)

@@ -80,6 +80,16 @@ def _init(ray: Any, address: str | None, quiet: bool) -> None:
         ray.init(address=address, configure_logging=False, log_to_driver=not quiet)
 
 
+def kill_actor(actor: Any) -> None:
+    """End ``actor`` now; nothing when this process is no longer connected (Ray's own exit
+    hook ran first: the actors this process owned end with it, and a ``ray.kill`` then would
+    start a new Ray instead)."""
+    ray = import_ray()
+    if ray.is_initialized():
+        with contextlib.suppress(Exception):
+            ray.kill(actor, no_restart=True)
+
+
 def alive_nodes() -> list[dict[str, Any]]:
     """The cluster's live nodes (Ray's node table entries), the head node first."""
     ray = import_ray()

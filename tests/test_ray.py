@@ -209,3 +209,36 @@ def test_close_and_terminate_fail_what_is_left(slots, no_leftovers):
     other.terminate("Ctrl-C in a test")
     with pytest.raises(PoolClosedError, match="Ctrl-C in a test"):
         busy.result(timeout=1)
+
+
+EXIT_WITHOUT_CLEANUP = """
+import json, sys, time
+sys.path.insert(0, {tests!r})
+import pool_tasks
+from pytest_kerasmp import LocalRayCluster, WorkerPool, plan_ray_slots
+cluster = LocalRayCluster(2)
+pool = WorkerPool(plan_ray_slots(), backend="ray", import_tensorflow=False, name="exit")
+pool.submit(pool_tasks.sleep_then, 60)
+time.sleep(0.5)
+open({pids!r}, "w").write(json.dumps(cluster.processes()))
+raise SystemExit("leaving without clean-up")
+"""
+
+
+def test_a_script_that_exits_with_a_busy_ray_pool_ends_in_seconds(run_python, tmp_path):
+    from conftest import running
+
+    pids = tmp_path / "pids.json"
+    tests = os.path.dirname(os.path.abspath(__file__))
+    t0 = time.monotonic()
+    done = run_python(EXIT_WITHOUT_CLEANUP.format(tests=tests, pids=str(pids)))
+    assert "leaving without clean-up" in done.stderr, done.stderr[-2000:]
+    assert time.monotonic() - t0 < 60
+    import json
+
+    started = json.loads(pids.read_text())
+    assert started
+    deadline = time.monotonic() + 20
+    while any(running(p) for p in started) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not [p for p in started if running(p)], "Ray processes outlived the script"
