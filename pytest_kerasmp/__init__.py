@@ -37,6 +37,8 @@ _WHERE = {
     "current_slot": "pinning",
     "pin_process": "pinning",
     "WorkerPool": "pool",
+    "LocalRayCluster": "ray_cluster",
+    "plan_ray_slots": "ray_cluster",
     "assert_same": "results",
     "first_difference": "results",
     "derive_seed": "seeding",
@@ -88,6 +90,8 @@ if TYPE_CHECKING:
     from pytest_kerasmp.pinning import current_slot as current_slot
     from pytest_kerasmp.pinning import pin_process as pin_process
     from pytest_kerasmp.pool import WorkerPool as WorkerPool
+    from pytest_kerasmp.ray_cluster import LocalRayCluster as LocalRayCluster
+    from pytest_kerasmp.ray_cluster import plan_ray_slots as plan_ray_slots
     from pytest_kerasmp.results import assert_same as assert_same
     from pytest_kerasmp.results import first_difference as first_difference
     from pytest_kerasmp.seeding import derive_seed as derive_seed

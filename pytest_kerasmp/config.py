@@ -26,6 +26,23 @@ REQUIRE_OPTION, REQUIRE_INI, REQUIRE_ENV = (
     "PYTEST_KERASMP_REQUIRE_GPU",
 )
 
+RAY_OPTION = "--kerasmp-ray"
+RAY_HELP = (
+    "Run the kerasmp_pool, kerasmp_pool_factory and kerasmp_inference_server fixtures on Ray: "
+    "the address of a running cluster, or 'local' for a cluster on this machine's loopback "
+    "that the session starts and ends. Slots are planned from the cluster's nodes "
+    "(plan_ray_slots). Needs pytest-kerasmp[ray]. Default: off (local processes)"
+)
+RAY_LOCAL_XDIST = (
+    "--kerasmp-ray=local with -n would start one Ray cluster per xdist worker, each on every "
+    "core; start one cluster (ray start --head --node-ip-address=127.0.0.1) and pass its "
+    "address, e.g. --kerasmp-ray=127.0.0.1:6379, or drop -n"
+)
+RAY_HEADER = (
+    "kerasmp: {option}={address} -> pools and servers are Ray actors; slots planned from the "
+    "cluster's nodes when a fixture first needs them"
+)
+
 GPUS_HELP = (
     "Number of device slots for this session: N or 'auto' (one per GPU, or one per usable "
     "core when there is no GPU); 'off' (or 0) turns slots off whatever ini or env say. "

@@ -72,6 +72,8 @@ class DeviceSlot:
         shared: Another slot uses the same GPU or cores.
         memory_limit_mb: Per-process GPU memory cap, or ``None``.
         gpu_name: Model name from detection, for reports.
+        node: The Ray node the slot lies on (its node id), or ``""`` for this machine;
+            its cores are then numbered within that node's usable cores.
     """
 
     index: int
@@ -81,6 +83,7 @@ class DeviceSlot:
     shared: bool = False
     memory_limit_mb: int | None = None
     gpu_name: str = ""
+    node: str = ""
 
     @property
     def name(self) -> str:
@@ -97,9 +100,10 @@ class DeviceSlot:
         return len(self.cores) if self.kind == "CPU" else None
 
     def describe(self) -> str:
+        where = f" on node {self.node[:8]}" if self.node else ""
         if self.kind == "GPU":
-            return f"{self.name} GPU {self.gpu}"
-        return f"{self.name} cores {{{', '.join(map(str, self.cores))}}}"
+            return f"{self.name} GPU {self.gpu}{where}"
+        return f"{self.name} cores {{{', '.join(map(str, self.cores))}}}{where}"
 
     def environ(self, *, memory_growth: bool | None = None) -> dict[str, str]:
         """Environment variables that pin a process to this slot.

@@ -265,3 +265,32 @@ CLUSTER_BUSY = (
     "cluster {cluster!r} is already running run({running}) in another thread; run() calls of "
     "one cluster take turns, since every task runs every call; call run() from one thread"
 )
+
+# ------------------------------------------------------------------------ the Ray backend
+RAY_MISSING = (
+    "the Ray backend needs Ray, which is not installed: pip install 'pytest-kerasmp[ray]' "
+    "(or ray[serve]), or use backend='local'"
+)
+BACKEND_UNKNOWN = "backend={backend!r} is not one of ('local', 'ray')"
+RAY_NO_SLOTS = (
+    "the Ray cluster has no node with {cpus} free CPU(s) or a GPU to plan a slot on ({nodes}); "
+    "add nodes or lower cpus_per_slot"
+)
+RAY_NODE_GONE = (
+    "{what}: {slot} lies on Ray node {node} which is not (or no longer) in the cluster "
+    "(live: {nodes}); plan the slots again with plan_ray_slots()"
+)
+RAY_SLOT_INFEASIBLE = (
+    "{what}: its slots on Ray node {node} ask for {asked} but that node has {there} in all "
+    "(live: {nodes}), so Ray would wait for them forever; plan fewer or smaller slots there "
+    "(plan_ray_slots) or add a node that has them"
+)
+RAY_STARTUP_TIMED_OUT = (
+    "{who} was not ready after {timeout:g} s: Ray had not placed it (its node's CPUs or GPUs "
+    "are taken by other actors or pools) or its TensorFlow import or initializer was slow; "
+    "close other pools on that node, or raise start_timeout_s"
+)
+RAY_PROCESSES_LEFT = (
+    "{n} of the local Ray cluster still ran {wait:g} s after shutdown and were killed: {names}; "
+    "something kept them busy (check the Ray logs under /tmp/ray/session_latest/logs)"
+)

@@ -34,13 +34,17 @@ DEVICE_UNPINNED = (
 
 
 @pytest.fixture(scope="session")
-def kerasmp_slots(pytestconfig: pytest.Config) -> tuple[DeviceSlot, ...]:
-    """The device slots this process owns (session scope; --kerasmp-gpus, --kerasmp-gpu-memory).
+def kerasmp_slots(pytestconfig: pytest.Config, request: pytest.FixtureRequest) -> tuple[DeviceSlot, ...]:
+    """The device slots this process owns (session scope; --kerasmp-gpus, --kerasmp-gpu-memory, --kerasmp-ray).
 
     Without -n: every slot of the session. Under -n: this xdist worker's part of them
     (the header shows the parts); with more workers than slots, one slot shared with
-    another worker. Without --kerasmp-gpus: 'auto' slots, split the same way.
+    another worker. Without --kerasmp-gpus: 'auto' slots, split the same way. Under
+    --kerasmp-ray: the slots planned on the Ray cluster's nodes.
     """
+    if pytestconfig.getoption("kerasmp_ray", None):
+        slots: tuple[DeviceSlot, ...] = request.getfixturevalue("kerasmp_ray")
+        return slots
     return session_plan(pytestconfig).own_slots
 
 
@@ -59,18 +63,19 @@ def kerasmp_device(pytestconfig: pytest.Config) -> DeviceSlot:
 
 
 @pytest.fixture(scope="session")
-def kerasmp_pool(kerasmp_slots: tuple[DeviceSlot, ...]) -> Iterator[WorkerPool]:
-    """A warm WorkerPool, one spawn worker per slot this process owns (session; --kerasmp-gpus).
+def kerasmp_pool(kerasmp_slots: tuple[DeviceSlot, ...], request: pytest.FixtureRequest) -> Iterator[WorkerPool]:
+    """A warm WorkerPool, one spawn worker per slot this process owns (session; --kerasmp-gpus, --kerasmp-ray).
 
     Without -n: one worker per session slot. Under -n: one per slot of this xdist worker's part.
+    Under --kerasmp-ray: one Ray actor per slot of the cluster.
     """
-    with WorkerPool(kerasmp_slots, name="session") as pool:
+    with WorkerPool(kerasmp_slots, name="session", **_backend(request)) as pool:
         yield pool
 
 
 @pytest.fixture
 def kerasmp_pool_factory(
-    kerasmp_slots: tuple[DeviceSlot, ...],
+    kerasmp_slots: tuple[DeviceSlot, ...], request: pytest.FixtureRequest
 ) -> Iterator[Callable[..., WorkerPool]]:
     """Factory: make_pool(slots=None, **options) -> WorkerPool, closed at test end (function).
 
@@ -81,6 +86,7 @@ def kerasmp_pool_factory(
 
     def make_pool(slots: Sequence[DeviceSlot] | None = None, **options: Any) -> WorkerPool:
         options.setdefault("name", f"factory{len(pools)}")
+        options = {**_backend(request), **options}
         pool = WorkerPool(kerasmp_slots if slots is None else slots, **options)
         pools.append(pool)
         return pool
@@ -120,7 +126,7 @@ def kerasmp_seed() -> int | None:
 
 @pytest.fixture
 def kerasmp_inference_server(
-    kerasmp_slots: tuple[DeviceSlot, ...],
+    kerasmp_slots: tuple[DeviceSlot, ...], request: pytest.FixtureRequest
 ) -> Iterator[Callable[..., InferenceServer]]:
     """Factory: start(model_ref, slot=None, **options) -> InferenceServer, closed at test end.
 
@@ -131,6 +137,7 @@ def kerasmp_inference_server(
 
     def start(model_ref: ModelRef, slot: DeviceSlot | None = None, **options: Any) -> InferenceServer:
         options.setdefault("name", f"server{len(servers)}")
+        options = {**_backend(request), **options}
         server = InferenceServer(model_ref, kerasmp_slots[0] if slot is None else slot, **options)
         servers.append(server)
         return server
@@ -170,3 +177,35 @@ def kerasmp_tf_cluster(
 def kerasmp_scale(pytestconfig: pytest.Config) -> float:
     """Workload scale factor for scenarios (session; --kerasmp-scale, default 1); the same under -n."""
     return float(pytestconfig.getoption("kerasmp_scale") or 1)
+
+
+@pytest.fixture(scope="session")
+def kerasmp_ray(pytestconfig: pytest.Config) -> Iterator[tuple[DeviceSlot, ...] | None]:
+    """The slots planned on the Ray cluster of --kerasmp-ray (session), or None without it.
+
+    ``local`` starts a one-node cluster on loopback with this process's usable cores, ended
+    (every process checked) at the session's end; an address connects to that cluster.
+    """
+    address = pytestconfig.getoption("kerasmp_ray", None)
+    if not address:
+        yield None
+        return
+    from pytest_kerasmp.ray_cluster import LocalRayCluster, connect, plan_ray_slots
+
+    cluster = None
+    if address == "local":
+        from pytest_kerasmp.devices import usable_cores
+
+        cluster = LocalRayCluster(1, cpus_per_node=len(usable_cores()))
+    else:
+        connect(address)
+    try:
+        yield plan_ray_slots()
+    finally:
+        if cluster is not None:
+            cluster.shutdown()
+
+
+def _backend(request: pytest.FixtureRequest) -> dict[str, Any]:
+    """Options that put a fixture's pool or server on Ray under --kerasmp-ray."""
+    return {"backend": "ray"} if request.config.getoption("kerasmp_ray", None) else {}

@@ -35,6 +35,7 @@ from pytest_kerasmp.fixtures import (  # noqa: F401  (fixtures registered with t
     kerasmp_inference_server,
     kerasmp_pool,
     kerasmp_pool_factory,
+    kerasmp_ray,
     kerasmp_scale,
     kerasmp_seed,
     kerasmp_slots,
@@ -76,6 +77,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         cfg.REQUIRE_OPTION, dest="kerasmp_require_gpu", action="store_true", help=cfg.REQUIRE_HELP
     )
     speedgate.addoptions(group)
+    group.addoption(cfg.RAY_OPTION, dest="kerasmp_ray", metavar="ADDRESS|local", help=cfg.RAY_HELP)
     group.addoption(
         "--kerasmp-scale", dest="kerasmp_scale", metavar="F", default="1",
         help="Scale the scenarios' workloads by F (e.g. 0.25 for a quick CI pass, 4 on a GPU "
@@ -182,6 +184,8 @@ def pytest_load_initial_conftests(early_config: pytest.Config) -> None:
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", MARKER_HELP)
+    if config.getoption("kerasmp_ray", None) == "local" and _xdist_workers(config):
+        raise pytest.UsageError(cfg.RAY_LOCAL_XDIST)
     if not hasattr(config, "workerinput"):
         config.pluginmanager.register(_WorkerComparisons(config), "kerasmp-worker-comparisons")
     speedgate.configure(config)
@@ -315,6 +319,8 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
     plan = config.stash.get(cfg.PLAN_KEY, None)
     if plan is not None:
         lines.append(describe_plan(cfg.session_settings(config), plan, _xdist_workers(config)))
+    if config.getoption("kerasmp_ray", None):
+        lines.append(cfg.RAY_HEADER.format(option=cfg.RAY_OPTION, address=config.getoption("kerasmp_ray")))
     seed = speedgate.header(config)
     return lines + ([seed] if seed else [])
 

@@ -19,6 +19,7 @@ from pytest_kerasmp import lifecycle
 from pytest_kerasmp._dispatch import Dispatcher, PoolStats, QueuedTask, Worker
 from pytest_kerasmp.devices import DeviceSlot
 from pytest_kerasmp.errors import (
+    BACKEND_UNKNOWN,
     FORK_REFUSED,
     MAP_TIMED_OUT,
     POOL_BROKEN,
@@ -31,6 +32,8 @@ from pytest_kerasmp.lifecycle import START_METHODS, Child
 from pytest_kerasmp.transport import dumps_call
 
 __all__ = ["PoolStats", "WorkerPool"]
+
+BACKENDS = ("local", "ray")
 
 
 class WorkerPool:
@@ -52,10 +55,24 @@ class WorkerPool:
         start_timeout_s: Bound on a worker's start (TF import and initializer).
         name: Name used in process names and messages.
         import_tensorflow: Import TensorFlow in each worker before it is ready (warm).
+        backend: ``"local"`` (default): child processes of this one; ``"ray"``: one Ray
+            actor per slot (slots from :func:`~pytest_kerasmp.plan_ray_slots`), same API and
+            errors; see README "Beyond one machine: the Ray backend".
+        ray_address: With ``backend="ray"``: the cluster to connect to (default: the one this
+            process is connected to, else a new local one).
     """
 
     #: Whether a worker that dies is replaced (a cluster's owner restarts all of them instead).
     replace_workers = True
+
+    def __new__(cls, *args: Any, backend: str = "local", **kwargs: Any) -> Self:
+        if backend not in BACKENDS:
+            raise ValueError(BACKEND_UNKNOWN.format(backend=backend))
+        if backend == "ray" and cls is WorkerPool:
+            from pytest_kerasmp._ray_pool import RayWorkerPool
+
+            return super().__new__(RayWorkerPool)  # type: ignore[return-value]
+        return super().__new__(cls)
 
     def __init__(
         self,
@@ -68,6 +85,8 @@ class WorkerPool:
         start_timeout_s: float = 120.0,
         name: str = "pool",
         import_tensorflow: bool = True,
+        backend: str = "local",
+        ray_address: str | None = None,
     ) -> None:
         if start_method == "fork":
             raise ValueError(FORK_REFUSED)
@@ -151,7 +170,8 @@ class WorkerPool:
         return self._gather(futures, timeout, "broadcast", fn)
 
     def pids(self) -> list[int | None]:
-        """The current process id of each worker (changes when a worker is replaced)."""
+        """The current process id of each worker (changes when a worker is replaced; on Ray,
+        the pid on the worker's node)."""
         return [w.pid if w.state != "dead" else None for w in self._dispatcher.workers]
 
     def close(self, timeout: float = 60.0, *, cancel_pending: bool = False) -> None:

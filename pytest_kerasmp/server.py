@@ -292,7 +292,23 @@ class InferenceServer:
         request_timeout_s: Default bound on one ``predict`` call.
         start_timeout_s: Bound on loading and warming the model.
         start_method: ``"spawn"`` (default) or ``"forkserver"``.
+        backend: ``"local"`` (default) or ``"ray"``: the server is a Ray actor on a Ray
+            slot (default: the cluster's first), with the same batching and client
+            semantics; its clients work in any process that can reach the cluster.
+        ray_address: With ``backend="ray"``: the cluster (default: the one this process is
+            connected to, else a new local one).
     """
+
+    def __new__(cls, *args: Any, backend: str = "local", **kwargs: Any) -> Self:
+        from pytest_kerasmp.errors import BACKEND_UNKNOWN
+
+        if backend not in ("local", "ray"):
+            raise ValueError(BACKEND_UNKNOWN.format(backend=backend))
+        if backend == "ray" and cls is InferenceServer:
+            from pytest_kerasmp._ray_server import RayInferenceServer
+
+            return super().__new__(RayInferenceServer)  # type: ignore[return-value]
+        return super().__new__(cls)
 
     def __init__(
         self,
@@ -307,6 +323,8 @@ class InferenceServer:
         start_timeout_s: float = 120.0,
         start_method: str = "spawn",
         name: str = "server",
+        backend: str = "local",
+        ray_address: str | None = None,
     ) -> None:
         if not isinstance(model_ref, ModelRef):
             raise TypeError(f"model_ref must be a pytest_kerasmp.ModelRef (ModelRef.save(model, dir)), got {type(model_ref).__name__}")

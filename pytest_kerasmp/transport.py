@@ -219,11 +219,13 @@ def dumps(obj: Any, what: str, buffers: list[Any] | None = None) -> bytes:
 
 
 def dumps_call(
-    fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], *, out_of_band: bool = True
+    fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], *, out_of_band: bool = True,
+    copy: Callable[[Any], Any] = bytearray,
 ) -> Payload:
     """Pickle a call for a worker, naming the argument that cannot travel.
 
-    The out-of-band buffers are copies, so the caller may change its arrays at once.
+    The out-of-band buffers are copies (made by ``copy``: the Ray backend copies them into
+    its object store), so the caller may change its arrays at once.
     """
     __tracebackhide__ = True
     check_runnable_in_worker(fn)
@@ -234,7 +236,7 @@ def dumps_call(
     items += [(f"argument {k!r} of {name}", v) for k, v in kwargs.items()]
     parts = [dumps(value, what, buffers) for what, value in items]
     data = pickle.dumps((parts, list(kwargs)), protocol=5)
-    return data, [bytearray(b) for b in buffers or ()]
+    return data, [copy(b) for b in buffers or ()]
 
 
 def loads_call(data: bytes, buffers: Sequence[Any] = ()) -> tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any]]:

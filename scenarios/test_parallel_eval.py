@@ -3,7 +3,8 @@
 Pattern: K ``.keras`` files (K = twice the session's slots), each passed as a ``ModelRef``;
 the warm pool's workers load each model once (cached per process) and call
 ``model.evaluate``. The serial reference evaluates the same models one after the other in
-one worker on slot 0, with its models loaded once too.
+one worker on slot 0, with its models loaded once too. Both backends: local processes, and
+Ray actors on a 2-node loopback Ray cluster (one per node; the serial reference on node 0).
 Asserted: every model's loss and accuracy equal the serial evaluation to 1e-6.
 Measured: serial vs the pool, side by side.
 Known hazard: sending the live model to a child process either hangs (fork after
@@ -55,10 +56,21 @@ def evaluate(ref: ModelRef, x: np.ndarray, y: np.ndarray) -> dict:
 # ------------------------------------------------------------------------ scenarios
 
 
-def test_parallel_evaluation_equals_serial(kerasmp_speedup, kerasmp_pool, kerasmp_pool_factory, kerasmp_slots, kerasmp_scale, tmp_path):
-    refs = [build_and_save(i, tmp_path) for i in range(2 * len(kerasmp_slots))]
+@pytest.fixture(params=["local", "ray"])
+def eval_pools(request, kerasmp_pool, kerasmp_pool_factory, kerasmp_slots):
+    """(serial pool on one slot, parallel pool over every slot) on the backend asked for."""
+    if request.param == "local":
+        return kerasmp_pool_factory(kerasmp_slots[:1], name="serial-eval"), kerasmp_pool
+    slots = request.getfixturevalue("ray_slots")
+    parallel = kerasmp_pool_factory(slots[:2], name="ray-eval", backend="ray")
+    return kerasmp_pool_factory(slots[2:3], name="ray-serial-eval", backend="ray"), parallel
+
+
+def test_parallel_evaluation_equals_serial(kerasmp_speedup, eval_pools, kerasmp_scale, tmp_path, request):
+    serial_pool, kerasmp_pool = eval_pools
+    workers = len(kerasmp_pool.slots)
+    refs = [build_and_save(i, tmp_path) for i in range(2 * workers)]
     x, y = make_data(max(1000, int(40_000 * kerasmp_scale)))
-    serial_pool = kerasmp_pool_factory(kerasmp_slots[:1], name="serial-eval")
     serial_pool.broadcast(load, refs)  # both sides start with every model loaded
     kerasmp_pool.broadcast(load, refs)
 
@@ -74,4 +86,6 @@ def test_parallel_evaluation_equals_serial(kerasmp_speedup, kerasmp_pool, kerasm
             for name in s:
                 assert p[name] == pytest.approx(s[name], abs=1e-6), f"{ref.path}: {name} differs from serial"
 
-    kerasmp_speedup(serial, parallel, workers=len(kerasmp_slots), rounds=3, variant="evaluate", check=check)
+    backend = request.node.callspec.params["eval_pools"]
+    variant = "evaluate" if backend == "local" else "evaluate-ray"
+    kerasmp_speedup(serial, parallel, workers=workers, rounds=3, variant=variant, check=check)

@@ -10,7 +10,10 @@ Measured, each against its reference in the same run:
 - served throughput vs the limit, in-process ``model(x)`` on full batches (M = 1, 2, 4, 8);
 - served (M = 8) vs per-sample ``model.predict`` in one process;
 - served (M = 8) vs 8 processes that each load their own copy of the model (throughput,
-  and the memory of all processes involved).
+  and the memory of all processes involved);
+- tiny model, M = 8, single samples, same clients and request sizes: Ray Serve (a
+  ``@serve.batch`` deployment of the same model, 32 rows, 2 ms) vs the plugin's server, local
+  and on the Ray backend (requests/s and latency percentiles side by side).
 Known hazard: the usual recipe forks children holding a live model, lets them exit on a
 0.1 s ``queue.Empty`` and collects with a 0.1 s timeout: it hangs or loses results.
 """
@@ -141,6 +144,60 @@ def serve_from(clients: WorkerPool, server: InferenceServer, raw: np.ndarray, m:
     }
 
 
+class ServeClient:
+    """The clients' side of Ray Serve with the plugin client's shape (submit -> future, close):
+    each client process connects to the cluster and calls the app's handle."""
+
+    def __init__(self, app: str, cluster: str) -> None:
+        self.app, self.cluster, self.handle = app, cluster, None
+
+    def __getstate__(self) -> dict:
+        return {"app": self.app, "cluster": self.cluster, "handle": None}
+
+    def submit(self, x: np.ndarray):
+        if self.handle is None:
+            import logging
+
+            from ray import serve
+
+            logging.getLogger("ray.serve").setLevel(logging.WARNING)
+            from pytest_kerasmp.ray_cluster import connect
+
+            connect(self.cluster, quiet=True)
+            self.handle = serve.get_app_handle(self.app)
+        return _Answer(self.handle.remote(x))
+
+    def close(self) -> None:
+        pass
+
+
+class _Answer:
+    def __init__(self, response) -> None:
+        self.response = response
+
+    def result(self, timeout: float):
+        return self.response.result(timeout_s=timeout)
+
+
+def serve_deployment(ref: ModelRef):
+    """The same model as a Ray Serve deployment that batches as the plugin's server does."""
+    from ray import serve
+
+    @serve.deployment(
+        max_ongoing_requests=256, ray_actor_options={"num_cpus": 1},
+        logging_config={"enable_access_log": False, "log_level": "WARNING"},
+    )
+    class Model:
+        def __init__(self, ref: ModelRef) -> None:
+            self.model = ref.load()
+
+        @serve.batch(max_batch_size=MAX_BATCH, batch_wait_timeout_s=0.002)
+        async def __call__(self, xs: list) -> list:
+            return list(np.asarray(self.model(np.stack(xs), training=False)))
+
+    return Model.bind(ref)
+
+
 def rss_mb(pids) -> float:
     return sum(psutil.Process(p).memory_info().rss for p in pids) / 2**20
 
@@ -241,4 +298,60 @@ def test_served_vs_a_model_copy_in_every_client(kerasmp_speedup, benchmark, serv
     print(
         f"\n{model_name}: served (M=8) {comparison.speedup:.2f}x 8 own-copy processes; memory "
         f"(RSS, all processes) served {served_mb:.0f} MB vs own copies {copies_mb:.0f} MB"
+    )
+
+
+@pytest.fixture(scope="module")
+def on_ray(served, ray_slots):
+    """The tiny model served on the Ray cluster: by the plugin's server on the Ray backend,
+    and by Ray Serve (started here, its HTTP proxy off)."""
+    import ray
+    from ray import serve
+
+    ref = served["tiny"]["ref"]
+    server = InferenceServer(ref, ray_slots[0], backend="ray", max_batch_size=MAX_BATCH, max_delay_ms=2, name="tiny-ray")
+    try:
+        serve.start(proxy_location="Disabled")
+        serve.run(serve_deployment(ref), name="tiny-serve", route_prefix=None)
+        yield {"server": server, "serve": ServeClient("tiny-serve", ray.get_runtime_context().gcs_address)}
+    finally:
+        server.close()
+        serve.shutdown()
+
+
+@pytest.mark.parametrize("backend", ["local", "ray"])
+def test_served_vs_ray_serve(kerasmp_speedup, served, clients, on_ray, backend):
+    setup = served["tiny"]
+    raw, reference = setup["raw"], setup["model"].predict(setup["xs"], batch_size=MAX_BATCH, verbose=0)
+    server = setup["server"] if backend == "local" else on_ray["server"]
+    runs: dict[str, list] = {"serve": [], "plugin": []}
+
+    def send(side: str, client) -> np.ndarray:
+        reports = clients.map(send_requests, [client] * 8, np.array_split(raw, 8), [IN_FLIGHT] * 8)
+        runs[side].append([t for r in reports for t in r["latency_s"]])
+        return np.concatenate([r["outputs"] for r in reports])
+
+    def check(by_serve: np.ndarray, by_plugin: np.ndarray) -> None:
+        for got in (by_serve, by_plugin):
+            assert got.shape == reference.shape, "a request was lost or duplicated"
+            np.testing.assert_allclose(got, reference, atol=TOLERANCE, rtol=0)
+
+    comparison = kerasmp_speedup(
+        lambda: send("serve", on_ray["serve"]), lambda: send("plugin", server.client()),
+        workers=8, rounds=3, variant=f"tiny-{backend}-vs-ray-serve", check=check,
+    )
+    figures = {"requests": len(raw)}
+    for side, median in (("serve", comparison.serial_median_s), ("plugin", comparison.parallel_median_s)):
+        latency = np.concatenate(runs[side]) * 1e3
+        figures.update({
+            f"{side}_requests_per_s": len(raw) / median,
+            **{f"{side}_latency_p{q}_ms": float(np.percentile(latency, q)) for q in (50, 90, 99)},
+        })
+    comparison.extra.update(figures)
+    print(
+        f"\ntiny M=8, {len(raw)} single-sample requests: plugin server ({backend}) "
+        f"{figures['plugin_requests_per_s']:.0f} req/s, p50 {figures['plugin_latency_p50_ms']:.2f} ms, "
+        f"p99 {figures['plugin_latency_p99_ms']:.2f} ms; Ray Serve {figures['serve_requests_per_s']:.0f} req/s, "
+        f"p50 {figures['serve_latency_p50_ms']:.2f} ms, p99 {figures['serve_latency_p99_ms']:.2f} ms: "
+        f"{comparison.speedup:.1f}x"
     )

@@ -99,6 +99,9 @@ def _leftover_children() -> set[int]:
     for p in me.children(recursive=True):
         try:
             helper = p.ppid() == me.pid and any(k in " ".join(p.cmdline()) for k in keep)
+            # A Ray node keeps idle workers for reuse; they end with the cluster, which the
+            # ray_cluster fixture checks. Actors (pools, servers) must end with their test.
+            helper = helper or p.name().startswith("ray::IDLE")
             zombie = p.status() == psutil.STATUS_ZOMBIE
         except psutil.Error:
             continue  # gone meanwhile
@@ -136,6 +139,18 @@ def _broken_pools() -> set[int]:
     return {id(o) for o in list(lifecycle._owners) if isinstance(o, WorkerPool) and o._dispatcher.broken}
 
 
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One loopback-only local Ray cluster of 2 nodes (1 CPU each) for every Ray test; at
+    its end every process it started must be gone (LocalRayCluster.shutdown checks)."""
+    pytest.importorskip("ray")
+    from pytest_kerasmp.ray_cluster import LocalRayCluster
+
+    cluster = LocalRayCluster(2, cpus_per_node=1)
+    yield cluster
+    cluster.shutdown()
+
+
 @pytest.fixture(autouse=True)
 def _leak_guard(request: pytest.FixtureRequest):
     """After every test: no process the test started still runs (pools and servers of broader
@@ -166,7 +181,7 @@ def _held_arena_maps() -> int:
 
     held = 0
     for owner in list(lifecycle._owners):
-        if isinstance(owner, WorkerPool):
+        if isinstance(owner, WorkerPool) and owner.start_method != "ray":
             for w in owner._dispatcher.workers:
                 held += (w.to_worker.map is not None) + (w.from_worker.map is not None)
     return held

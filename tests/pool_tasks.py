@@ -150,3 +150,8 @@ def sleep_then_exit(seconds, code=9):
     """Die on its own after ``seconds`` (e.g. while its pool is closing)."""
     time.sleep(seconds)
     os._exit(code)
+
+
+def writeable(array):
+    """Whether a task may write into its array argument in place."""
+    return bool(array.flags.writeable)

@@ -1,0 +1,306 @@
+"""The dispatcher of the Ray backend's pool: one thread that owns the actors and the queue.
+
+As the local ``_dispatch``: one task at a time per worker, so a death is charged to exactly
+the task that ran; Ray's completion callbacks only post events to this thread; whatever
+goes wrong, every future is resolved, and an error of the thread itself breaks the pool.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import queue
+import threading
+import time
+from typing import Any
+
+from pytest_kerasmp import placement
+from pytest_kerasmp._dispatch import MAX_START_ATTEMPTS, QueuedTask, resolve
+from pytest_kerasmp._wire import Failed
+from pytest_kerasmp.devices import DeviceSlot
+from pytest_kerasmp.errors import (
+    POOL_BROKEN,
+    POOL_CLOSED,
+    POOL_CLOSED_QUEUED,
+    POOL_CLOSED_RUNNING,
+    RAY_STARTUP_TIMED_OUT,
+    SLOT_DEAD,
+    TASK_TIMED_OUT,
+    WORKER_CRASHED,
+    PoolBrokenError,
+    PoolClosedError,
+    TaskTimeoutError,
+    WorkerCrashedError,
+    WorkerStartupError,
+    unpack_exception,
+    with_stacks,
+)
+from pytest_kerasmp.ray_cluster import kill_actor, node_alive
+
+IDLE_POLL_S = 0.5
+STACKS_S = 1.0
+
+
+def ray_failure(exc: BaseException, node: str = "") -> tuple[str, str]:
+    """How a Ray actor on ``node`` ended, from Ray's error (and whether its node is still in
+    the cluster), and a hint (as ``describe_exit``)."""
+    text = str(exc)
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.startswith("\t")]
+    detail = next((ln for ln in lines[1:] if "died" in ln or "exit" in ln.lower()), lines[-1] if lines else text)
+    detail = detail.split(" Some common causes")[0]
+    if "node has died" in text or "node was terminated" in text or (node and not node_alive(node)):
+        return f"its node's end (Ray: {detail})", "the Ray node left the cluster; check that node's raylet log"
+    return f"the end of its Ray worker process (Ray: {detail})", (
+        "a SIGKILL is usually the OOM killer: lower the batch size or the number of slots per node"
+    )
+
+@dataclasses.dataclass(eq=False)
+class RayWorker:
+    index: int
+    slot: DeviceSlot
+    actor: Any
+    ready: Any  # the ObjectRef of its ready() call
+    gen: int
+    state: str = "starting"  # starting | idle | busy | dead
+    pid: int | None = None
+    ip: str = ""
+    task: QueuedTask | None = None
+    ref: Any = None
+    deadline: float | None = None
+    failed_starts: int = 0
+    crashed_at: float | None = None
+    killed: bool = False
+
+class RayDispatcher:
+    """One thread that owns the workers and the queue of a :class:`RayWorkerPool`."""
+
+    def __init__(self, pool: Any, workers: list[RayWorker]) -> None:
+        self.pool, self.ray, self.name, self.stats = pool, pool.ray, pool.name, pool.stats
+        self.workers = workers
+        self.lock = threading.Lock()
+        self.pending: collections.deque[QueuedTask] = collections.deque()
+        self.events: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
+        self.closing = False
+        self.abort: str | None = None
+        self.dump_on_abort = False
+        self.broken: str | None = None
+        self.broken_cause: BaseException | None = None
+        self.thread = threading.Thread(target=self.run, name=f"kerasmp-{self.name}-ray-dispatch", daemon=True)
+
+    def post(self, event: tuple[Any, ...]) -> None:
+        self.events.put(event)
+
+    def enqueue(self, task: QueuedTask) -> None:
+        with self.lock:
+            if self.closing:
+                raise PoolClosedError(POOL_CLOSED.format(pool=self.name, fn=task.fn))
+            if self.broken is not None:
+                raise self.broken_error()
+            if task.worker is not None and self.workers[task.worker].state == "dead":
+                raise self.broken_error(f"worker {task.worker} is dead")
+            self.pending.append(task)
+        self.post(("wake",))
+
+    def broken_error(self, cause: str | None = None) -> PoolBrokenError:
+        error = PoolBrokenError(POOL_BROKEN.format(pool=self.name, cause=cause or self.broken))
+        error.__cause__ = self.broken_cause
+        return error
+
+    def fail(self, task: QueuedTask, error: BaseException) -> None:
+        self.stats.tasks_failed += 1
+        resolve(task.future, error=error)
+
+    def fail_queued(self, why: str) -> None:
+        with self.lock:
+            queued, self.pending = list(self.pending), collections.deque()
+        for task in queued:
+            self.fail(task, PoolClosedError(POOL_CLOSED_QUEUED.format(pool=self.name, why=why, task=task.id, fn=task.fn)))
+
+    def fail_everything(self, why: str, stacks: dict[int, str | None] | None = None) -> None:
+        self.fail_queued(why)
+        for w in self.workers:
+            if w.task is not None:
+                task, w.task = w.task, None
+                kill_actor(w.actor)
+                error = PoolClosedError(POOL_CLOSED_RUNNING.format(
+                    pool=self.name, why=why, task=task.id, fn=task.fn, index=w.index, slot=w.slot.describe(), pid=w.pid,
+                ))
+                self.fail(task, with_stacks(error, (stacks or {}).get(w.index)))
+
+    # ------------------------------------------------------------------------- the loop
+
+    def run(self) -> None:
+        try:
+            self._loop()
+        except BaseException as exc:  # fail closed, as the local dispatcher
+            with self.lock:
+                self.broken = f"its dispatcher thread failed with {type(exc).__name__}: {exc}"
+                self.broken_cause = exc
+            self.fail_everything(self.broken)
+
+    def _loop(self) -> None:
+        while True:
+            now = time.monotonic()
+            deadlines = [w.deadline for w in self.workers if w.deadline is not None and w.state != "dead"]
+            timeout = max(0.0, min([IDLE_POLL_S, *(d - now for d in deadlines)]))
+            events: list[tuple[Any, ...]] = []
+            try:
+                events.append(self.events.get(timeout=timeout))
+                while True:
+                    events.append(self.events.get_nowait())
+            except queue.Empty:
+                pass
+            for event in events:
+                self._on_event(event)
+            if self.abort is not None:
+                busy = [w for w in self.workers if w.task is not None]
+                self.fail_everything(self.abort, self._stacks(busy) if self.dump_on_abort else None)
+                return
+            self._check_deadlines()
+            self._assign()
+            with self.lock:
+                busy_now = any(w.state == "busy" for w in self.workers)
+                if self.closing and not busy_now and not self.pending:
+                    return
+            if self.closing and not any(w.state != "dead" for w in self.workers):
+                self.fail_everything("its last worker died during close()")
+                return
+
+    def _watch(self, kind: str, w: RayWorker, ref: Any) -> None:
+        gen = w.gen
+        ref.future().add_done_callback(lambda f: self.post((kind, w.index, gen, f)))
+
+    def _on_event(self, event: tuple[Any, ...]) -> None:
+        if event[0] == "wake":
+            return
+        kind, index, gen, future = event
+        w = self.workers[index]
+        if w.gen != gen or w.state == "dead":
+            return
+        error = future.exception()
+        if kind == "ready":
+            if w.state != "starting":
+                return
+            try:
+                self.pool.check_ready(w, None if error else future.result(), error)
+            except WorkerStartupError as exc:
+                self._start_failed(w, exc)
+                return
+            w.deadline, w.failed_starts = None, 0
+            if w.crashed_at is not None:
+                self.stats.replacement_ready_s.append(time.monotonic() - w.crashed_at)
+        elif kind == "done" and w.task is not None:
+            task, w.task, w.deadline = w.task, None, None
+            if error is not None and isinstance(error, self.ray.exceptions.RayActorError):
+                self._crashed(w, task, error)
+                return
+            w.state = "idle"
+            if error is not None:
+                self.fail(task, error)
+                return
+            result = future.result()
+            if isinstance(result, Failed):
+                self.fail(task, unpack_exception(result.exc, result.text))
+            else:
+                self.stats.tasks_done += 1
+                resolve(task.future, result=result)
+
+    def _crashed(self, w: RayWorker, task: QueuedTask, error: BaseException) -> None:
+        how, hint = ray_failure(error, w.slot.node)
+        w.state = "dead"
+        self.stats.crashes += 1
+        replace = not self.closing
+        fate = "the pool is starting a replacement on the same slot" if replace else "it was not replaced: the pool is closing"
+        crash = WorkerCrashedError(WORKER_CRASHED.format(
+            index=w.index, slot=w.slot.describe(), pid=w.pid, pool=self.name, how=how, task=task.id, fn=task.fn, fate=fate, hint=hint,
+        ))
+        crash.__cause__ = error
+        self.fail(task, crash)
+        if replace:
+            self._restart(w, time.monotonic(), 0)
+
+    def _restart(self, w: RayWorker, crashed_at: float | None, failed_starts: int) -> None:
+        kill_actor(w.actor)
+        placement.release(w.pid)
+        if not node_alive(w.slot.node):
+            self._give_up(w, WorkerStartupError(f"its Ray node {w.slot.node[:8]} is gone from the cluster"), failed_starts + 1)
+            return
+        new = self.pool.start_worker(w.index, w.slot, crashed_at=crashed_at, failed_starts=failed_starts)
+        new.deadline = time.monotonic() + self.pool.start_timeout_s
+        self.workers[w.index] = new
+        self._watch("ready", new, new.ready)
+
+    def _start_failed(self, w: RayWorker, error: Exception) -> None:
+        w.state = "dead"
+        attempts = w.failed_starts + 1
+        if attempts < MAX_START_ATTEMPTS and not self.closing and self.abort is None:
+            self._restart(w, w.crashed_at, attempts)
+        else:
+            kill_actor(w.actor)
+            self._give_up(w, error, attempts)
+
+    def _give_up(self, w: RayWorker, error: Exception, attempts: int) -> None:
+        w.state = "dead"
+        reason = str(error).split("; ")[0]
+        cause = SLOT_DEAD.format(pool=self.name, slot=w.slot.describe(), attempts=attempts, reason=reason)
+        alive = any(x.state != "dead" for x in self.workers)
+        with self.lock:
+            if not alive:
+                self.broken, self.broken_cause = cause, error
+            doomed = [t for t in self.pending if not alive or t.worker == w.index]
+            for task in doomed:
+                self.pending.remove(task)
+        for task in doomed:
+            failure = PoolBrokenError(POOL_BROKEN.format(pool=self.name, cause=cause))
+            failure.__cause__ = error
+            self.fail(task, failure)
+
+    def _stacks(self, workers: list[RayWorker]) -> dict[int, str | None]:
+        refs = {w.index: w.actor.stacks.remote() for w in workers}
+        out: dict[int, str | None] = {}
+        deadline = time.monotonic() + STACKS_S
+        for index, ref in refs.items():
+            try:
+                out[index] = self.ray.get(ref, timeout=max(0.05, deadline - time.monotonic()))
+            except Exception:
+                out[index] = None
+        return out
+
+    def _check_deadlines(self) -> None:
+        now = time.monotonic()
+        for w in self.workers:
+            if w.deadline is None or now < w.deadline or w.state == "dead":
+                continue
+            w.deadline = None
+            if w.state == "starting":
+                self._start_failed(w, WorkerStartupError(RAY_STARTUP_TIMED_OUT.format(who=self.pool.who(w), timeout=self.pool.start_timeout_s)))
+            elif w.task is not None:
+                task, w.task = w.task, None
+                stacks = self._stacks([w]).get(w.index)
+                self.stats.timeouts += 1
+                fate = "the pool is starting a replacement" if not self.closing else "not replaced: the pool is closing"
+                self.fail(task, with_stacks(TaskTimeoutError(TASK_TIMED_OUT.format(
+                    task=task.id, fn=task.fn, timeout=task.timeout_s, index=w.index, slot=w.slot.describe(), pid=w.pid, fate=fate,
+                )), stacks))
+                w.state = "dead"
+                if not self.closing:
+                    self._restart(w, time.monotonic(), 0)
+                else:
+                    kill_actor(w.actor)
+
+    def _assign(self) -> None:
+        for w in self.workers:
+            if w.state != "idle":
+                continue
+            with self.lock:
+                task = next((t for t in self.pending if t.worker in (None, w.index)), None)
+                if task is None:
+                    continue
+                self.pending.remove(task)
+            if not task.future.set_running_or_notify_cancel():
+                continue
+            w.state, w.task = "busy", task
+            w.ref = w.actor.run.remote(task.call, *task.buffers)  # the buffers: ObjectRefs, read in place
+            task.buffers = []
+            w.deadline = time.monotonic() + task.timeout_s if task.timeout_s else None
+            self._watch("done", w, w.ref)

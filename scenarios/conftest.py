@@ -1,0 +1,28 @@
+"""Scenario fixtures shared by the files that run a pattern on both backends."""
+
+from __future__ import annotations
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(kerasmp_slots):
+    """A loopback-only local Ray cluster of 2 nodes for the Ray variants (session; skipped
+    without Ray). Each node runs on half of the session's cores and offers 2 CPUs, so that,
+    as on the local backend, a one-slot reference pool and a pool over every node coexist."""
+    pytest.importorskip("ray")
+    from pytest_kerasmp import LocalRayCluster
+
+    cluster = LocalRayCluster(2, cpus_per_node=2, cores=sorted({c for s in kerasmp_slots for c in s.cores}) or None)
+    yield cluster
+    cluster.shutdown()
+
+
+@pytest.fixture(scope="session")
+def ray_slots(ray_cluster):
+    """One Ray slot of 1 CPU per node (the first of each node), then the rest."""
+    from pytest_kerasmp import plan_ray_slots
+
+    slots = plan_ray_slots()
+    first = [s for s in slots if s.cores == (0,)]
+    return first + [s for s in slots if s not in first]

@@ -1,0 +1,244 @@
+"""The Ray backend on a loopback-only local cluster of 2 nodes: planning, the pool, its faults.
+
+One cluster (the session's ``ray_cluster`` fixture) serves every test here; each test bounds
+its own waits, so a broken promise fails in seconds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+import time
+
+import numpy as np
+import pytest
+
+pytest.importorskip("ray")
+
+import pool_tasks  # noqa: E402
+
+from pytest_kerasmp import (  # noqa: E402
+    DeviceSlot,
+    KerasMPError,
+    ModelRef,
+    PoolBrokenError,
+    PoolClosedError,
+    TaskTimeoutError,
+    WorkerCrashedError,
+    WorkerPool,
+    WorkerStartupError,
+)
+from pytest_kerasmp.ray_cluster import (  # noqa: E402
+    alive_nodes,
+    listening_addresses,
+    plan_ray_slots,
+    reported_addresses,
+)
+
+
+def ray_pool(slots, **options) -> WorkerPool:
+    options.setdefault("import_tensorflow", False)
+    return WorkerPool(list(slots), backend="ray", **options)
+
+
+@pytest.fixture
+def slots(ray_cluster):
+    return plan_ray_slots()
+
+
+# ------------------------------------------------------------------------ the cluster
+
+
+def test_every_address_ray_reports_is_loopback(ray_cluster):
+    reported = reported_addresses()
+    assert len([k for k in reported if k.endswith("NodeManagerAddress")]) == 2
+    assert {k: v for k, v in reported.items() if v != "127.0.0.1"} == {}
+    for node in alive_nodes():
+        for key in ("ObjectStoreSocketName", "RayletSocketName"):  # Unix sockets, not TCP
+            assert node[key].startswith("/"), (key, node[key])
+    listening = listening_addresses(ray_cluster.processes())
+    assert listening, "the cluster's processes listen on no TCP port?"
+    assert {k: v for k, v in listening.items() if v not in ("127.0.0.1",)} == {}
+
+
+def test_slots_are_planned_from_the_nodes(slots, ray_cluster):
+    assert [s.node for s in slots] == [n["NodeID"] for n in alive_nodes()]
+    assert sorted(s.node for s in slots) == sorted(ray_cluster.node_ids())
+    assert all(s.kind == "CPU" and s.cores == (0,) for s in slots)
+    assert [s.index for s in slots] == [0, 1]
+    assert "on node " + slots[1].node[:8] in slots[1].describe()
+    with pytest.raises(KerasMPError, match=r"no node with 5 free CPU\(s\) or a GPU.*node .* at 127.0.0.1: 1 CPU, 0 GPU"):
+        plan_ray_slots(cpus_per_slot=5)
+
+
+# ------------------------------------------------------------------------------- pool
+
+
+def test_the_pool_runs_pinned_warm_workers_one_per_node(slots, no_leftovers):
+    with ray_pool(slots, import_tensorflow=True, name="ray-basic") as pool:
+        assert type(pool).__name__ == "RayWorkerPool" and isinstance(pool, WorkerPool)
+        who = pool.broadcast(pool_tasks.whoami, timeout=60)
+        assert [w["pid"] for w in who] == pool.pids() and len(set(pool.pids())) == 2
+        assert all(w["tf_was_imported"] and w["intra"] == 1 for w in who)
+        if len(os.sched_getaffinity(0)) >= 2:  # each node has its own core here
+            assert who[0]["cores"] != who[1]["cores"]
+        assert [s["node"] for s in pool.broadcast(pool_tasks.slot_env)] == [s.node for s in slots]
+        assert pool.map(pool_tasks.add, range(6), range(6), timeout=30) == [0, 2, 4, 6, 8, 10]
+        x = np.arange(19 * 2**20 // 8, dtype=np.float64)
+        future = pool.submit(pool_tasks.scale, x, 2.0)
+        expected = x * 2
+        x[:] = -1  # the caller may change its array once submit returned
+        assert np.array_equal(future.result(timeout=30), expected)
+        assert pool.submit(pool_tasks.writeable, x).result(timeout=30) is False  # mapped from the object store
+        with pytest.raises(ValueError, match="on purpose") as info:
+            pool.submit(pool_tasks.raise_value_error, "on purpose").result(timeout=30)
+        assert "raise_value_error" in str(info.value.__cause__)
+
+
+def test_models_load_once_per_actor(slots, no_leftovers):
+    ref = ModelRef.from_builder("pool_tasks:build_custom", units=2)
+    x = np.ones((2, 4), np.float32)
+    with ray_pool(slots[:1], name="ray-model") as pool:
+        first = pool.submit(pool_tasks.predict_sum, ref, x).result(timeout=60)
+        second = pool.submit(pool_tasks.predict_sum, ref, x).result(timeout=30)
+    assert first[0] == second[0] == 2 * 2 * 4 * 2.0
+    assert second[2] == first[2] and second[3] == 1  # the same model object, one cached
+
+
+def test_task_functions_are_checked_before_they_travel(slots, no_leftovers):
+    with ray_pool(slots[:1], name="ray-check") as pool:
+        with pytest.raises(TypeError, match="cannot"):
+            pool.submit(lambda: 1)
+
+
+# ----------------------------------------------------------------------------- faults
+
+
+def test_an_actor_killed_mid_task_fails_it_and_is_replaced(slots, no_leftovers):
+    with ray_pool(slots[:1], name="ray-kill") as pool:
+        old = pool.pids()[0]
+        running = pool.submit(pool_tasks.sleep_then, 30)
+        time.sleep(0.5)
+        t0 = time.monotonic()
+        os.kill(old, signal.SIGKILL)
+        with pytest.raises(WorkerCrashedError, match=rf"worker 0 \(slot0 cores \{{0\}} on node {slots[0].node[:8]}, pid {old}\).*died with the end of its Ray worker process.*replacement"):
+            running.result(timeout=15)
+        assert time.monotonic() - t0 < 10
+        assert pool.submit(pool_tasks.add, 1, 2).result(timeout=30) == 3
+        assert pool.pids()[0] != old and pool.stats.crashes == 1
+
+
+@pytest.mark.kerasmp_expect_broken
+def test_a_node_removed_mid_task_is_a_clear_error(ray_cluster, no_leftovers):
+    local = DeviceSlot(index=0, kind="CPU", cores=(sorted(os.sched_getaffinity(0))[0],))
+    with WorkerPool([local], import_tensorflow=False, name="bystander") as bystander:
+        node = ray_cluster.add_node(1)
+        assert not set(bystander.pids()) & set(ray_cluster.processes()), "the cluster would end another owner's process"
+    node_id = str(node.node_id)
+    slot = next(s for s in plan_ray_slots() if s.node == node_id)
+    slot = dataclasses.replace(slot, index=0)
+    pool = ray_pool([slot], name="ray-node")
+    try:
+        running = pool.submit(pool_tasks.sleep_then, 60)
+        time.sleep(0.5)
+        t0 = time.monotonic()
+        ray_cluster.remove_node(node_id)
+        with pytest.raises(WorkerCrashedError, match=rf"on node {node_id[:8]}.*died with its node's end"):
+            running.result(timeout=30)
+        with pytest.raises(PoolBrokenError, match=rf"Ray node {node_id[:8]} is gone"):
+            pool.submit(pool_tasks.add, 1).result(timeout=30)
+        assert time.monotonic() - t0 < 30
+    finally:
+        pool.close(timeout=5)
+
+
+def test_a_slot_no_node_can_hold_fails_at_once(slots, no_leftovers):
+    big = dataclasses.replace(slots[0], cores=(0, 1, 2, 3))
+    t0 = time.monotonic()
+    with pytest.raises(WorkerStartupError, match=rf"on Ray node {slots[0].node[:8]} ask for 4 CPU but that node has 1 CPU in all"):
+        ray_pool([big], name="ray-big")
+    gone = dataclasses.replace(slots[0], node="ab" * 28)
+    with pytest.raises(WorkerStartupError, match="is not .or no longer. in the cluster"):
+        ray_pool([gone], name="ray-gone")
+    assert time.monotonic() - t0 < 5
+
+
+def test_a_slot_whose_cpus_are_taken_fails_within_the_start_bound(slots, no_leftovers):
+    with ray_pool(slots[:1], name="ray-holder"):
+        t0 = time.monotonic()
+        with pytest.raises(WorkerStartupError, match="was not ready after 3 s: Ray had not placed it"):
+            ray_pool(slots[:1], name="ray-waiter", start_timeout_s=3)
+        assert time.monotonic() - t0 < 8
+
+
+def test_an_initializer_failure_is_a_startup_error_with_its_traceback(slots, no_leftovers):
+    with pytest.raises(WorkerStartupError, match="initializer exploded on purpose") as info:
+        ray_pool(slots[:1], name="ray-init", initializer=pool_tasks.failing_initializer)
+    assert "failing_initializer" in str(info.value.__cause__)
+
+
+def test_a_task_timeout_dumps_stacks_and_replaces_the_actor(slots, no_leftovers):
+    with ray_pool(slots[:1], name="ray-timeout") as pool:
+        t0 = time.monotonic()
+        with pytest.raises(TaskTimeoutError, match="ran past its 0.5 s timeout") as info:
+            pool.submit_with_timeout(0.5, pool_tasks.sleep_then, 60).result(timeout=15)
+        assert time.monotonic() - t0 < 10
+        assert "sleep_then" in (info.value.stacks or "")
+        assert pool.submit(pool_tasks.add, 2, 2).result(timeout=30) == 4
+        assert pool.stats.timeouts == 1 and pool.stats.crashes == 0
+
+
+def test_close_and_terminate_fail_what_is_left(slots, no_leftovers):
+    pool = ray_pool(slots[:1], name="ray-close")
+    running = pool.submit(pool_tasks.sleep_then, 30)
+    queued = pool.submit(pool_tasks.add, 1)
+    time.sleep(0.3)
+    t0 = time.monotonic()
+    pool.close(timeout=0.5)
+    assert time.monotonic() - t0 < 8
+    with pytest.raises(PoolClosedError, match="was closed"):
+        queued.result(timeout=1)
+    with pytest.raises(PoolClosedError, match="while task .* ran on worker 0"):
+        running.result(timeout=1)
+    with pytest.raises(PoolClosedError, match="is closed"):
+        pool.submit(pool_tasks.add, 1)
+    other = ray_pool(slots[:1], name="ray-terminate")
+    busy = other.submit(pool_tasks.sleep_then, 30)
+    time.sleep(0.3)
+    other.terminate("Ctrl-C in a test")
+    with pytest.raises(PoolClosedError, match="Ctrl-C in a test"):
+        busy.result(timeout=1)
+
+
+EXIT_WITHOUT_CLEANUP = """
+import json, sys, time
+sys.path.insert(0, {tests!r})
+import pool_tasks
+from pytest_kerasmp import LocalRayCluster, WorkerPool, plan_ray_slots
+cluster = LocalRayCluster(2)
+pool = WorkerPool(plan_ray_slots(), backend="ray", import_tensorflow=False, name="exit")
+pool.submit(pool_tasks.sleep_then, 60)
+time.sleep(0.5)
+open({pids!r}, "w").write(json.dumps(cluster.processes()))
+raise SystemExit("leaving without clean-up")
+"""
+
+
+def test_a_script_that_exits_with_a_busy_ray_pool_ends_in_seconds(run_python, tmp_path):
+    from conftest import running
+
+    pids = tmp_path / "pids.json"
+    tests = os.path.dirname(os.path.abspath(__file__))
+    t0 = time.monotonic()
+    done = run_python(EXIT_WITHOUT_CLEANUP.format(tests=tests, pids=str(pids)))
+    assert "leaving without clean-up" in done.stderr, done.stderr[-2000:]
+    assert time.monotonic() - t0 < 60
+    import json
+
+    started = json.loads(pids.read_text())
+    assert started
+    deadline = time.monotonic() + 20
+    while any(running(p) for p in started) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not [p for p in started if running(p)], "Ray processes outlived the script"

@@ -1,0 +1,88 @@
+"""InferenceServer on the Ray backend, on the shared loopback cluster: the same batching and
+client semantics as the local server; a client in a pool worker on the other node."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+
+import numpy as np
+import pytest
+
+pytest.importorskip("ray")
+
+import server_models  # noqa: E402
+import server_tasks  # noqa: E402
+
+from pytest_kerasmp import (  # noqa: E402
+    InferenceServer,
+    ModelRef,
+    ServerClosedError,
+    ServerDiedError,
+    WorkerPool,
+    WorkerStartupError,
+)
+from pytest_kerasmp.ray_cluster import plan_ray_slots  # noqa: E402
+
+LINEAR = ModelRef.from_builder("server_models:linear")
+
+
+def test_a_ray_server_batches_and_answers_every_client_once(ray_cluster, no_leftovers):
+    slots = plan_ray_slots()
+    with InferenceServer(LINEAR, slots[0], backend="ray", max_batch_size=16, name="ray-served") as server:
+        assert type(server).__name__ == "RayInferenceServer" and server.pid
+        rng = np.random.default_rng(0)
+        one = rng.random(4, dtype=np.float32)
+        np.testing.assert_allclose(server.predict(one), server_models.expected(one), rtol=1e-5, atol=1e-6)
+        for rows in (1, 7, 50):  # 50 > max_batch_size: split and reassembled
+            x = rng.random((rows, 4), dtype=np.float32)
+            np.testing.assert_allclose(server.predict(x), server_models.expected(x), rtol=1e-5, atol=1e-6)
+        with pytest.raises(ValueError, match="does not fit the model's input 0"):
+            server.predict(np.ones((2, 5), np.float32))
+        results: list[dict] = []
+        threads = [threading.Thread(target=lambda s=s: results.append(server_tasks.hammer(server.client(), s, 30))) for s in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert results == [{"answered": 30, "wrong": 0}] * 4
+        # a client pickled to a pool worker on the other node
+        with WorkerPool(slots[1:], backend="ray", import_tensorflow=False, name="ray-clients") as pool:
+            assert pool.submit(server_tasks.hammer, server.client(), 9, 20).result(timeout=60) == {"answered": 20, "wrong": 0}
+        stats = server.stats()
+        assert stats["traces"] == 1 and stats["requests"] >= 4 * 30 + 20
+        assert stats["batches"] < stats["requests"], "no request was batched with another"
+    with pytest.raises(ServerClosedError, match="was closed by its owner"):
+        server.predict(one)
+
+
+def test_a_slow_answer_times_out_and_close_answers_what_was_accepted(ray_cluster, no_leftovers):
+    slow = ModelRef.from_builder("server_models:linear", delay_s=0.5)
+    server = InferenceServer(slow, plan_ray_slots()[0], backend="ray", name="ray-slow")
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(TimeoutError, match="did not answer request"):
+            server.predict(np.ones(4, np.float32), timeout=0.1)
+        assert time.monotonic() - t0 < 3
+        accepted = server._client.submit(np.ones((2, 4), np.float32))
+        time.sleep(0.1)
+    finally:
+        server.close(timeout=10)
+    np.testing.assert_allclose(accepted.result(timeout=1), server_models.expected(np.ones((2, 4), np.float32)), rtol=1e-5)
+
+
+def test_a_killed_ray_server_fails_requests_with_server_died(ray_cluster, no_leftovers):
+    with InferenceServer(LINEAR, plan_ray_slots()[0], backend="ray", name="ray-dies") as server:
+        os.kill(server.pid, signal.SIGKILL)
+        t0 = time.monotonic()
+        with pytest.raises(ServerDiedError, match="is gone"):
+            server.predict(np.ones(4, np.float32), timeout=20)
+        assert time.monotonic() - t0 < 15
+
+
+def test_a_ray_server_whose_model_fails_to_load_is_a_startup_error(ray_cluster, no_leftovers):
+    with pytest.raises(WorkerStartupError, match="No module named 'no_such_module'") as info:
+        InferenceServer(ModelRef.from_builder("no_such_module:build"), plan_ray_slots()[0], backend="ray", name="ray-bad")
+    assert "Traceback" in str(info.value.__cause__)
