@@ -15,24 +15,19 @@ import os
 import pickle
 import threading
 import time
-from concurrent.futures import Future, InvalidStateError
 from multiprocessing.connection import wait
 from typing import Any
 
+from pytest_kerasmp._queue import MAX_START_ATTEMPTS, QueuedTask, TaskQueue, resolve
 from pytest_kerasmp._wire import Done, Failed, Ready, Stop, Task
 from pytest_kerasmp.devices import DeviceSlot
 from pytest_kerasmp.errors import (
     ARENA_FAILED,
     NONE_REPLACED,
-    POOL_BROKEN,
-    POOL_CLOSED,
-    POOL_CLOSED_QUEUED,
     POOL_CLOSED_RUNNING,
-    SLOT_DEAD,
     TASK_TIMED_OUT,
     WORKER_CRASHED,
     WORKER_GONE,
-    PoolBrokenError,
     PoolClosedError,
     TaskTimeoutError,
     WorkerCrashedError,
@@ -45,21 +40,6 @@ from pytest_kerasmp.transport import Arena
 
 #: The dispatcher wakes at least this often even when nothing happens.
 IDLE_POLL_S = 0.5
-#: A slot whose worker fails to start this many times in a row is given up.
-MAX_START_ATTEMPTS = 3
-
-
-@dataclasses.dataclass(eq=False)
-class QueuedTask:
-    id: int
-    call: bytes
-    buffers: list[bytearray]  # out-of-band buffers of the call, copied at submit
-    future: Future[Any]
-    fn: str
-    timeout_s: float | None
-    worker: int | None = None  # run on this worker only (broadcast)
-
-
 @dataclasses.dataclass(eq=False)
 class Worker:
     index: int
@@ -96,54 +76,18 @@ class PoolStats:
     replacement_ready_s: list[float] = dataclasses.field(default_factory=list)
 
 
-def resolve(future: Future[Any], *, result: Any = None, error: BaseException | None = None) -> None:
-    """Set a future's outcome unless it already has one (cancelled, or failed by close)."""
-    try:
-        if error is not None:
-            future.set_exception(error)
-        else:
-            future.set_result(result)
-    except InvalidStateError:
-        pass
+class Dispatcher(TaskQueue):
+    """State and loop of one pool; ``pool.py`` is its public face (the queue: ``_queue``)."""
 
-
-class Dispatcher:
-    """State and loop of one pool; ``pool.py`` is its public face."""
+    workers: list[Worker]
 
     def __init__(self, pool: Any, workers: list[Worker]) -> None:
-        self.pool = pool  # for its name, start_child() and stats
-        self.name: str = pool.name
-        self.stats: PoolStats = pool.stats
-        self.workers = workers
-        self.lock = threading.Lock()
-        self.pending: collections.deque[QueuedTask] = collections.deque()
-        self.closing = False
-        self.abort: str | None = None  # why running work is to be killed now
-        self.dump_on_abort = False  # collect the stacks of running workers before the kill
-        self.broken: str | None = None  # why nothing more can run
-        self.broken_cause: BaseException | None = None  # the error behind it
+        super().__init__(pool, workers)
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_w, False)
         self.thread = threading.Thread(target=self.run, name=f"kerasmp-{self.name}-dispatch", daemon=True)
 
     # ------------------------------------------------------------------ called by the pool
-
-    def enqueue(self, task: QueuedTask) -> None:
-        with self.lock:
-            if self.closing:  # a submit that raced close(): refused, never left unread
-                raise PoolClosedError(POOL_CLOSED.format(pool=self.name, fn=task.fn))
-            if self.broken is not None:
-                raise self.broken_error()
-            if task.worker is not None and self.workers[task.worker].state == "dead":
-                raise self.broken_error(f"worker {task.worker} is dead")
-            self.pending.append(task)
-        self.wake()
-
-    def broken_error(self, cause: str | None = None) -> PoolBrokenError:
-        """The error for work this pool cannot run, with the failure behind it as cause."""
-        error = PoolBrokenError(POOL_BROKEN.format(pool=self.name, cause=cause or self.broken))
-        error.__cause__ = self.broken_cause
-        return error
 
     def wake(self) -> None:
         with self.lock:
@@ -153,13 +97,6 @@ class Dispatcher:
                 os.write(self._wake_w, b"x")
             except OSError:
                 pass  # already awake
-
-    def fail_queued(self, why: str) -> None:
-        """Fail every task not yet started with PoolClosedError(why)."""
-        with self.lock:
-            queued, self.pending = list(self.pending), collections.deque()
-        for task in queued:
-            self.fail(task, PoolClosedError(POOL_CLOSED_QUEUED.format(pool=self.name, why=why, task=task.id, fn=task.fn)))
 
     def fail_everything(self, why: str, stacks: dict[int, str | None] | None = None) -> None:
         """Fail what is queued and running with PoolClosedError(why), killing busy workers
@@ -278,11 +215,6 @@ class Dispatcher:
         self.stats.tasks_done += 1
         resolve(task.future, result=result)
 
-    def fail(self, task: QueuedTask, error: BaseException) -> None:
-        task.buffers = []
-        self.stats.tasks_failed += 1
-        resolve(task.future, error=error)
-
     # ---------------------------------------------------------------------- deaths, starts
 
     def _on_exit(self, w: Worker) -> None:
@@ -354,7 +286,7 @@ class Dispatcher:
             except Exception as exc:  # e.g. out of file descriptors: counts as a failed start
                 failed_starts += 1
                 if failed_starts >= MAX_START_ATTEMPTS:
-                    self._give_up(w, exc, failed_starts)
+                    self.give_up(w, exc, failed_starts)
                     return
         new = Worker(index=w.index, slot=w.slot, child=child, crashed_at=crashed_at, failed_starts=failed_starts)
         new.deadline = time.monotonic() + self.pool.start_timeout_s
@@ -366,25 +298,7 @@ class Dispatcher:
         if attempts < MAX_START_ATTEMPTS and not self.closing and self.abort is None:
             self._restart(w, w.crashed_at, attempts)
         else:
-            self._give_up(w, error, attempts)
-
-    def _give_up(self, w: Worker, error: Exception, attempts: int) -> None:
-        """No worker can start on ``w``'s slot: fail what only it could run, or all if none is
-        left; the last startup error (with the child's traceback or stacks) is the cause."""
-        w.state = "dead"
-        reason = str(error).split("; ")[0]
-        cause = SLOT_DEAD.format(pool=self.name, slot=w.slot.describe(), attempts=attempts, reason=reason)
-        alive = any(x.state != "dead" for x in self.workers)
-        with self.lock:
-            if not alive:
-                self.broken, self.broken_cause = cause, error
-            doomed = [t for t in self.pending if not alive or t.worker == w.index]
-            for task in doomed:
-                self.pending.remove(task)
-        for task in doomed:
-            failure = PoolBrokenError(POOL_BROKEN.format(pool=self.name, cause=cause))
-            failure.__cause__ = error
-            self.fail(task, failure)
+            self.give_up(w, error, attempts)
 
     def _check_deadlines(self) -> None:
         now = time.monotonic()
@@ -410,11 +324,9 @@ class Dispatcher:
         for w in self.workers:
             if w.state != "idle":
                 continue
-            with self.lock:
-                task = next((t for t in self.pending if t.worker in (None, w.index)), None)
-                if task is None:
-                    continue
-                self.pending.remove(task)
+            task = self.next_task(w)
+            if task is None:
+                continue
             if not task.future.set_running_or_notify_cancel():
                 continue  # cancelled while queued
             w.state, w.task = "busy", task  # from here on a failure of any kind resolves it

@@ -7,7 +7,6 @@ goes wrong, every future is resolved, and an error of the thread itself breaks t
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import queue
 import threading
@@ -15,19 +14,14 @@ import time
 from typing import Any
 
 from pytest_kerasmp import placement
-from pytest_kerasmp._dispatch import MAX_START_ATTEMPTS, QueuedTask, resolve
+from pytest_kerasmp._queue import MAX_START_ATTEMPTS, QueuedTask, TaskQueue, resolve
 from pytest_kerasmp._wire import Failed
 from pytest_kerasmp.devices import DeviceSlot
 from pytest_kerasmp.errors import (
-    POOL_BROKEN,
-    POOL_CLOSED,
-    POOL_CLOSED_QUEUED,
     POOL_CLOSED_RUNNING,
     RAY_STARTUP_TIMED_OUT,
-    SLOT_DEAD,
     TASK_TIMED_OUT,
     WORKER_CRASHED,
-    PoolBrokenError,
     PoolClosedError,
     TaskTimeoutError,
     WorkerCrashedError,
@@ -71,50 +65,22 @@ class RayWorker:
     crashed_at: float | None = None
     killed: bool = False
 
-class RayDispatcher:
+class RayDispatcher(TaskQueue):
     """One thread that owns the workers and the queue of a :class:`RayWorkerPool`."""
 
+    workers: list[RayWorker]
+
     def __init__(self, pool: Any, workers: list[RayWorker]) -> None:
-        self.pool, self.ray, self.name, self.stats = pool, pool.ray, pool.name, pool.stats
-        self.workers = workers
-        self.lock = threading.Lock()
-        self.pending: collections.deque[QueuedTask] = collections.deque()
+        super().__init__(pool, workers)
+        self.ray = pool.ray
         self.events: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
-        self.closing = False
-        self.abort: str | None = None
-        self.dump_on_abort = False
-        self.broken: str | None = None
-        self.broken_cause: BaseException | None = None
         self.thread = threading.Thread(target=self.run, name=f"kerasmp-{self.name}-ray-dispatch", daemon=True)
 
     def post(self, event: tuple[Any, ...]) -> None:
         self.events.put(event)
 
-    def enqueue(self, task: QueuedTask) -> None:
-        with self.lock:
-            if self.closing:
-                raise PoolClosedError(POOL_CLOSED.format(pool=self.name, fn=task.fn))
-            if self.broken is not None:
-                raise self.broken_error()
-            if task.worker is not None and self.workers[task.worker].state == "dead":
-                raise self.broken_error(f"worker {task.worker} is dead")
-            self.pending.append(task)
+    def wake(self) -> None:
         self.post(("wake",))
-
-    def broken_error(self, cause: str | None = None) -> PoolBrokenError:
-        error = PoolBrokenError(POOL_BROKEN.format(pool=self.name, cause=cause or self.broken))
-        error.__cause__ = self.broken_cause
-        return error
-
-    def fail(self, task: QueuedTask, error: BaseException) -> None:
-        self.stats.tasks_failed += 1
-        resolve(task.future, error=error)
-
-    def fail_queued(self, why: str) -> None:
-        with self.lock:
-            queued, self.pending = list(self.pending), collections.deque()
-        for task in queued:
-            self.fail(task, PoolClosedError(POOL_CLOSED_QUEUED.format(pool=self.name, why=why, task=task.id, fn=task.fn)))
 
     def fail_everything(self, why: str, stacks: dict[int, str | None] | None = None) -> None:
         self.fail_queued(why)
@@ -223,7 +189,7 @@ class RayDispatcher:
         kill_actor(w.actor)
         placement.release(w.pid)
         if not node_alive(w.slot.node):
-            self._give_up(w, WorkerStartupError(f"its Ray node {w.slot.node[:8]} is gone from the cluster"), failed_starts + 1)
+            self.give_up(w, WorkerStartupError(f"its Ray node {w.slot.node[:8]} is gone from the cluster"), failed_starts + 1)
             return
         new = self.pool.start_worker(w.index, w.slot, crashed_at=crashed_at, failed_starts=failed_starts)
         new.deadline = time.monotonic() + self.pool.start_timeout_s
@@ -237,23 +203,7 @@ class RayDispatcher:
             self._restart(w, w.crashed_at, attempts)
         else:
             kill_actor(w.actor)
-            self._give_up(w, error, attempts)
-
-    def _give_up(self, w: RayWorker, error: Exception, attempts: int) -> None:
-        w.state = "dead"
-        reason = str(error).split("; ")[0]
-        cause = SLOT_DEAD.format(pool=self.name, slot=w.slot.describe(), attempts=attempts, reason=reason)
-        alive = any(x.state != "dead" for x in self.workers)
-        with self.lock:
-            if not alive:
-                self.broken, self.broken_cause = cause, error
-            doomed = [t for t in self.pending if not alive or t.worker == w.index]
-            for task in doomed:
-                self.pending.remove(task)
-        for task in doomed:
-            failure = PoolBrokenError(POOL_BROKEN.format(pool=self.name, cause=cause))
-            failure.__cause__ = error
-            self.fail(task, failure)
+            self.give_up(w, error, attempts)
 
     def _stacks(self, workers: list[RayWorker]) -> dict[int, str | None]:
         refs = {w.index: w.actor.stacks.remote() for w in workers}
@@ -292,11 +242,9 @@ class RayDispatcher:
         for w in self.workers:
             if w.state != "idle":
                 continue
-            with self.lock:
-                task = next((t for t in self.pending if t.worker in (None, w.index)), None)
-                if task is None:
-                    continue
-                self.pending.remove(task)
+            task = self.next_task(w)
+            if task is None:
+                continue
             if not task.future.set_running_or_notify_cancel():
                 continue
             w.state, w.task = "busy", task

@@ -17,7 +17,8 @@ from concurrent.futures import Future
 from typing import Any
 
 from pytest_kerasmp import lifecycle, placement
-from pytest_kerasmp._dispatch import PoolStats, QueuedTask
+from pytest_kerasmp._dispatch import PoolStats
+from pytest_kerasmp._queue import QueuedTask
 from pytest_kerasmp._ray_dispatch import STACKS_S, RayDispatcher, RayWorker, ray_failure
 from pytest_kerasmp.devices import DeviceSlot
 from pytest_kerasmp.errors import (

@@ -16,7 +16,8 @@ from concurrent.futures import wait as wait_futures
 from typing import Any, Self
 
 from pytest_kerasmp import lifecycle
-from pytest_kerasmp._dispatch import Dispatcher, PoolStats, QueuedTask, Worker
+from pytest_kerasmp._dispatch import Dispatcher, PoolStats, Worker
+from pytest_kerasmp._queue import QueuedTask
 from pytest_kerasmp.devices import DeviceSlot
 from pytest_kerasmp.errors import (
     BACKEND_UNKNOWN,

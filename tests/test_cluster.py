@@ -210,7 +210,9 @@ def test_a_task_killed_mid_training_fails_the_run_in_seconds_and_the_next_run_re
     assert "every task of the cluster was stopped" in str(error)
     assert (error.task, error.pid, error.exitcode) == ("worker:1", pids[1], -signal.SIGKILL)
     assert "task 1 dies at step 5" in error.outputs["worker:1"]
-    assert "worker:0" in error.stacks  # the survivor was waiting in a collective
+    # The survivor was waiting in a collective: it either failed on the lost peer within the
+    # grace (gRPC's connection reset) or had its stacks taken before it was stopped.
+    assert set(error.outputs) == {"worker:0", "worker:1"} and set(error.stacks) <= {"worker:0"}
     assert gone(pids), "a task outlived the failed run"
     assert c.pids() == [None, None]
     assert c.run(cluster_tasks.all_reduce_rank, timeout=60) == [(3.0, 2, None)] * 2  # restarted, new ports
