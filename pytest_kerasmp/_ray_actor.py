@@ -100,6 +100,10 @@ class SlotWorker:
     def stacks(self) -> str:
         return all_stacks()
 
+    def watch(self) -> None:
+        """Never returns: its caller learns of this actor's end, also while it is idle."""
+        threading.Event().wait()
+
 
 class _Waiter:
     """A request's caller, waiting in an actor thread for the batching thread's answer."""

@@ -97,6 +97,8 @@ class RayDispatcher(TaskQueue):
 
     def run(self) -> None:
         try:
+            for w in self.workers:
+                self._watch("gone", w, w.actor.watch.remote())
             self._loop()
         except BaseException as exc:  # fail closed, as the local dispatcher
             with self.lock:
@@ -155,6 +157,12 @@ class RayDispatcher(TaskQueue):
             w.deadline, w.failed_starts = None, 0
             if w.crashed_at is not None:
                 self.stats.replacement_ready_s.append(time.monotonic() - w.crashed_at)
+            self._watch("gone", w, w.actor.watch.remote())
+        elif kind == "gone" and w.state == "idle":  # died between tasks: replaced, nothing failed
+            w.state = "dead"
+            self.stats.crashes += 1
+            if not self.closing:
+                self._restart(w, time.monotonic(), 0)
         elif kind == "done" and w.task is not None:
             task, w.task, w.deadline = w.task, None, None
             if error is not None and isinstance(error, self.ray.exceptions.RayActorError):

@@ -37,8 +37,9 @@ from pytest_kerasmp.ray_cluster import check_feasible, connect, kill_actor, slot
 from pytest_kerasmp.transport import dumps_call
 
 
-def actor_options(slot: DeviceSlot, name: str) -> dict[str, Any]:
-    """Ray options that put an actor on ``slot``: its node (hard), its CPUs/GPUs, and the
+def actor_options(slot: DeviceSlot, name: str, reserve: bool = True) -> dict[str, Any]:
+    """Ray options that put an actor on ``slot``: its node (hard), its CPUs/GPUs (the CPUs
+    only with ``reserve``: else it shares them, as local pools share a slot's cores), and the
     slot's environment (plus this process's import path) set before Python starts in it."""
     import sys
 
@@ -52,7 +53,8 @@ def actor_options(slot: DeviceSlot, name: str) -> dict[str, Any]:
         if os.environ.get(key):
             env[key] = os.environ[key]
     return {
-        "num_cpus": res["CPU"], "num_gpus": res.get("GPU", 0.0), "max_restarts": 0, "max_concurrency": 2,
+        "num_cpus": res["CPU"] if reserve else 0, "num_gpus": res.get("GPU", 0.0), "max_restarts": 0,
+        "max_concurrency": 3,  # run, stacks, watch
         "scheduling_strategy": NodeAffinitySchedulingStrategy(slot.node, soft=False),
         "runtime_env": {"env_vars": env}, "name": None, "lifetime": None,
     }
@@ -77,8 +79,10 @@ class RayWorkerPool(WorkerPool):
         import_tensorflow: bool = True,
         backend: str = "ray",
         ray_address: str | None = None,
+        ray_reserve: bool = True,
     ) -> None:
         slots = list(slots)
+        self._reserve = ray_reserve
         if not slots or not all(isinstance(s, DeviceSlot) for s in slots):
             raise TypeError(f"slots must be a non-empty sequence of DeviceSlot, got {slots!r}")
         self.ray = connect(ray_address)
@@ -109,7 +113,7 @@ class RayWorkerPool(WorkerPool):
         from pytest_kerasmp._ray_actor import SlotWorker
 
         label = f"kerasmp-{self.name}-w{index}"
-        cls = self.ray.remote(SlotWorker).options(**actor_options(slot, label))
+        cls = self.ray.remote(SlotWorker).options(**actor_options(slot, label, self._reserve))
         actor = cls.remote(slot.to_json(), self._init_call, self._import_tf, f"{self.name} w{index}")
         return RayWorker(index, slot, actor, actor.ready.remote(), next(self._gens), **fields)
 

@@ -40,6 +40,9 @@ from pytest_kerasmp.server import InferenceClient, InferenceServer, _clients, _c
 NAMESPACE = "kerasmp"
 
 
+#: At most this many requests wait in a Ray server (each holds an actor thread).
+RAY_MAX_QUEUE = 128
+
 class RayInferenceClient(InferenceClient):
     """A client of a :class:`RayInferenceServer`, for any process that can reach the cluster
     (pickle it to a pool's workers, a ``multiprocessing`` child, a Ray task...)."""
@@ -111,6 +114,7 @@ class RayInferenceServer(InferenceServer):
         name: str = "server",
         backend: str = "ray",
         ray_address: str | None = None,
+        ray_reserve: bool = True,
     ) -> None:
         from pytest_kerasmp._ray_actor import ServerWorker
 
@@ -128,9 +132,12 @@ class RayInferenceServer(InferenceServer):
         self.cluster = ray.get_runtime_context().gcs_address
         self._closed = False
         self.pid = 0
+        # Each waiting request holds one of the actor's threads: the queue is capped to what
+        # the threads allow, so that a full queue answers Busy and close() still gets a thread.
+        self.max_queue = max_queue = min(max_queue, RAY_MAX_QUEUE)
         options = {"max_batch_size": max_batch_size, "max_delay_ms": max_delay_ms, "max_queue": max_queue}
-        ray_options = actor_options(slot, self.actor_name)
-        ray_options.update(name=self.actor_name, namespace=NAMESPACE, max_concurrency=min(max_queue, 128) + 4)
+        ray_options = actor_options(slot, self.actor_name, ray_reserve)
+        ray_options.update(name=self.actor_name, namespace=NAMESPACE, max_concurrency=max_queue + 8)
         self.actor = ray.remote(ServerWorker).options(**ray_options).remote(slot.to_json(), model_ref, options, name)
         try:
             info = self._wait_ready(start_timeout_s)

@@ -207,5 +207,7 @@ def kerasmp_ray(pytestconfig: pytest.Config) -> Iterator[tuple[DeviceSlot, ...] 
 
 
 def _backend(request: pytest.FixtureRequest) -> dict[str, Any]:
-    """Options that put a fixture's pool or server on Ray under --kerasmp-ray."""
-    return {"backend": "ray"} if request.config.getoption("kerasmp_ray", None) else {}
+    """Options that put a fixture's pool or server on Ray under --kerasmp-ray. They do not
+    reserve their slots' CPUs in Ray, so fixtures share slots as they do locally (a session
+    pool would otherwise hold them, and a factory's pool would wait for them)."""
+    return {"backend": "ray", "ray_reserve": False} if request.config.getoption("kerasmp_ray", None) else {}

@@ -61,6 +61,8 @@ class WorkerPool:
             errors; see README "Beyond one machine: the Ray backend".
         ray_address: With ``backend="ray"``: the cluster to connect to (default: the one this
             process is connected to, else a new local one).
+        ray_reserve: With ``backend="ray"``: reserve the slots' CPUs in Ray (default), or
+            share them with other pools and servers on the same slots (as local pools do).
     """
 
     #: Whether a worker that dies is replaced (a cluster's owner restarts all of them instead).
@@ -88,6 +90,7 @@ class WorkerPool:
         import_tensorflow: bool = True,
         backend: str = "local",
         ray_address: str | None = None,
+        ray_reserve: bool = True,
     ) -> None:
         if start_method == "fork":
             raise ValueError(FORK_REFUSED)

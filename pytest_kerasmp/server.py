@@ -297,6 +297,8 @@ class InferenceServer:
             semantics; its clients work in any process that can reach the cluster.
         ray_address: With ``backend="ray"``: the cluster (default: the one this process is
             connected to, else a new local one).
+        ray_reserve: With ``backend="ray"``: reserve the slot's CPUs in Ray (default), or
+            share them with pools and servers on the same slot.
     """
 
     def __new__(cls, *args: Any, backend: str = "local", **kwargs: Any) -> Self:
@@ -325,6 +327,7 @@ class InferenceServer:
         name: str = "server",
         backend: str = "local",
         ray_address: str | None = None,
+        ray_reserve: bool = True,
     ) -> None:
         if not isinstance(model_ref, ModelRef):
             raise TypeError(f"model_ref must be a pytest_kerasmp.ModelRef (ModelRef.save(model, dir)), got {type(model_ref).__name__}")

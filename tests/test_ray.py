@@ -129,6 +129,28 @@ def test_an_actor_killed_mid_task_fails_it_and_is_replaced(slots, no_leftovers):
         assert pool.pids()[0] != old and pool.stats.crashes == 1
 
 
+def test_an_actor_that_dies_idle_is_replaced_without_failing_the_next_task(slots, no_leftovers):
+    with ray_pool(slots[:1], name="ray-idle") as pool:
+        old = pool.pids()[0]
+        os.kill(old, signal.SIGKILL)  # between tasks
+        deadline = time.monotonic() + 15
+        while pool.stats.crashes == 0:
+            assert time.monotonic() < deadline, "the idle actor's death went unnoticed"
+            time.sleep(0.05)
+        assert pool.submit(pool_tasks.add, 1, 2).result(timeout=30) == 3  # not charged to it
+        assert pool.pids()[0] != old and pool.stats.tasks_failed == 0
+
+
+def test_unreserved_pools_share_a_slot_as_local_pools_do(slots, no_leftovers):
+    """What the fixtures do under --kerasmp-ray: a session pool does not starve later ones."""
+    with ray_pool(slots[:1], name="ray-first", ray_reserve=False) as first:
+        t0 = time.monotonic()
+        with ray_pool(slots[:1], name="ray-second", ray_reserve=False, start_timeout_s=20) as second:
+            assert second.submit(pool_tasks.add, 2, 3).result(timeout=30) == 5
+        assert first.submit(pool_tasks.add, 1, 1).result(timeout=30) == 2
+        assert time.monotonic() - t0 < 20
+
+
 @pytest.mark.kerasmp_expect_broken
 def test_a_node_removed_mid_task_is_a_clear_error(ray_cluster, no_leftovers):
     local = DeviceSlot(index=0, kind="CPU", cores=(sorted(os.sched_getaffinity(0))[0],))

@@ -73,6 +73,22 @@ def test_a_slow_answer_times_out_and_close_answers_what_was_accepted(ray_cluster
     np.testing.assert_allclose(accepted.result(timeout=1), server_models.expected(np.ones((2, 4), np.float32)), rtol=1e-5)
 
 
+def test_a_full_ray_server_queue_answers_busy(ray_cluster, no_leftovers):
+    from pytest_kerasmp import ServerBusyError
+
+    slow = ModelRef.from_builder("server_models:linear", delay_s=0.3)
+    with InferenceServer(slow, plan_ray_slots()[0], backend="ray", name="ray-busy", max_queue=1, max_batch_size=1) as server:
+        client = server.client(busy_timeout_s=0.0)
+        futures = [client.submit(np.ones((1, 4), np.float32)) for _ in range(4)]
+        outcomes = [type(f.exception(timeout=30)).__name__ for f in futures]
+        assert outcomes.count("ServerBusyError") >= 1 and outcomes.count("NoneType") >= 1, outcomes
+        assert server.stats()["busy"] >= 1
+        assert ServerBusyError.__name__ in outcomes
+    # A queue larger than the actor's threads is capped, so that Busy still happens.
+    with InferenceServer(LINEAR, plan_ray_slots()[0], backend="ray", name="ray-cap") as capped:
+        assert capped.max_queue == 128 and capped.predict(np.ones((1, 4), np.float32)).shape == (1, 3)
+
+
 def test_a_killed_ray_server_fails_requests_with_server_died(ray_cluster, no_leftovers):
     with InferenceServer(LINEAR, plan_ray_slots()[0], backend="ray", name="ray-dies") as server:
         os.kill(server.pid, signal.SIGKILL)
