@@ -32,7 +32,7 @@ from pytest_kerasmp.errors import (
     WorkerStartupError,
 )
 from pytest_kerasmp.placement import SESSION_ENV
-from pytest_kerasmp.pool import WorkerPool
+from pytest_kerasmp.pool import WorkerPool, checked_slots
 from pytest_kerasmp.ray_cluster import check_feasible, connect, kill_actor, slot_resources
 from pytest_kerasmp.transport import dumps_call
 
@@ -81,12 +81,9 @@ class RayWorkerPool(WorkerPool):
         ray_address: str | None = None,
         ray_reserve: bool = True,
     ) -> None:
-        slots = list(slots)
         self._reserve = ray_reserve
-        if not slots or not all(isinstance(s, DeviceSlot) for s in slots):
-            raise TypeError(f"slots must be a non-empty sequence of DeviceSlot, got {slots!r}")
+        self.name, self.slots, self.start_method = name, checked_slots(slots), "ray"
         self.ray = connect(ray_address)
-        self.name, self.slots, self.start_method = name, tuple(slots), "ray"
         self.task_timeout_s, self.start_timeout_s = task_timeout_s, start_timeout_s
         self.stats = PoolStats()
         self._import_tf = import_tensorflow

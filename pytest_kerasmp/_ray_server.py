@@ -35,7 +35,7 @@ from pytest_kerasmp.errors import (
 )
 from pytest_kerasmp.modelref import ModelRef
 from pytest_kerasmp.ray_cluster import check_feasible, connect, kill_actor, plan_ray_slots
-from pytest_kerasmp.server import InferenceClient, InferenceServer, _clients, _closed
+from pytest_kerasmp.server import InferenceClient, InferenceServer, _clients, _closed, check_options
 
 NAMESPACE = "kerasmp"
 
@@ -118,10 +118,7 @@ class RayInferenceServer(InferenceServer):
     ) -> None:
         from pytest_kerasmp._ray_actor import ServerWorker
 
-        if not isinstance(model_ref, ModelRef):
-            raise TypeError(f"model_ref must be a pytest_kerasmp.ModelRef (ModelRef.save(model, dir)), got {type(model_ref).__name__}")
-        if max_batch_size < 1 or max_queue < 1 or max_delay_ms < 0:
-            raise ValueError("max_batch_size and max_queue must be >= 1 and max_delay_ms >= 0")
+        check_options(model_ref, max_batch_size, max_queue, max_delay_ms)
         self.ray = ray = connect(ray_address)
         slot = slot or plan_ray_slots()[0]
         check_feasible([slot], f"inference server {name!r}")

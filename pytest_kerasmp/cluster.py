@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_EXCEPTION, Future
 from concurrent.futures import wait as wait_futures
-from typing import Any, Self
+from typing import Any
 
 from pytest_kerasmp import _ports, lifecycle
 from pytest_kerasmp.devices import DeviceSlot
@@ -53,7 +53,7 @@ OUTPUT_LINES = 20
 FAILURE_GRACE_S = 0.5
 
 
-class TFCluster:
+class TFCluster(lifecycle.Owned):
     """A TensorFlow cluster of ``workers`` tasks (and a chief if asked) on this machine.
 
     Each task is a warm process pinned to its own slot, with ``TF_CONFIG`` naming the cluster
@@ -207,14 +207,8 @@ class TFCluster:
         self._teardown(why)
         lifecycle.unregister_owner(self)
 
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(self, exc_type: type[BaseException] | None, *_: object) -> None:
-        if exc_type is not None and not issubclass(exc_type, Exception):
-            self.terminate(f"{exc_type.__name__} in the with block")
-        else:
-            self.close()
+    def close_after_with(self, failed: bool) -> None:
+        self.close()
 
     # ---------------------------------------------------------------------------- private
 

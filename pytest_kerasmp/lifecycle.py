@@ -28,7 +28,7 @@ import time
 import weakref
 from multiprocessing.connection import Connection, wait
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, Self
 
 from pytest_kerasmp import _child
 from pytest_kerasmp._wire import Ready, StartupError
@@ -453,6 +453,27 @@ def _kill_group(pid: int) -> None:
 
 
 # -------------------------------------------------------------------------------- owners
+
+
+class Owned:
+    """The ``with`` statement of an owner (pool, server, cluster): on Ctrl-C or SystemExit in
+    the block it is terminated now; otherwise closed by ``close_after_with``."""
+
+    def terminate(self, why: str = "terminated") -> None:
+        raise NotImplementedError
+
+    def close_after_with(self, failed: bool) -> None:
+        """Close after the block; ``failed``: the block raised an ordinary exception."""
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, *_: object) -> None:
+        if exc_type is not None and not issubclass(exc_type, Exception):
+            self.terminate(f"{exc_type.__name__} in the with block")
+        else:
+            self.close_after_with(exc_type is not None)
 
 
 def register_owner(owner: Owner) -> None:

@@ -37,7 +37,15 @@ __all__ = ["PoolStats", "WorkerPool"]
 BACKENDS = ("local", "ray")
 
 
-class WorkerPool:
+def checked_slots(slots: Sequence[DeviceSlot]) -> tuple[DeviceSlot, ...]:
+    """``slots`` as a tuple, or a TypeError that says what a pool needs."""
+    slots = tuple(slots)
+    if not slots or not all(isinstance(s, DeviceSlot) for s in slots):
+        raise TypeError(f"slots must be a non-empty sequence of DeviceSlot, got {list(slots)!r}")
+    return slots
+
+
+class WorkerPool(lifecycle.Owned):
     """Warm worker processes, one per slot (a slot given twice runs two workers on it).
 
     Each worker is pinned to its slot with :func:`~pytest_kerasmp.pin_process` before it
@@ -96,11 +104,8 @@ class WorkerPool:
             raise ValueError(FORK_REFUSED)
         if start_method not in START_METHODS:
             raise ValueError(f"start_method={start_method!r} is not one of {START_METHODS}")
-        slots = list(slots)
-        if not slots or not all(isinstance(s, DeviceSlot) for s in slots):
-            raise TypeError(f"slots must be a non-empty sequence of DeviceSlot, got {slots!r}")
         self.name = name
-        self.slots = tuple(slots)
+        self.slots = checked_slots(slots)
         self.start_method = start_method
         self.task_timeout_s = task_timeout_s
         self.start_timeout_s = start_timeout_s
@@ -219,14 +224,8 @@ class WorkerPool:
         d.thread.join(2.0)
         self._finish(why, stop_timeout=0.0)
 
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(self, exc_type: type[BaseException] | None, *_: object) -> None:
-        if exc_type is not None and not issubclass(exc_type, Exception):  # Ctrl-C, SystemExit
-            self.terminate(f"{exc_type.__name__} in the with block")
-        else:
-            self.close(cancel_pending=exc_type is not None)
+    def close_after_with(self, failed: bool) -> None:
+        self.close(cancel_pending=failed)  # after an error in the block, queued work is dropped
 
     # ---------------------------------------------------------------------------- private
 

@@ -278,7 +278,15 @@ class InferenceClient:
         return msg, outputs
 
 
-class InferenceServer:
+def check_options(model_ref: ModelRef, max_batch_size: int, max_queue: int, max_delay_ms: float) -> None:
+    """A server's model and batching options, or the error that says what is wrong."""
+    if not isinstance(model_ref, ModelRef):
+        raise TypeError(f"model_ref must be a pytest_kerasmp.ModelRef (ModelRef.save(model, dir)), got {type(model_ref).__name__}")
+    if max_batch_size < 1 or max_queue < 1 or max_delay_ms < 0:
+        raise ValueError("max_batch_size and max_queue must be >= 1 and max_delay_ms >= 0")
+
+
+class InferenceServer(lifecycle.Owned):
     """One process that owns a Keras model on one slot and serves batched predictions.
 
     Args:
@@ -329,10 +337,7 @@ class InferenceServer:
         ray_address: str | None = None,
         ray_reserve: bool = True,
     ) -> None:
-        if not isinstance(model_ref, ModelRef):
-            raise TypeError(f"model_ref must be a pytest_kerasmp.ModelRef (ModelRef.save(model, dir)), got {type(model_ref).__name__}")
-        if max_batch_size < 1 or max_queue < 1 or max_delay_ms < 0:
-            raise ValueError("max_batch_size and max_queue must be >= 1 and max_delay_ms >= 0")
+        check_options(model_ref, max_batch_size, max_queue, max_delay_ms)
         if slot is None:
             from pytest_kerasmp.devices import plan_slots
             from pytest_kerasmp.pinning import current_slot
@@ -420,11 +425,5 @@ class InferenceServer:
         self._child.stop(grace=0.0)
         lifecycle.unregister_owner(self)
 
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(self, exc_type: type[BaseException] | None, *_: object) -> None:
-        if exc_type is not None and not issubclass(exc_type, Exception):
-            self.terminate(f"{exc_type.__name__} in the with block")
-        else:
-            self.close()
+    def close_after_with(self, failed: bool) -> None:
+        self.close()

@@ -158,10 +158,10 @@ def test_a_task_that_died_between_runs_fails_the_next_run_at_once_and_the_one_af
     assert len(c.run(cluster_tasks.describe, timeout=60)) == 2 and c.starts == 2
 
 
-def test_a_second_thread_cannot_run_while_a_run_is_on(kerasmp_tf_cluster):
+def test_a_second_thread_cannot_run_while_a_run_is_on(warm):
     import threading
 
-    c = kerasmp_tf_cluster(2, slots=[CPU0, CPU1])
+    c = warm  # no fault: the warm cluster serves
     first = threading.Thread(target=c.run, args=(cluster_tasks.sleep_in, 0, 2))
     first.start()
     time.sleep(0.3)
