@@ -158,7 +158,9 @@ class Arena:
 def _live_kind(obj: Any) -> str | None:
     """What kind of live framework object ``obj`` is, without importing a framework."""
     keras = sys.modules.get("keras")
-    if keras is not None:
+    # A keras still being imported (by another thread, or TensorFlow's lazy loader) has made no
+    # live object yet; its attributes may not exist.
+    if keras is not None and hasattr(keras, "Model") and hasattr(keras, "Variable"):
         if isinstance(obj, keras.Model):
             return "keras.Model"
         if isinstance(obj, keras.layers.Layer):
