@@ -29,7 +29,9 @@ _WHERE = {
     "ServerBusyError": "errors",
     "ServerClosedError": "errors",
     "ServerDiedError": "errors",
+    "TaskCancelledError": "errors",
     "TaskTimeoutError": "errors",
+    "Terminated": "errors",
     "WorkerCrashedError": "errors",
     "WorkerStartupError": "errors",
     "ModelRef": "modelref",
@@ -82,7 +84,9 @@ if TYPE_CHECKING:
     from pytest_kerasmp.errors import ServerBusyError as ServerBusyError
     from pytest_kerasmp.errors import ServerClosedError as ServerClosedError
     from pytest_kerasmp.errors import ServerDiedError as ServerDiedError
+    from pytest_kerasmp.errors import TaskCancelledError as TaskCancelledError
     from pytest_kerasmp.errors import TaskTimeoutError as TaskTimeoutError
+    from pytest_kerasmp.errors import Terminated as Terminated
     from pytest_kerasmp.errors import WorkerCrashedError as WorkerCrashedError
     from pytest_kerasmp.errors import WorkerStartupError as WorkerStartupError
     from pytest_kerasmp.modelref import ModelRef as ModelRef

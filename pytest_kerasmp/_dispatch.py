@@ -29,6 +29,7 @@ from pytest_kerasmp.errors import (
     WORKER_CRASHED,
     WORKER_GONE,
     PoolClosedError,
+    TaskCancelledError,
     TaskTimeoutError,
     WorkerCrashedError,
     WorkerStartupError,
@@ -301,24 +302,37 @@ class Dispatcher(TaskQueue):
             self.give_up(w, error, attempts)
 
     def _check_deadlines(self) -> None:
+        """Fail a start past its bound; end running tasks past their timeout, or abandoned by
+        their caller: their stacks first (all at once), then the kill; the exit replaces them."""
         now = time.monotonic()
+        ending: list[Worker] = []
         for w in self.workers:
-            if w.deadline is None or now < w.deadline or w.state == "dead":
+            if w.state == "dead":
                 continue
-            w.deadline = None
-            if w.state == "starting":
+            expired = w.deadline is not None and now >= w.deadline
+            if w.state == "starting" and expired:
+                w.deadline = None
                 self._start_failed(w, w.child.timed_out_starting(self.pool.start_timeout_s))
-            elif w.task is not None:
-                task, w.task = w.task, None
-                stacks = w.child.dump_stacks()
-                w.killed = True
-                w.child.kill()  # its exit shows next round: _on_exit replaces it
+            elif w.task is not None and (expired or w.task.abandoned is not None):
+                ending.append(w)
+        if not ending:
+            return
+        stacks = dump_stacks_of([w.child for w in ending])
+        fate = "the pool is starting a replacement" if not self.closing else "not replaced: the pool is closing"
+        for w in ending:
+            task, w.task, w.deadline = w.task, None, None
+            assert task is not None
+            w.killed = True
+            w.child.kill()  # its exit shows next round: _on_exit replaces it
+            if task.abandoned is not None:
+                error: TaskCancelledError | TaskTimeoutError = self.cancelled_error(task, w, fate)
+            else:
                 self.stats.timeouts += 1
-                fate = "the pool is starting a replacement" if not self.closing else "not replaced: the pool is closing"
-                self.fail(task, with_stacks(TaskTimeoutError(TASK_TIMED_OUT.format(
+                error = TaskTimeoutError(TASK_TIMED_OUT.format(
                     task=task.id, fn=task.fn, timeout=task.timeout_s, index=w.index,
                     slot=w.slot.describe(), pid=w.pid, fate=fate,
-                )), stacks))
+                ))
+            self.fail(task, with_stacks(error, stacks.get(w.pid)))
 
     def _assign(self) -> None:
         for w in self.workers:
@@ -327,8 +341,6 @@ class Dispatcher(TaskQueue):
             task = self.next_task(w)
             if task is None:
                 continue
-            if not task.future.set_running_or_notify_cancel():
-                continue  # cancelled while queued
             w.state, w.task = "busy", task  # from here on a failure of any kind resolves it
             try:
                 layout = w.to_worker.write(task.buffers)

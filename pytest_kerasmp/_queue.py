@@ -13,16 +13,21 @@ from __future__ import annotations
 import collections
 import dataclasses
 import threading
+import time
 from concurrent.futures import Future, InvalidStateError
 from typing import Any
 
 from pytest_kerasmp.errors import (
+    CALLER_INTERRUPTED,
     POOL_BROKEN,
     POOL_CLOSED,
     POOL_CLOSED_QUEUED,
     SLOT_DEAD,
+    TASK_CANCELLED_QUEUED,
+    TASK_CANCELLED_RUNNING,
     PoolBrokenError,
     PoolClosedError,
+    TaskCancelledError,
 )
 
 #: A slot whose worker fails to start this many times in a row is given up.
@@ -38,6 +43,64 @@ class QueuedTask:
     fn: str
     timeout_s: float | None
     worker: int | None = None  # run on this worker only (broadcast)
+    abandoned: str | None = None  # why its caller stopped waiting: not run, or its worker killed
+
+
+def new_task(owner: TaskQueue, id: int, call: bytes, buffers: list[Any], fn: str, timeout_s: float | None,
+             worker: int | None) -> QueuedTask:
+    """A task and its :class:`TaskFuture`, linked so that an interrupted wait can abandon it."""
+    future = TaskFuture(owner)
+    task = QueuedTask(id, call, buffers, future, fn, timeout_s, worker)
+    future.task = task
+    return task
+
+
+def is_interrupt(exc: BaseException) -> bool:
+    """Whether ``exc`` ends the process's work: Ctrl-C, SIGTERM (which the plugin and the
+    lifecycle turn into a ``KeyboardInterrupt``) or ``SystemExit``. Any other exception that
+    ends a wait (pytest-timeout's failure, a signal handler's own exception) is not: it ends
+    only the call it interrupted."""
+    return isinstance(exc, (KeyboardInterrupt, SystemExit))
+
+
+def interrupted_why(where: str, exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return CALLER_INTERRUPTED.format(where=where, error=f"{type(exc).__name__}: {text}" if text else type(exc).__name__)
+
+
+class TaskFuture(Future[Any]):
+    """The Future of a pool task. A wait in :meth:`result` or :meth:`exception` that ends with
+    an exception other than an interrupt (see :func:`is_interrupt`) or its own ``timeout``
+    abandons the task: not run if still queued; if running, its worker's stacks are taken and
+    the worker is killed and replaced, so the pool serves the next call."""
+
+    def __init__(self, owner: TaskQueue | None = None) -> None:
+        super().__init__()
+        self.owner = owner
+        self.task: QueuedTask | None = None
+
+    def result(self, timeout: float | None = None) -> Any:
+        t0 = time.monotonic()
+        try:
+            return super().result(timeout)
+        except BaseException as exc:
+            self._interrupted(exc, timeout, t0, "Future.result()")
+            raise
+
+    def exception(self, timeout: float | None = None) -> BaseException | None:
+        t0 = time.monotonic()
+        try:
+            return super().exception(timeout)
+        except BaseException as exc:
+            self._interrupted(exc, timeout, t0, "Future.exception()")
+            raise
+
+    def _interrupted(self, exc: BaseException, timeout: float | None, t0: float, where: str) -> None:
+        if self.done() or self.owner is None or is_interrupt(exc):
+            return
+        if isinstance(exc, TimeoutError) and timeout is not None and time.monotonic() - t0 >= timeout:
+            return  # the caller's own timeout: the task goes on
+        self.owner.abandon([self], interrupted_why(where, exc))
 
 
 def resolve(future: Future[Any], *, result: Any = None, error: BaseException | None = None) -> None:
@@ -83,6 +146,31 @@ class TaskQueue:
             self.pending.append(task)
         self.wake()
 
+    def abandon(self, futures: list[Future[Any]], why: str) -> None:
+        """The caller stopped waiting for ``futures`` (``why``): their queued tasks fail now with
+        :class:`TaskCancelledError`; running ones are ended by the dispatcher's loop (stacks,
+        kill, replacement: ``cancel_running``)."""
+        tasks = [f.task for f in futures if isinstance(f, TaskFuture) and f.task is not None and not f.done()]
+        for task in tasks:
+            task.abandoned = why
+        with self.lock:
+            queued = [t for t in tasks if t in self.pending]
+            for task in queued:
+                self.pending.remove(task)
+        for task in queued:
+            self.fail(task, self.cancelled_error(task))
+        if len(queued) < len(tasks):
+            self.wake()
+
+    def cancelled_error(self, task: QueuedTask, w: Any = None, fate: str = "") -> TaskCancelledError:
+        """The error of an abandoned task: not started, or (``w``) killed while it ran."""
+        if w is None:
+            return TaskCancelledError(TASK_CANCELLED_QUEUED.format(task=task.id, fn=task.fn, pool=self.name, why=task.abandoned))
+        return TaskCancelledError(TASK_CANCELLED_RUNNING.format(
+            task=task.id, fn=task.fn, index=w.index, slot=w.slot.describe(), pid=w.pid, pool=self.name,
+            why=task.abandoned, fate=fate,
+        ))
+
     def broken_error(self, cause: str | None = None) -> PoolBrokenError:
         """The error for work this pool cannot run, with the failure behind it as cause."""
         error = PoolBrokenError(POOL_BROKEN.format(pool=self.name, cause=cause or self.broken))
@@ -102,12 +190,18 @@ class TaskQueue:
             self.fail(task, PoolClosedError(POOL_CLOSED_QUEUED.format(pool=self.name, why=why, task=task.id, fn=task.fn)))
 
     def next_task(self, w: Any) -> QueuedTask | None:
-        """The next queued task idle worker ``w`` may run (taken off the queue), or None."""
-        with self.lock:
-            task = next((t for t in self.pending if t.worker in (None, w.index)), None)
-            if task is not None:
+        """The next queued task idle worker ``w`` may run, taken off the queue and marked
+        running; None if there is none (cancelled and abandoned tasks are skipped)."""
+        while True:
+            with self.lock:
+                task = next((t for t in self.pending if t.worker in (None, w.index)), None)
+                if task is None:
+                    return None
                 self.pending.remove(task)
-        return task
+            if task.abandoned is not None:  # abandoned just as it was taken
+                self.fail(task, self.cancelled_error(task))
+            elif task.future.set_running_or_notify_cancel():
+                return task
 
     def give_up(self, w: Any, error: Exception, attempts: int) -> None:
         """No worker can start on ``w``'s slot: fail what only it could run, or all if none is

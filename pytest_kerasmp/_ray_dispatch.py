@@ -23,6 +23,7 @@ from pytest_kerasmp.errors import (
     TASK_TIMED_OUT,
     WORKER_CRASHED,
     PoolClosedError,
+    TaskCancelledError,
     TaskTimeoutError,
     WorkerCrashedError,
     WorkerStartupError,
@@ -225,26 +226,39 @@ class RayDispatcher(TaskQueue):
         return out
 
     def _check_deadlines(self) -> None:
+        """As the local dispatcher's: starts past their bound fail; running tasks past their
+        timeout or abandoned by their caller end (stacks, then the actor is replaced)."""
         now = time.monotonic()
+        ending: list[RayWorker] = []
         for w in self.workers:
-            if w.deadline is None or now < w.deadline or w.state == "dead":
+            if w.state == "dead":
                 continue
-            w.deadline = None
-            if w.state == "starting":
+            expired = w.deadline is not None and now >= w.deadline
+            if w.state == "starting" and expired:
+                w.deadline = None
                 self._start_failed(w, WorkerStartupError(RAY_STARTUP_TIMED_OUT.format(who=self.pool.who(w), timeout=self.pool.start_timeout_s)))
-            elif w.task is not None:
-                task, w.task = w.task, None
-                stacks = self._stacks([w]).get(w.index)
+            elif w.task is not None and (expired or w.task.abandoned is not None):
+                ending.append(w)
+        if not ending:
+            return
+        stacks = self._stacks(ending)
+        fate = "the pool is starting a replacement" if not self.closing else "not replaced: the pool is closing"
+        for w in ending:
+            task, w.task, w.deadline = w.task, None, None
+            assert task is not None
+            if task.abandoned is not None:
+                error: TaskCancelledError | TaskTimeoutError = self.cancelled_error(task, w, fate)
+            else:
                 self.stats.timeouts += 1
-                fate = "the pool is starting a replacement" if not self.closing else "not replaced: the pool is closing"
-                self.fail(task, with_stacks(TaskTimeoutError(TASK_TIMED_OUT.format(
+                error = TaskTimeoutError(TASK_TIMED_OUT.format(
                     task=task.id, fn=task.fn, timeout=task.timeout_s, index=w.index, slot=w.slot.describe(), pid=w.pid, fate=fate,
-                )), stacks))
-                w.state = "dead"
-                if not self.closing:
-                    self._restart(w, time.monotonic(), 0)
-                else:
-                    kill_actor(w.actor)
+                ))
+            self.fail(task, with_stacks(error, stacks.get(w.index)))
+            w.state = "dead"
+            if not self.closing:
+                self._restart(w, time.monotonic(), 0)
+            else:
+                kill_actor(w.actor)
 
     def _assign(self) -> None:
         for w in self.workers:
@@ -252,8 +266,6 @@ class RayDispatcher(TaskQueue):
                 continue
             task = self.next_task(w)
             if task is None:
-                continue
-            if not task.future.set_running_or_notify_cancel():
                 continue
             w.state, w.task = "busy", task
             w.ref = w.actor.run.remote(task.call, *task.buffers)  # the buffers: ObjectRefs, read in place

@@ -18,7 +18,7 @@ from typing import Any
 
 from pytest_kerasmp import lifecycle, placement
 from pytest_kerasmp._dispatch import PoolStats
-from pytest_kerasmp._queue import QueuedTask
+from pytest_kerasmp._queue import new_task
 from pytest_kerasmp._ray_dispatch import STACKS_S, RayDispatcher, RayWorker, ray_failure
 from pytest_kerasmp.devices import DeviceSlot
 from pytest_kerasmp.errors import (
@@ -90,6 +90,7 @@ class RayWorkerPool(WorkerPool):
         self._init_call = dumps_call(initializer, tuple(initargs), {}, out_of_band=False)[0] if initializer else None
         self._ids, self._gens = itertools.count(), itertools.count()
         self._closed = self._finished = False
+        self._ended_why = None
         check_feasible(self.slots, f"pool {name!r}")
         t0 = time.monotonic()
         workers = [self.start_worker(i, s) for i, s in enumerate(self.slots)]
@@ -168,6 +169,7 @@ class RayWorkerPool(WorkerPool):
             return
         d = self._dispatcher
         self._closed = True
+        self._ended_why = self._ended_why or "it was closed (close() was called)"
         d.closing = True
         try:
             if cancel_pending:
@@ -189,6 +191,7 @@ class RayWorkerPool(WorkerPool):
             return
         d = self._dispatcher
         self._closed = True
+        self._ended_why = self._ended_why or f"it was terminated ({why})"
         d.closing, d.abort = True, why
         d.post(("wake",))
         d.thread.join(2.0)
@@ -214,6 +217,6 @@ class RayWorkerPool(WorkerPool):
         # Pickled (and its arrays copied) now, as on the local backend: the caller may change
         # its arrays at once; a live model or an unimportable function is refused here.
         call, buffers = dumps_call(fn, args, kwargs, copy=self._to_object_store)
-        task = QueuedTask(next(self._ids), call, buffers, Future(), name, timeout_s, worker)
+        task = new_task(self._dispatcher, next(self._ids), call, buffers, name, timeout_s, worker)
         self._dispatcher.enqueue(task)
         return task.future

@@ -9,6 +9,7 @@ plugin shows it like any other warning).
 from __future__ import annotations
 
 import pickle
+from concurrent.futures import CancelledError
 
 
 class KerasMPError(Exception):
@@ -43,6 +44,20 @@ class TaskTimeoutError(KerasMPError, TimeoutError):
     its Python stacks attached as ``stacks``."""
 
     stacks: str | None = None
+
+
+class TaskCancelledError(KerasMPError, CancelledError):
+    """A task whose caller stopped waiting: an exception other than an interrupt (pytest-timeout's
+    failure, a signal handler's exception) ended the wait in ``map``, ``broadcast`` or
+    ``Future.result``. A queued task is not run; a running one has its worker's stacks taken
+    (``stacks``), its worker killed and replaced."""
+
+    stacks: str | None = None
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM reached a pytest process: every process the plugin started has been killed,
+    and the session ends as after Ctrl-C (a ``KeyboardInterrupt``, so the same clean-up runs)."""
 
 
 class PoolClosedError(KerasMPError, RuntimeError):
@@ -169,6 +184,20 @@ TASK_TIMED_OUT = (
     "the worker was killed ({fate}); its Python stacks are attached below; raise the timeout "
     "or make the task smaller"
 )
+TASK_CANCELLED_QUEUED = (
+    "task {task} ({fn}) of pool {pool!r} was cancelled before it started: {why}; it was not run"
+)
+TASK_CANCELLED_RUNNING = (
+    "task {task} ({fn}) was cancelled while it ran on worker {index} ({slot}, pid {pid}) of pool "
+    "{pool!r}: {why}; the worker was killed ({fate}) and its Python stacks are attached below"
+)
+#: Why a task was cancelled: its caller's wait ended with an exception that is not an interrupt.
+CALLER_INTERRUPTED = "its caller's wait in {where} ended with {error}"
+TERMINATED = (
+    "SIGTERM to {who} (pid {pid}): every process the plugin started was killed and the session "
+    "ends as after Ctrl-C"
+)
+NOT_STARTED_TERMINATING = "{name} was not started: this process is ending ({why})"
 POOL_CLOSED = "pool {pool!r} is closed; task {fn} was not run; submit before close()"
 POOL_CLOSED_QUEUED = (
     "pool {pool!r} was closed ({why}) before task {task} ({fn}) started; it was not run"
@@ -222,7 +251,10 @@ SERVER_NO_ANSWER = (
     "{timeout:g} s (its batch may be stuck or the model slow); raise request_timeout_s or check "
     "server.stats()"
 )
-BAD_REQUEST = "request {what} does not fit the model's input {index} ({expected}): {problem}"
+BAD_REQUEST = (
+    "{what} has {problem} for the model's input {index} ({name!r}), which takes one sample of "
+    "shape {shape} or a batch of shape {batch}, dtype {dtype}; reshape or cast the request to fit"
+)
 CLUSTER_TASK_FAILED = (
     "task {task} ({slot}, pid {pid}) of cluster {cluster!r} {what} during run({fn}); every "
     "task of the cluster was stopped with it (shared fate: the others would wait for it in "

@@ -17,7 +17,7 @@ from typing import Any, Self
 
 from pytest_kerasmp import lifecycle
 from pytest_kerasmp._dispatch import Dispatcher, PoolStats, Worker
-from pytest_kerasmp._queue import QueuedTask
+from pytest_kerasmp._queue import interrupted_why, is_interrupt, new_task
 from pytest_kerasmp.devices import DeviceSlot
 from pytest_kerasmp.errors import (
     BACKEND_UNKNOWN,
@@ -75,6 +75,9 @@ class WorkerPool(lifecycle.Owned):
 
     #: Whether a worker that dies is replaced (a cluster's owner restarts all of them instead).
     replace_workers = True
+    _init_args: tuple[tuple[Any, ...], dict[str, Any]]
+    #: Why the pool was closed or terminated (the first reason), for health().
+    _ended_why: str | None = None
 
     def __new__(cls, *args: Any, backend: str = "local", **kwargs: Any) -> Self:
         if backend not in BACKENDS:
@@ -82,8 +85,11 @@ class WorkerPool(lifecycle.Owned):
         if backend == "ray" and cls is WorkerPool:
             from pytest_kerasmp._ray_pool import RayWorkerPool
 
-            return super().__new__(RayWorkerPool)  # type: ignore[return-value]
-        return super().__new__(cls)
+            pool: WorkerPool = super().__new__(RayWorkerPool)
+        else:
+            pool = super().__new__(cls)
+        pool._init_args = (args, {**kwargs, "backend": backend})  # for restart()
+        return pool  # type: ignore[return-value]
 
     def __init__(
         self,
@@ -116,6 +122,7 @@ class WorkerPool(lifecycle.Owned):
             self._init_call, _ = dumps_call(initializer, tuple(initargs), {}, out_of_band=False)
         self._ids = itertools.count()
         self._closed = self._finished = False
+        self._ended_why = None
         t0 = time.monotonic()
         children: list[Child] = []
         try:
@@ -183,6 +190,28 @@ class WorkerPool(lifecycle.Owned):
         the pid on the worker's node)."""
         return [w.pid if w.state != "dead" else None for w in self._dispatcher.workers]
 
+    def health(self) -> str | None:
+        """None while the pool can run tasks; else why it cannot (closed, terminated, broken)."""
+        if self._closed:
+            return self._ended_why or "it was closed"
+        if self._dispatcher.broken is not None:
+            return f"it broke ({self._dispatcher.broken})"
+        return None
+
+    def restart(self) -> None:
+        """Start the pool afresh, with the arguments it was made with: what is left of it is
+        terminated first (its pending tasks fail), then new workers start on the same slots;
+        the same object serves again (the session pool fixture uses this)."""
+        if not self._finished:
+            self.terminate("restarted")
+        args, kwargs = self._init_args
+        try:
+            self.__init__(*args, **kwargs)  # type: ignore[misc]
+        except BaseException as exc:
+            self._closed = self._finished = True
+            self._ended_why = f"its restart failed ({type(exc).__name__}: {exc})"
+            raise
+
     def close(self, timeout: float = 60.0, *, cancel_pending: bool = False) -> None:
         """Finish queued tasks within ``timeout``, then stop the workers; returns within
         ``timeout`` plus a few seconds.
@@ -194,7 +223,7 @@ class WorkerPool(lifecycle.Owned):
         """
         if self._closed:
             return
-        d = self._begin_close()
+        d = self._begin_close("it was closed (close() was called)")
         try:
             if cancel_pending:
                 d.fail_queued("close(cancel_pending=True)")
@@ -216,7 +245,7 @@ class WorkerPool(lifecycle.Owned):
         running workers are killed."""
         if self._finished:
             return
-        d = self._begin_close()
+        d = self._begin_close(f"it was terminated ({why})")
         d.abort = why
         for w in d.workers:
             w.child.kill()
@@ -245,7 +274,7 @@ class WorkerPool(lifecycle.Owned):
         if d.broken is not None:
             raise PoolBrokenError(POOL_BROKEN.format(pool=self.name, cause=d.broken))
         call, buffers = dumps_call(fn, args, kwargs)
-        task = QueuedTask(next(self._ids), call, buffers, Future(), name, timeout_s, worker)
+        task = new_task(d, next(self._ids), call, buffers, name, timeout_s, worker)
         d.enqueue(task)
         return task.future
 
@@ -253,8 +282,11 @@ class WorkerPool(lifecycle.Owned):
         __tracebackhide__ = True
         try:
             done, not_done = wait_futures(futures, timeout)
-        except BaseException:  # Ctrl-C while waiting: end the pool now, not in 60 s
-            self.terminate("interrupted while waiting for its tasks")
+        except BaseException as exc:
+            if is_interrupt(exc):  # Ctrl-C, SIGTERM: end the pool now, not in 60 s
+                self.terminate("interrupted while waiting for its tasks")
+            else:  # pytest-timeout, a signal handler: end this call's tasks, keep the pool
+                self._dispatcher.abandon(futures, interrupted_why(f"{what}({getattr(fn, '__qualname__', fn)})", exc))
             raise
         if not_done:
             for f in not_done:
@@ -265,9 +297,10 @@ class WorkerPool(lifecycle.Owned):
             ))
         return [f.result() for f in futures]
 
-    def _begin_close(self) -> Dispatcher:
+    def _begin_close(self, why: str) -> Dispatcher:
         """Refuse new tasks from now on; no worker is replaced any more."""
         d = self._dispatcher
+        self._ended_why = self._ended_why or why
         self._closed = True
         with d.lock:
             d.closing = True
