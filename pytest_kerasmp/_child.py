@@ -159,7 +159,14 @@ def _alive(pid: int) -> bool:
 
 
 def exit_with_group() -> None:
-    """The owner is gone: exit, and take along what the tasks started (a fork pool, say)."""
+    """The owner is gone: record this process's end (its owner cannot), exit, and take along
+    what the tasks started (a fork pool, say)."""
+    try:
+        from pytest_kerasmp import placement
+
+        placement.release(os.getpid())
+    except Exception:
+        pass
     if os.getpgrp() == os.getpid():
         os.killpg(os.getpid(), signal.SIGKILL)
     os._exit(3)

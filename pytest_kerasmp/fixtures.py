@@ -24,6 +24,7 @@ from pytest_kerasmp.pinning import current_slot
 from pytest_kerasmp.pool import WorkerPool
 from pytest_kerasmp.seeding import base_seed
 from pytest_kerasmp.server import InferenceServer
+from pytest_kerasmp.sessionguard import SESSION_POOL_KEY
 from pytest_kerasmp.speedup import measure
 
 #: kerasmp_device in a process that no slot was asked for.
@@ -67,10 +68,15 @@ def kerasmp_pool(kerasmp_slots: tuple[DeviceSlot, ...], request: pytest.FixtureR
     """A warm WorkerPool, one spawn worker per slot this process owns (session; --kerasmp-gpus, --kerasmp-ray).
 
     Without -n: one worker per session slot. Under -n: one per slot of this xdist worker's part.
-    Under --kerasmp-ray: one Ray actor per slot of the cluster.
+    Under --kerasmp-ray: one Ray actor per slot of the cluster. Never handed out closed or
+    broken: a test that closed or broke it leaves it restarted for the next (the summary says so).
     """
     with WorkerPool(kerasmp_slots, name="session", **_backend(request)) as pool:
-        yield pool
+        request.config.stash[SESSION_POOL_KEY] = pool  # a test that closes or breaks it: restarted (sessionguard)
+        try:
+            yield pool
+        finally:
+            del request.config.stash[SESSION_POOL_KEY]
 
 
 @pytest.fixture

@@ -35,11 +35,14 @@ from pytest_kerasmp._wire import Ready, StartupError
 from pytest_kerasmp.devices import DeviceSlot
 from pytest_kerasmp.errors import (
     MAIN_NOT_GUARDED,
+    NOT_STARTED_TERMINATING,
     STARTUP_ADVICE_NONE,
     STARTUP_ADVICE_TRACEBACK,
     STARTUP_FAILED,
     STARTUP_TIMED_OUT,
+    TERMINATED,
     RemoteTraceback,
+    Terminated,
     WorkerStartupError,
     with_stacks,
 )
@@ -65,6 +68,9 @@ class Owner(Protocol):
 
 
 _owners: weakref.WeakSet[Any] = weakref.WeakSet()
+_killers: set[Any] = set()
+#: Why this process is ending (SIGTERM), once it is: no child is started after that.
+terminating: str | None = None
 
 
 def describe_exit(code: int | None) -> tuple[str, str]:
@@ -118,6 +124,8 @@ class Child:
     ) -> None:
         if _child.importing_main:
             raise RuntimeError(MAIN_NOT_GUARDED.format(path=_child.importing_main))
+        if terminating is not None:
+            raise RuntimeError(NOT_STARTED_TERMINATING.format(name=name, why=terminating))
         if start_method not in START_METHODS:
             raise ValueError(f"start_method={start_method!r} is not one of {START_METHODS}")
         self.role, self.name, self.slot = role, name, slot
@@ -478,6 +486,83 @@ class Owned:
 
 def register_owner(owner: Owner) -> None:
     _owners.add(owner)
+    install_sigterm_handler()  # a script that owns processes: SIGTERM ends them too
+
+
+def add_killer(kill: Any) -> None:
+    """Have ``kill()`` (lock-free, quick) run when the process is terminated: for processes
+    started outside ``Child`` (a local Ray cluster's daemons)."""
+    _killers.add(kill)
+
+
+def remove_killer(kill: Any) -> None:
+    _killers.discard(kill)
+
+
+def kill_now(why: str) -> None:
+    """SIGKILL every child's process group now, without taking any lock (from a signal
+    handler): the owners' orderly ``terminate`` may run later; no child starts after this."""
+    global terminating
+    terminating = why
+    for child in list(_children):
+        child.kill()
+    for kill in list(_killers):
+        try:
+            kill()
+        except Exception:
+            pass
+
+
+# ------------------------------------------------------------------------------ SIGTERM
+
+#: The installed SIGTERM handler's state: the handler it replaced, and what to do after.
+_sigterm: dict[str, Any] = {}
+#: Called by the SIGTERM handler after the kill (the xdist controller forwards it to its workers).
+on_sigterm: list[Any] = []
+
+
+def install_sigterm_handler(*, interrupt: str | None = None) -> None:
+    """End this process's children within milliseconds when it gets SIGTERM, then chain to the
+    handler that was there: a Python handler is called; the default then ends the process as
+    SIGTERM does. With ``interrupt`` (a pytest process: who it is), raise :class:`Terminated`
+    after the chain instead, so the session ends as after Ctrl-C. Main thread only; a SIGTERM
+    that is ignored stays ignored; a second SIGTERM ends the process at once."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    current = signal.getsignal(signal.SIGTERM)
+    if current is _on_sigterm:
+        if interrupt is not None:
+            _sigterm["interrupt"] = interrupt
+        return
+    if current == signal.SIG_IGN or current is None:
+        return
+    _sigterm.update(previous=current, interrupt=interrupt, received=0)
+    signal.signal(signal.SIGTERM, _on_sigterm)
+
+
+def uninstall_sigterm_handler() -> None:
+    """Put back the handler :func:`install_sigterm_handler` replaced."""
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) is _on_sigterm:
+        signal.signal(signal.SIGTERM, _sigterm.get("previous", signal.SIG_DFL))
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    _sigterm["received"] += 1
+    kill_now(f"SIGTERM to pid {os.getpid()}")
+    previous, interrupt = _sigterm["previous"], _sigterm["interrupt"]
+    if _sigterm["received"] > 1:  # asked twice: end now, as SIGTERM does by default
+        previous = signal.SIG_DFL
+        interrupt = None
+    else:
+        for hook in list(on_sigterm):
+            hook()
+    if callable(previous):
+        previous(signum, frame)
+    if interrupt is not None:
+        raise Terminated(TERMINATED.format(who=interrupt, pid=os.getpid()))
+    if previous == signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def unregister_owner(owner: Owner) -> None:

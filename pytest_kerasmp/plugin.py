@@ -43,11 +43,14 @@ from pytest_kerasmp.fixtures import (  # noqa: F401  (fixtures registered with t
     kerasmp_tf_cluster,
 )
 from pytest_kerasmp.pinning import pin_process
+from pytest_kerasmp.sessionguard import SessionGuard
 from pytest_kerasmp.speedup import COMPARISONS_KEY
 
 SESSION_DIR_KEY = pytest.StashKey[str]()
 PLACEMENT_KEY = pytest.StashKey[list[dict[str, Any]]]()
 CALL_WINDOW_KEY = pytest.StashKey[tuple[float, float]]()
+
+GUARD_NAME = "kerasmp-session-guard"
 
 #: Set by the xdist controller for its workers: the plan and the controller's pid.
 PLAN_ENV = "PYTEST_KERASMP_PLAN"
@@ -188,6 +191,7 @@ def pytest_configure(config: pytest.Config) -> None:
         raise pytest.UsageError(cfg.RAY_LOCAL_XDIST)
     if not hasattr(config, "workerinput"):
         config.pluginmanager.register(_WorkerComparisons(config), "kerasmp-worker-comparisons")
+    config.pluginmanager.register(SessionGuard(config), GUARD_NAME)
     speedgate.configure(config)
     raw = config.getoption("kerasmp_scale")
     try:
@@ -266,6 +270,9 @@ def pytest_keyboard_interrupt(excinfo: pytest.ExceptionInfo[BaseException]) -> N
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
+    guard = config.pluginmanager.get_plugin(GUARD_NAME)
+    if isinstance(guard, SessionGuard):
+        guard.unconfigure()
     plan = config.stash.get(cfg.PLAN_KEY, None)
     if plan is not None and plan.role == "controller":
         os.environ.pop(PLAN_ENV, None)

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import threading
 import time
 from collections.abc import Iterator, Sequence
 from typing import Any, Self
 
+from pytest_kerasmp import lifecycle
 from pytest_kerasmp.devices import DeviceSlot, plural, split_evenly
 from pytest_kerasmp.errors import (
     RAY_MISSING,
@@ -233,6 +235,13 @@ class LocalRayCluster:
             raise
         self._processes = {p.pid for p in me.children(recursive=True)} - before
         self.address: str = self.cluster.address
+        lifecycle.add_killer(self.kill_now)  # SIGTERM ends the nodes at once
+
+    def kill_now(self) -> None:
+        """SIGKILL every process of the cluster now (SIGTERM to its owner); no clean-up."""
+        for pid in self.processes():
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
 
     def add_node(self, cpus: int, object_store_mb: int = OBJECT_STORE_MB, *, head: bool = False, index: int | None = None) -> Any:
         """Start one more node (its processes are ended by :meth:`shutdown` or :meth:`remove_node`)."""
@@ -279,6 +288,7 @@ class LocalRayCluster:
         """Disconnect and end every node; kill what is left after SHUTDOWN_WAIT_S and say so."""
         import psutil
 
+        lifecycle.remove_killer(self.kill_now)
         ray = import_ray()
         watched = self.processes() if hasattr(self, "_processes") else []
         ray.shutdown()
