@@ -149,7 +149,7 @@ class ServerWorker:
         from pytest_kerasmp.errors import pack_exception
 
         s = self.server
-        problem = input_problem(arrays, s.inputs, str(req_id))
+        problem = input_problem(arrays, s.inputs, f"request {req_id}")
         if problem is not None:
             exc = ValueError(problem)
             return Failed(req_id, pack_exception(exc), f"ValueError: {problem}\n")

@@ -31,7 +31,7 @@ InputSpec = tuple[tuple[Any, ...], str, str]
 
 def input_problem(arrays: list[Any], inputs: list[InputSpec], what: str, batch_axis: bool = True) -> str | None:
     """Why ``arrays`` cannot be a batch (or, without ``batch_axis``, one sample) for a model
-    taking ``inputs``, described as the caller sent them.
+    taking ``inputs``, described as ``what`` (``"the request"``, ``"request 17"``) sent them.
 
     None when they can; same-kind casts (float64 to float32) are allowed.
     """
@@ -42,19 +42,21 @@ def input_problem(arrays: list[Any], inputs: list[InputSpec], what: str, batch_a
     if len(arrays) != len(inputs):
         from pytest_kerasmp.devices import plural
 
-        return f"the model takes {plural(len(inputs), 'input')}, request {what} has {len(arrays)}"
+        return f"the model takes {plural(len(inputs), 'input')}, {what} has {len(arrays)}"
     lead = 1 if batch_axis else 0
     for k, (a, (shape, dtype, name)) in enumerate(zip(arrays, inputs, strict=True)):
-        expected = f"{name}: per-sample shape {shape}, dtype {np.dtype(dtype)}"
         if a.ndim != len(shape) + lead or any(d is not None and d != s for d, s in zip(shape, a.shape[lead:], strict=True)):
             problem = f"shape {a.shape}"
         elif not np.can_cast(a.dtype, dtype, "same_kind"):
             problem = f"dtype {a.dtype}"
         elif batch_axis and a.shape[0] != arrays[0].shape[0]:
-            problem = "row counts differ between inputs"
+            problem = "row counts that differ between inputs"
         else:
             continue
-        return BAD_REQUEST.format(what=what, index=k, expected=expected, problem=problem)
+        batch = "(n" + "".join(f", {'?' if d is None else d}" for d in shape) + ")"
+        return BAD_REQUEST.format(
+            what=what, problem=problem, index=k, name=name, shape=tuple(shape), batch=batch, dtype=np.dtype(dtype),
+        )
     return None
 
 
@@ -130,7 +132,7 @@ class _Server:
             self.np.ndarray(shape, dtype, buffer=view)
             for view, (_, _, shape, dtype) in zip(views, msg.specs, strict=True)
         ]
-        problem = input_problem(arrays, self.inputs, str(msg.id))
+        problem = input_problem(arrays, self.inputs, f"request {msg.id}")
         if problem is not None:
             self.fail_one(client, msg.id, ValueError(problem))
             return

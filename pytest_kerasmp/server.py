@@ -197,7 +197,7 @@ class InferenceClient:
         )
         batch = [a[None] for a in arrays] if single else arrays
         if input_problem(batch, self.inputs, "") is not None:  # described as the caller sent it
-            raise ValueError(input_problem(arrays, self.inputs, "of this process", batch_axis=not single))
+            raise ValueError(input_problem(arrays, self.inputs, "the request", batch_axis=not single))
         return [np.ascontiguousarray(a, dtype) for a, (_, dtype, _) in zip(batch, self.inputs, strict=True)], single
 
     def _connection(self, what: str) -> tuple[Connection, Arena, Arena]:
