@@ -19,6 +19,7 @@ from typing import Any
 from pytest_kerasmp import lifecycle, placement
 from pytest_kerasmp._dispatch import PoolStats
 from pytest_kerasmp._queue import QueuedTask
+from pytest_kerasmp._ray_connect import CONNECT_TIMEOUT_S
 from pytest_kerasmp._ray_dispatch import STACKS_S, RayDispatcher, RayWorker, ray_failure
 from pytest_kerasmp.devices import DeviceSlot
 from pytest_kerasmp.errors import (
@@ -80,10 +81,11 @@ class RayWorkerPool(WorkerPool):
         backend: str = "ray",
         ray_address: str | None = None,
         ray_reserve: bool = True,
+        ray_timeout_s: float = CONNECT_TIMEOUT_S,
     ) -> None:
         self._reserve = ray_reserve
         self.name, self.slots, self.start_method = name, checked_slots(slots), "ray"
-        self.ray = connect(ray_address)
+        self.ray = connect(ray_address, timeout_s=ray_timeout_s)
         self.task_timeout_s, self.start_timeout_s = task_timeout_s, start_timeout_s
         self.stats = PoolStats()
         self._import_tf = import_tensorflow

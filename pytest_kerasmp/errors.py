@@ -92,6 +92,19 @@ class ClusterClosedError(KerasMPError, RuntimeError):
     """The :class:`~pytest_kerasmp.TFCluster` was closed, or is running a call in another thread."""
 
 
+class RayConnectError(KerasMPError, ConnectionError):
+    """This process could not connect to a Ray cluster within its bound; ``address`` is the
+    address asked for, ``what`` what was tried and how it failed."""
+
+    def __init__(self, address: str, what: str, timeout_s: float, option: str = "timeout_s") -> None:
+        super().__init__(RAY_CONNECT_FAILED.format(address=address, what=what, option=option, timeout=timeout_s))
+        self.address, self.what, self.timeout_s = address, what, timeout_s
+
+    def worded_for(self, option: str) -> str:
+        """The same message, naming ``option`` as the bound to raise."""
+        return RAY_CONNECT_FAILED.format(address=self.address, what=self.what, option=option, timeout=self.timeout_s)
+
+
 class RemoteTraceback(Exception):
     """The traceback text of an exception raised in a worker, attached as ``__cause__``."""
 
@@ -294,3 +307,10 @@ RAY_PROCESSES_LEFT = (
     "{n} of the local Ray cluster still ran {wait:g} s after shutdown and were killed: {names}; "
     "something kept them busy (check the Ray logs under /tmp/ray/session_latest/logs)"
 )
+RAY_CONNECT_FAILED = (
+    "cannot connect to a Ray cluster at {address!r}: {what}; check that the cluster runs "
+    "(`ray status` on its head node) and that this is the address `ray start --head` printed "
+    "(its GCS port, 6379 by default), reachable from this machine, or use 'local' for a "
+    "cluster on this machine; connecting gives up after {timeout:g} s ({option})"
+)
+RAY_OPTION_UNREACHABLE = "{option}={address!r} (from {source}): {error}"

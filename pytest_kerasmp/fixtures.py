@@ -190,6 +190,8 @@ def kerasmp_ray(pytestconfig: pytest.Config) -> Iterator[tuple[DeviceSlot, ...] 
     if not address:
         yield None
         return
+    from pytest_kerasmp.config import RAY_OPTION, RAY_TIMEOUT_OPTION
+    from pytest_kerasmp.errors import RAY_OPTION_UNREACHABLE, RayConnectError
     from pytest_kerasmp.ray_cluster import LocalRayCluster, connect, plan_ray_slots
 
     cluster = None
@@ -198,7 +200,13 @@ def kerasmp_ray(pytestconfig: pytest.Config) -> Iterator[tuple[DeviceSlot, ...] 
 
         cluster = LocalRayCluster(1, cpus_per_node=len(usable_cores()))
     else:
-        connect(address)
+        failed = None
+        try:
+            connect(address, timeout_s=session_settings(pytestconfig).ray_timeout_s)
+        except RayConnectError as exc:
+            failed = exc.worded_for(RAY_TIMEOUT_OPTION)
+        if failed is not None:  # one line, not a traceback in every test that needs the cluster
+            pytest.fail(RAY_OPTION_UNREACHABLE.format(option=RAY_OPTION, address=address, source="the command line", error=failed), pytrace=False)
     try:
         yield plan_ray_slots()
     finally:
