@@ -38,6 +38,7 @@ class QueuedTask:
     fn: str
     timeout_s: float | None
     worker: int | None = None  # run on this worker only (broadcast)
+    requeued: bool = False  # put back once: its first worker died before it started
 
 
 def resolve(future: Future[Any], *, result: Any = None, error: BaseException | None = None) -> None:
@@ -109,12 +110,32 @@ class TaskQueue:
                 self.pending.remove(task)
         return task
 
-    def give_up(self, w: Any, error: Exception, attempts: int) -> None:
-        """No worker can start on ``w``'s slot: fail what only it could run, or all if none is
-        left; the last startup error (with the child's traceback or stacks) is the cause."""
+    def claim(self, task: QueuedTask) -> bool:
+        """Mark ``task`` (just taken off the queue) running; False if it was cancelled while
+        queued. A task put back by :meth:`requeue` is running already."""
+        return task.requeued or task.future.set_running_or_notify_cancel()
+
+    def put_back(self, task: QueuedTask) -> None:
+        """Queue ``task`` again, first in line (taken for a worker that turned out dead)."""
+        with self.lock:
+            self.pending.appendleft(task)
+
+    def requeue(self, task: QueuedTask) -> bool:
+        """Put back, first in line, a task whose worker died before it started (it never ran,
+        so the death is not its failure); once only: False if it was put back before."""
+        if task.requeued:
+            return False
+        task.requeued = True
+        self.put_back(task)
+        return True
+
+    def give_up(self, w: Any, error: Exception, attempts: int, *, cause: str | None = None) -> None:
+        """No worker can start on ``w``'s slot (after ``attempts`` starts that failed, or for
+        ``cause``): fail what only it could run, or all if none is left; the last startup error
+        (with the child's traceback or stacks) is the cause."""
         w.state = "dead"
         reason = str(error).split("; ")[0]
-        cause = SLOT_DEAD.format(pool=self.name, slot=w.slot.describe(), attempts=attempts, reason=reason)
+        cause = cause or SLOT_DEAD.format(pool=self.name, slot=w.slot.describe(), attempts=attempts, reason=reason)
         alive = any(x.state != "dead" for x in self.workers)
         with self.lock:
             if not alive:

@@ -86,6 +86,15 @@ class SlotWorker:
     def ready(self) -> dict[str, Any]:
         return {**identity(self.slot), "failure": self.failure}
 
+    def accept(self, call: bytes, *buffers: Any) -> None:
+        """Take a task without running it: an answer says this actor lived and holds it."""
+        self.accepted = (call, buffers)
+
+    def run_accepted(self) -> Any:
+        call, buffers = self.accepted
+        del self.accepted
+        return self.run(call, *buffers)
+
     def run(self, call: bytes, *buffers: Any) -> Any:
         from pytest_kerasmp._wire import Failed
         from pytest_kerasmp.errors import pack_exception

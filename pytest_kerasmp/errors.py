@@ -171,6 +171,11 @@ WORKER_CRASHED = (
     "worker {index} ({slot}, pid {pid}) of pool {pool!r} died with {how} while running task "
     "{task} ({fn}); {fate}; {hint}"
 )
+WORKER_DIED_BEFORE_START = (
+    "worker {index} ({slot}, pid {pid}) of pool {pool!r} died with {how} before it started task "
+    "{task} ({fn}), the second worker to do so for this task, so the task was not run; {fate}; "
+    "{hint}"
+)
 WORKER_GONE = (
     "worker {index} ({slot}, pid {pid}) of pool {pool!r} died with {how} before task {task} "
     "({fn}), queued for it alone, could start; it was not replaced: its owner restarts all "
@@ -195,6 +200,11 @@ POOL_BROKEN = "pool {pool!r} can run nothing more: {cause}; close it and start a
 SLOT_DEAD = (
     "no worker of pool {pool!r} can run on {slot}: its worker failed to start {attempts} times "
     "in a row (last: {reason})"
+)
+SLOT_NODE_GONE = (
+    "no worker of pool {pool!r} can run on {slot}: its Ray node {node} is gone from the cluster, "
+    "so the slot was given up without trying to start a worker there; plan the slots again "
+    "with plan_ray_slots()"
 )
 MAP_TIMED_OUT = (
     "{what} of {fn} on pool {pool!r} did not finish within {timeout:g} s ({done} of {total} "
