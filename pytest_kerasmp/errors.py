@@ -167,6 +167,11 @@ MAIN_NOT_GUARDED = (
     "imports it again to find its task functions: put that code under "
     "`if __name__ == \"__main__\":`"
 )
+MAIN_NOT_ON_NODE = (
+    "{error}: the task's function was defined in the script {path} (its __main__), which is not "
+    "at that path on Ray node {node}, so the actor could not import it; put the script at the "
+    "same path on every node (shared storage), or move task functions into a module installed there"
+)
 WORKER_CRASHED = (
     "worker {index} ({slot}, pid {pid}) of pool {pool!r} died with {how} while running task "
     "{task} ({fn}); {fate}; {hint}"

@@ -15,7 +15,7 @@ import time
 from collections.abc import Iterator, Sequence
 from typing import Any, Self
 
-from pytest_kerasmp import _child
+from pytest_kerasmp import _child, _ray_output
 from pytest_kerasmp._ray_connect import CONNECT_TIMEOUT_S, connect_bounded
 from pytest_kerasmp.devices import DeviceSlot, plural, split_evenly
 from pytest_kerasmp.errors import (
@@ -71,6 +71,7 @@ def connect(address: str | None = None, *, quiet: bool = False, timeout_s: float
     with _connecting:
         if not ray.is_initialized():
             _init(ray, address, quiet, timeout_s)
+        _ray_output.install()
     return ray
 
 
@@ -220,6 +221,8 @@ class LocalRayCluster:
 
         from pytest_kerasmp.devices import usable_cores
 
+        if _child.importing_main:  # a script without a __main__ guard, imported by a worker
+            raise RuntimeError(MAIN_NOT_GUARDED.format(path=_child.importing_main))
         ray = import_ray()
         if ray.is_initialized():
             raise RuntimeError("this process is already connected to Ray; call ray.shutdown() first")
@@ -236,6 +239,7 @@ class LocalRayCluster:
                 self.add_node(cpus_per_node, object_store_mb, head=i == 0, index=i)
             self.cluster.wait_for_nodes()
             ray.init(address=self.cluster.address, configure_logging=False)
+            _ray_output.install()
         except BaseException:
             self._processes = {p.pid for p in me.children(recursive=True)} - before
             self.shutdown()

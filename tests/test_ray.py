@@ -238,12 +238,13 @@ import json, sys, time
 sys.path.insert(0, {tests!r})
 import pool_tasks
 from pytest_kerasmp import LocalRayCluster, WorkerPool, plan_ray_slots
-cluster = LocalRayCluster(2)
-pool = WorkerPool(plan_ray_slots(), backend="ray", import_tensorflow=False, name="exit")
-pool.submit(pool_tasks.sleep_then, 60)
-time.sleep(0.5)
-open({pids!r}, "w").write(json.dumps(cluster.processes()))
-raise SystemExit("leaving without clean-up")
+if __name__ == "__main__":  # actors import the script, as local workers do
+    cluster = LocalRayCluster(2)
+    pool = WorkerPool(plan_ray_slots(), backend="ray", import_tensorflow=False, name="exit")
+    pool.submit(pool_tasks.sleep_then, 60)
+    time.sleep(0.5)
+    open({pids!r}, "w").write(json.dumps(cluster.processes()))
+    raise SystemExit("leaving without clean-up")
 """
 
 
