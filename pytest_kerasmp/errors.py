@@ -279,6 +279,12 @@ CLUSTER_NOT_ENOUGH_SLOTS = (
     "it), or under pytest pass --kerasmp-gpus={tasks} or more (under -n each xdist worker "
     "owns only its part of the slots)"
 )
+CLUSTER_SLOTS_PER_XDIST_WORKER = (
+    "cluster {cluster!r} needs one slot per task ({tasks} tasks: {names}) but xdist worker "
+    "{worker} owns {owned} ({described}): the session's {total} are split among {workers} xdist "
+    "workers; pass --kerasmp-gpus={need} or more ({tasks} per worker for {workers} workers), or "
+    "run with fewer workers (-n)"
+)
 CLUSTER_DIED_IDLE = (
     "task {task} ({slot}, pid {pid}) of cluster {cluster!r} died with {how} between runs, so "
     "run({fn}) was not started; every task of the cluster was stopped with it and the cluster "
