@@ -75,10 +75,11 @@ def split_address(address: str) -> tuple[str, int]:
     return host, int(port)
 
 
-def probe(address: str, timeout_s: float = CONNECT_TIMEOUT_S) -> str:
-    """Check, within ``timeout_s``, that something accepts TCP connections at ``address``;
-    return the ``host:port`` that was tried. Raises :class:`RayConnectError` saying what was tried."""
-    deadline = time.monotonic() + timeout_s
+def probe(address: str, timeout_s: float = CONNECT_TIMEOUT_S, deadline: float | None = None) -> str:
+    """Check, within ``timeout_s`` (or by ``deadline``, a ``time.monotonic()``, when given),
+    that something accepts TCP connections at ``address``; return the ``host:port`` that was
+    tried. Raises :class:`RayConnectError` saying what was tried."""
+    deadline = time.monotonic() + timeout_s if deadline is None else deadline
     if address == "auto":
         address = _auto_address(address, deadline, timeout_s)
     try:
@@ -143,7 +144,7 @@ def connect_bounded(ray: Any, address: str, timeout_s: float = CONNECT_TIMEOUT_S
         _abandoned.join(max(0.0, deadline - time.monotonic()))
         if _abandoned.is_alive():
             raise RayConnectError(address, "an earlier connection attempt of this process is still running", timeout_s)
-    tried = probe(address, timeout_s)
+    tried = probe(address, timeout_s, deadline)
     quiet = _NoSigtermNotice()
     logger = logging.getLogger("ray._private.worker")
     logger.addFilter(quiet)
