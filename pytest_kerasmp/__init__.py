@@ -25,6 +25,7 @@ _WHERE = {
     "KerasMPWarning": "errors",
     "PoolBrokenError": "errors",
     "PoolClosedError": "errors",
+    "RayConnectError": "errors",
     "RemoteTraceback": "errors",
     "ServerBusyError": "errors",
     "ServerClosedError": "errors",
@@ -80,6 +81,7 @@ if TYPE_CHECKING:
     from pytest_kerasmp.errors import KerasMPWarning as KerasMPWarning
     from pytest_kerasmp.errors import PoolBrokenError as PoolBrokenError
     from pytest_kerasmp.errors import PoolClosedError as PoolClosedError
+    from pytest_kerasmp.errors import RayConnectError as RayConnectError
     from pytest_kerasmp.errors import RemoteTraceback as RemoteTraceback
     from pytest_kerasmp.errors import ServerBusyError as ServerBusyError
     from pytest_kerasmp.errors import ServerClosedError as ServerClosedError

@@ -19,7 +19,7 @@ from multiprocessing.connection import wait
 from typing import Any
 
 from pytest_kerasmp._queue import MAX_START_ATTEMPTS, QueuedTask, TaskQueue, resolve
-from pytest_kerasmp._wire import Done, Failed, Ready, Stop, Task
+from pytest_kerasmp._wire import Done, Failed, Ready, Started, Stop, Task
 from pytest_kerasmp.devices import DeviceSlot
 from pytest_kerasmp.errors import (
     ARENA_FAILED,
@@ -27,6 +27,7 @@ from pytest_kerasmp.errors import (
     POOL_CLOSED_RUNNING,
     TASK_TIMED_OUT,
     WORKER_CRASHED,
+    WORKER_DIED_BEFORE_START,
     WORKER_GONE,
     PoolClosedError,
     TaskCancelledError,
@@ -48,6 +49,7 @@ class Worker:
     child: Child
     state: str = "starting"  # starting | idle | busy | dead
     task: QueuedTask | None = None
+    task_started: bool = False  # it said Started for its task: a death now is the task's failure
     deadline: float | None = None
     failed_starts: int = 0
     crashed_at: float | None = None  # when its predecessor died (replacement time)
@@ -185,6 +187,10 @@ class Dispatcher(TaskQueue):
                 w.from_worker.receive(w.child.conn)
         except (EOFError, OSError):
             return False  # it died; its exit says how
+        if isinstance(msg, Started):
+            if w.task is not None and w.task.id == msg.id:
+                w.task_started, w.task.buffers = True, []  # its arrays are in the worker's arena now
+            return self._on_message(w) if self._pending_message(w) else True
         if isinstance(msg, (Done, Failed)) and w.task is not None and w.task.id == msg.id:
             task, w.task, w.state, w.deadline = w.task, None, "idle", None
             if msg.retired:  # the task kept a view of its arguments' arena: leave it to the worker
@@ -240,6 +246,8 @@ class Dispatcher(TaskQueue):
         if not w.killed:
             self.stats.crashes += 1
         replace = not self.closing and self.pool.replace_workers
+        if w.task is not None and not w.task_started and self.requeue(w.task):
+            w.task = None  # it never said Started: the task never ran, and goes back to the queue (once)
         if w.task is not None:
             task, w.task = w.task, None
             fate = (
@@ -247,7 +255,7 @@ class Dispatcher(TaskQueue):
                 else "it was not replaced: the pool is closing" if self.closing
                 else "it was not replaced: its owner restarts all its processes together"
             )
-            self.fail(task, WorkerCrashedError(WORKER_CRASHED.format(
+            self.fail(task, WorkerCrashedError((WORKER_CRASHED if w.task_started else WORKER_DIED_BEFORE_START).format(
                 index=w.index, slot=w.slot.describe(), pid=w.pid, pool=self.name,
                 how=how, task=task.id, fn=task.fn, fate=fate, hint=hint,
             )))
@@ -341,7 +349,11 @@ class Dispatcher(TaskQueue):
             task = self.next_task(w)
             if task is None:
                 continue
-            w.state, w.task = "busy", task  # from here on a failure of any kind resolves it
+            if wait([w.child.sentinel], 0):  # it died since the last look: never given a task
+                self.put_back(task)
+                self._on_exit(w)
+                continue
+            w.state, w.task, w.task_started = "busy", task, False  # from here on a failure of any kind resolves it
             try:
                 layout = w.to_worker.write(task.buffers)
             except OSError as exc:
@@ -351,9 +363,8 @@ class Dispatcher(TaskQueue):
             try:
                 w.child.conn.send(Task(task.id, task.call, layout, w.to_worker.fresh))
                 w.to_worker.hand_over(w.child.conn)
-            except OSError:  # it died just now: its exit fails the task (it was sent, maybe run)
+            except OSError:  # it died just now, before it could say Started: its exit requeues the task
                 pass
-            task.buffers = []  # in the worker's arena now
             w.deadline = time.monotonic() + task.timeout_s if task.timeout_s else None
 
     def _closed_running(self, w: Worker, task: QueuedTask, why: str) -> PoolClosedError:

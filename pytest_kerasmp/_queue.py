@@ -44,6 +44,8 @@ class QueuedTask:
     timeout_s: float | None
     worker: int | None = None  # run on this worker only (broadcast)
     abandoned: str | None = None  # why its caller stopped waiting: not run, or its worker killed
+    claimed: bool = False  # its future is running (taken for a worker once)
+    requeued: bool = False  # put back once: its first worker died before it started
 
 
 def new_task(owner: TaskQueue, id: int, call: bytes, buffers: list[Any], fn: str, timeout_s: float | None,
@@ -200,15 +202,31 @@ class TaskQueue:
                 self.pending.remove(task)
             if task.abandoned is not None:  # abandoned just as it was taken
                 self.fail(task, self.cancelled_error(task))
-            elif task.future.set_running_or_notify_cancel():
+            elif task.claimed or task.future.set_running_or_notify_cancel():
+                task.claimed = True  # running from now on, also if it is put back
                 return task
 
-    def give_up(self, w: Any, error: Exception, attempts: int) -> None:
-        """No worker can start on ``w``'s slot: fail what only it could run, or all if none is
-        left; the last startup error (with the child's traceback or stacks) is the cause."""
+    def put_back(self, task: QueuedTask) -> None:
+        """Queue ``task`` again, first in line (taken for a worker that turned out dead)."""
+        with self.lock:
+            self.pending.appendleft(task)
+
+    def requeue(self, task: QueuedTask) -> bool:
+        """Put back, first in line, a task whose worker died before it started (it never ran,
+        so the death is not its failure); once only: False if it was put back before."""
+        if task.requeued:
+            return False
+        task.requeued = True
+        self.put_back(task)
+        return True
+
+    def give_up(self, w: Any, error: Exception, attempts: int, *, cause: str | None = None) -> None:
+        """No worker can start on ``w``'s slot (after ``attempts`` starts that failed, or for
+        ``cause``): fail what only it could run, or all if none is left; the last startup error
+        (with the child's traceback or stacks) is the cause."""
         w.state = "dead"
         reason = str(error).split("; ")[0]
-        cause = SLOT_DEAD.format(pool=self.name, slot=w.slot.describe(), attempts=attempts, reason=reason)
+        cause = cause or SLOT_DEAD.format(pool=self.name, slot=w.slot.describe(), attempts=attempts, reason=reason)
         alive = any(x.state != "dead" for x in self.workers)
         with self.lock:
             if not alive:

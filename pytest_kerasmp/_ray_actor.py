@@ -3,7 +3,9 @@
 The actor's first act is the one pin routine, ``pin_process``, with the slot made local to
 its node (cores numbered within the node become this node's cores; a GPU slot takes the GPU
 Ray assigned); the slot's environment was already set by the actor's ``runtime_env`` before
-the worker process started. Then it imports TensorFlow (warm) and runs the initializer.
+the worker process started. Then it imports the owner's ``__main__`` script as local
+children do (``_child._import_main``: task functions defined there resolve), imports
+TensorFlow (warm) and runs the initializer.
 Failures are kept and reported by ``ready()`` with their traceback, as a local child's
 ``StartupError`` is. Task errors travel pickled with their traceback text, as locally.
 """
@@ -19,6 +21,9 @@ import traceback
 from typing import Any
 
 from pytest_kerasmp.devices import DeviceSlot
+
+#: The owner's ``__main__`` script, set in the actor's environment by ``actor_options``.
+MAIN_ENV = "PYTEST_KERASMP_MAIN"
 
 
 def local_slot(slot: DeviceSlot) -> DeviceSlot:
@@ -37,17 +42,38 @@ def start(slot_json: dict[str, Any], import_tensorflow: bool, role: str, label: 
     slot applied and a failure's traceback (or None)."""
     slot = DeviceSlot.from_json(slot_json)
     try:
-        from pytest_kerasmp import placement
+        from pytest_kerasmp import _ray_output, placement
+
+        _ray_output.announce(label, slot)  # first: what it prints from now on carries its name
         from pytest_kerasmp.pinning import pin_process
 
         slot = local_slot(slot)
         pin_process(slot)
         placement.record(role, slot, label=label)
+        main = os.environ.get(MAIN_ENV)
+        if main and os.path.isfile(main):  # else a task that needs it says where it is missing
+            from pytest_kerasmp._child import _import_main
+
+            _import_main(main)
         if import_tensorflow:
             import tensorflow  # noqa: F401  (warm: imported once per actor)
     except BaseException:
         return slot, traceback.format_exc()
     return slot, None
+
+
+def _main_missing(exc: AttributeError) -> RuntimeError | None:
+    """A clear error for a task function of the owner's script when that script is not at its
+    path on this node (so it could not be imported here), else None."""
+    main = os.environ.get(MAIN_ENV)
+    if not main or os.path.isfile(main) or "__main__" not in str(exc):
+        return None
+    import ray
+
+    from pytest_kerasmp.errors import MAIN_NOT_ON_NODE
+
+    node = ray.get_runtime_context().get_node_id()[:8]
+    return RuntimeError(MAIN_NOT_ON_NODE.format(error=exc, path=main, node=node))
 
 
 def identity(slot: DeviceSlot) -> dict[str, Any]:
@@ -86,13 +112,28 @@ class SlotWorker:
     def ready(self) -> dict[str, Any]:
         return {**identity(self.slot), "failure": self.failure}
 
+    def accept(self, call: bytes, *buffers: Any) -> None:
+        """Take a task without running it: an answer says this actor lived and holds it."""
+        self.accepted = (call, buffers)
+
+    def run_accepted(self) -> Any:
+        call, buffers = self.accepted
+        del self.accepted
+        return self.run(call, *buffers)
+
     def run(self, call: bytes, *buffers: Any) -> Any:
         from pytest_kerasmp._wire import Failed
         from pytest_kerasmp.errors import pack_exception
         from pytest_kerasmp.transport import loads_call
 
         try:
-            fn, args, kwargs = loads_call(call, buffers)
+            try:
+                fn, args, kwargs = loads_call(call, buffers)
+            except AttributeError as exc:
+                missing = _main_missing(exc)
+                if missing is None:
+                    raise
+                raise missing from exc
             return fn(*args, **kwargs)
         except BaseException as exc:
             return Failed(-1, pack_exception(exc), "".join(traceback.format_exception(exc)))

@@ -3,6 +3,14 @@
 As the local ``_dispatch``: one task at a time per worker, so a death is charged to exactly
 the task that ran; Ray's completion callbacks only post events to this thread; whatever
 goes wrong, every future is resolved, and an error of the thread itself breaks the pool.
+
+A death is charged to a task only when the actor may have started it. Ray tells of an
+actor's death some milliseconds after it happened and cannot tell whether a call it fails
+had begun, so a task goes straight to an actor (``run``) only in the round in which the
+actor's previous answer arrived; an actor idle since earlier first takes the task without
+running it (``accept``, then ``run_accepted``), and a task whose actor died before taking
+it goes back to the queue, once. An actor whose death Ray has already reported is given
+no task at all.
 """
 
 from __future__ import annotations
@@ -18,10 +26,13 @@ from pytest_kerasmp._queue import MAX_START_ATTEMPTS, QueuedTask, TaskQueue, res
 from pytest_kerasmp._wire import Failed
 from pytest_kerasmp.devices import DeviceSlot
 from pytest_kerasmp.errors import (
+    POOL_CLOSED_QUEUED,
     POOL_CLOSED_RUNNING,
     RAY_STARTUP_TIMED_OUT,
+    SLOT_NODE_GONE,
     TASK_TIMED_OUT,
     WORKER_CRASHED,
+    WORKER_DIED_BEFORE_START,
     PoolClosedError,
     TaskCancelledError,
     TaskTimeoutError,
@@ -44,7 +55,7 @@ def ray_failure(exc: BaseException, node: str = "") -> tuple[str, str]:
     detail = next((ln for ln in lines[1:] if "died" in ln or "exit" in ln.lower()), lines[-1] if lines else text)
     detail = detail.split(" Some common causes")[0]
     if "node has died" in text or "node was terminated" in text or (node and not node_alive(node)):
-        return f"its node's end (Ray: {detail})", "the Ray node left the cluster; check that node's raylet log"
+        return f"its node's end (Ray: {detail})", "check that node's raylet log for why it left"
     return f"the end of its Ray worker process (Ray: {detail})", (
         "a SIGKILL is usually the OOM killer: lower the batch size or the number of slots per node"
     )
@@ -60,6 +71,9 @@ class RayWorker:
     pid: int | None = None
     ip: str = ""
     task: QueuedTask | None = None
+    task_started: bool = False  # its task went to ``run``: a death now is the task's failure
+    fresh: bool = False  # it answered in this round of the dispatcher: alive a moment ago
+    watch: Any = None  # the future of its watch() call: done once Ray reports its death
     ref: Any = None
     deadline: float | None = None
     failed_starts: int = 0
@@ -89,6 +103,9 @@ class RayDispatcher(TaskQueue):
             if w.task is not None:
                 task, w.task = w.task, None
                 kill_actor(w.actor)
+                if not w.task_started:  # it had not taken the task yet: the task never ran
+                    self.fail(task, PoolClosedError(POOL_CLOSED_QUEUED.format(pool=self.name, why=why, task=task.id, fn=task.fn)))
+                    continue
                 error = PoolClosedError(POOL_CLOSED_RUNNING.format(
                     pool=self.name, why=why, task=task.id, fn=task.fn, index=w.index, slot=w.slot.describe(), pid=w.pid,
                 ))
@@ -99,7 +116,7 @@ class RayDispatcher(TaskQueue):
     def run(self) -> None:
         try:
             for w in self.workers:
-                self._watch("gone", w, w.actor.watch.remote())
+                w.watch = self._watch("gone", w, w.actor.watch.remote())
             self._loop()
         except BaseException as exc:  # fail closed, as the local dispatcher
             with self.lock:
@@ -135,9 +152,11 @@ class RayDispatcher(TaskQueue):
                 self.fail_everything("its last worker died during close()")
                 return
 
-    def _watch(self, kind: str, w: RayWorker, ref: Any) -> None:
+    def _watch(self, kind: str, w: RayWorker, ref: Any) -> Any:
         gen = w.gen
-        ref.future().add_done_callback(lambda f: self.post((kind, w.index, gen, f)))
+        future = ref.future()
+        future.add_done_callback(lambda f: self.post((kind, w.index, gen, f)))
+        return future
 
     def _on_event(self, event: tuple[Any, ...]) -> None:
         if event[0] == "wake":
@@ -155,21 +174,26 @@ class RayDispatcher(TaskQueue):
             except WorkerStartupError as exc:
                 self._start_failed(w, exc)
                 return
-            w.deadline, w.failed_starts = None, 0
+            w.deadline, w.failed_starts, w.fresh = None, 0, True
             if w.crashed_at is not None:
                 self.stats.replacement_ready_s.append(time.monotonic() - w.crashed_at)
-            self._watch("gone", w, w.actor.watch.remote())
+            w.watch = self._watch("gone", w, w.actor.watch.remote())
         elif kind == "gone" and w.state == "idle":  # died between tasks: replaced, nothing failed
-            w.state = "dead"
-            self.stats.crashes += 1
-            if not self.closing:
-                self._restart(w, time.monotonic(), 0)
+            self._gone(w)
+        elif kind == "accepted" and w.task is not None and not w.task_started:
+            if error is None:  # it holds the task: now it runs it
+                self._send(w, w.actor.run_accepted.remote())
+            elif isinstance(error, self.ray.exceptions.RayActorError):
+                self._crashed(w, error)  # before it took the task: back to the queue
+            else:
+                task, w.task, w.deadline, w.state = w.task, None, None, "idle"
+                self.fail(task, error)
         elif kind == "done" and w.task is not None:
-            task, w.task, w.deadline = w.task, None, None
             if error is not None and isinstance(error, self.ray.exceptions.RayActorError):
-                self._crashed(w, task, error)
+                self._crashed(w, error)
                 return
-            w.state = "idle"
+            task, w.task, w.deadline = w.task, None, None
+            w.state, w.fresh = "idle", error is None  # its answer: alive a moment ago
             if error is not None:
                 self.fail(task, error)
                 return
@@ -180,25 +204,40 @@ class RayDispatcher(TaskQueue):
                 self.stats.tasks_done += 1
                 resolve(task.future, result=result)
 
-    def _crashed(self, w: RayWorker, task: QueuedTask, error: BaseException) -> None:
-        how, hint = ray_failure(error, w.slot.node)
+    def _gone(self, w: RayWorker) -> None:
+        """``w`` died while it held no task: replaced (or its slot given up), nothing failed."""
         w.state = "dead"
         self.stats.crashes += 1
-        replace = not self.closing
-        fate = "the pool is starting a replacement on the same slot" if replace else "it was not replaced: the pool is closing"
-        crash = WorkerCrashedError(WORKER_CRASHED.format(
-            index=w.index, slot=w.slot.describe(), pid=w.pid, pool=self.name, how=how, task=task.id, fn=task.fn, fate=fate, hint=hint,
-        ))
-        crash.__cause__ = error
-        self.fail(task, crash)
-        if replace:
+        if not self.closing:
             self._restart(w, time.monotonic(), 0)
+
+    def _fate(self, w: RayWorker) -> str:
+        """What happens to a dead worker's slot, in words (``_restart`` does it)."""
+        if self.closing:
+            return "it was not replaced: the pool is closing"
+        if not node_alive(w.slot.node):
+            return f"its slot was given up, no replacement started: its Ray node {w.slot.node[:8]} is gone from the cluster"
+        return "the pool is starting a replacement on the same slot"
+
+    def _crashed(self, w: RayWorker, error: BaseException) -> None:
+        """``w`` died holding a task: charged to it if it may have started, else requeued (once)."""
+        task, w.task, w.deadline = w.task, None, None
+        if task is not None and (w.task_started or not self.requeue(task)):
+            how, hint = ray_failure(error, w.slot.node)
+            crash = WorkerCrashedError((WORKER_CRASHED if w.task_started else WORKER_DIED_BEFORE_START).format(
+                index=w.index, slot=w.slot.describe(), pid=w.pid, pool=self.name, how=how, task=task.id, fn=task.fn,
+                fate=self._fate(w), hint=hint,
+            ))
+            crash.__cause__ = error
+            self.fail(task, crash)
+        self._gone(w)
 
     def _restart(self, w: RayWorker, crashed_at: float | None, failed_starts: int) -> None:
         kill_actor(w.actor)
         placement.release(w.pid)
-        if not node_alive(w.slot.node):
-            self.give_up(w, WorkerStartupError(f"its Ray node {w.slot.node[:8]} is gone from the cluster"), failed_starts + 1)
+        if not node_alive(w.slot.node):  # no start is tried: its slot is given up
+            cause = SLOT_NODE_GONE.format(pool=self.name, slot=w.slot.describe(), node=w.slot.node[:8])
+            self.give_up(w, WorkerStartupError(cause), failed_starts, cause=cause)
             return
         new = self.pool.start_worker(w.index, w.slot, crashed_at=crashed_at, failed_starts=failed_starts)
         new.deadline = time.monotonic() + self.pool.start_timeout_s
@@ -242,10 +281,10 @@ class RayDispatcher(TaskQueue):
         if not ending:
             return
         stacks = self._stacks(ending)
-        fate = "the pool is starting a replacement" if not self.closing else "not replaced: the pool is closing"
         for w in ending:
             task, w.task, w.deadline = w.task, None, None
             assert task is not None
+            fate = self._fate(w)
             if task.abandoned is not None:
                 error: TaskCancelledError | TaskTimeoutError = self.cancelled_error(task, w, fate)
             else:
@@ -267,8 +306,22 @@ class RayDispatcher(TaskQueue):
             task = self.next_task(w)
             if task is None:
                 continue
-            w.state, w.task = "busy", task
-            w.ref = w.actor.run.remote(task.call, *task.buffers)  # the buffers: ObjectRefs, read in place
-            task.buffers = []
+            if w.watch is not None and w.watch.done():  # Ray reported its death: no task for it
+                self.put_back(task)
+                self._gone(w)
+                continue
+            w.state, w.task, w.task_started = "busy", task, False
             w.deadline = time.monotonic() + task.timeout_s if task.timeout_s else None
-            self._watch("done", w, w.ref)
+            if w.fresh:  # it answered in this round: the task goes straight to it
+                self._send(w, w.actor.run.remote(task.call, *task.buffers))  # the buffers: ObjectRefs, read in place
+            else:  # idle since earlier: it takes the task first, so that a death before is not charged to it
+                w.ref = w.actor.accept.remote(task.call, *task.buffers)
+                self._watch("accepted", w, w.ref)
+        for w in self.workers:
+            w.fresh = False
+
+    def _send(self, w: RayWorker, ref: Any) -> None:
+        """``ref`` is the call that runs ``w``'s task: from now on a death is the task's failure."""
+        assert w.task is not None
+        w.ref, w.task_started, w.task.buffers = ref, True, []
+        self._watch("done", w, ref)

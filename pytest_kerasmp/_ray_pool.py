@@ -16,9 +16,11 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from typing import Any
 
-from pytest_kerasmp import lifecycle, placement
+from pytest_kerasmp import _ray_output, lifecycle, placement
 from pytest_kerasmp._dispatch import PoolStats
 from pytest_kerasmp._queue import new_task
+from pytest_kerasmp._ray_actor import MAIN_ENV
+from pytest_kerasmp._ray_connect import CONNECT_TIMEOUT_S
 from pytest_kerasmp._ray_dispatch import STACKS_S, RayDispatcher, RayWorker, ray_failure
 from pytest_kerasmp.devices import DeviceSlot
 from pytest_kerasmp.errors import (
@@ -48,10 +50,14 @@ def actor_options(slot: DeviceSlot, name: str, reserve: bool = True) -> dict[str
     res = slot_resources(slot)
     env = {k: v for k, v in slot.environ().items() if not (slot.kind == "GPU" and k == "CUDA_VISIBLE_DEVICES")}
     env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if isinstance(p, str) and p and os.path.isdir(p))
-    env["TF_CPP_MIN_LOG_LEVEL"] = os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2")
+    if lifecycle.quiet_logs():  # as for local children: TensorFlow's C++ start-up logs off
+        env["TF_CPP_MIN_LOG_LEVEL"] = os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2")
     for key in (SESSION_ENV, "PYTEST_XDIST_WORKER"):  # so that the actor records its placement
         if os.environ.get(key):
             env[key] = os.environ[key]
+    main = lifecycle.main_script()
+    if main:  # imported by the actor as local children do: task functions defined there resolve
+        env[MAIN_ENV] = main
     return {
         "num_cpus": res["CPU"] if reserve else 0, "num_gpus": res.get("GPU", 0.0), "max_restarts": 0,
         "max_concurrency": 3,  # run, stacks, watch
@@ -80,10 +86,11 @@ class RayWorkerPool(WorkerPool):
         backend: str = "ray",
         ray_address: str | None = None,
         ray_reserve: bool = True,
+        ray_timeout_s: float = CONNECT_TIMEOUT_S,
     ) -> None:
         self._reserve = ray_reserve
         self.name, self.slots, self.start_method = name, checked_slots(slots), "ray"
-        self.ray = connect(ray_address)
+        self.ray = connect(ray_address, timeout_s=ray_timeout_s)
         self.task_timeout_s, self.start_timeout_s = task_timeout_s, start_timeout_s
         self.stats = PoolStats()
         self._import_tf = import_tensorflow
@@ -112,6 +119,7 @@ class RayWorkerPool(WorkerPool):
 
         label = f"kerasmp-{self.name}-w{index}"
         cls = self.ray.remote(SlotWorker).options(**actor_options(slot, label, self._reserve))
+        _ray_output.register(f"{self.name} w{index}", slot)
         actor = cls.remote(slot.to_json(), self._init_call, self._import_tf, f"{self.name} w{index}")
         return RayWorker(index, slot, actor, actor.ready.remote(), next(self._gens), **fields)
 

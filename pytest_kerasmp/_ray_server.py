@@ -15,7 +15,8 @@ import time
 import warnings
 from typing import Any
 
-from pytest_kerasmp import lifecycle, placement
+from pytest_kerasmp import _ray_output, lifecycle, placement
+from pytest_kerasmp._ray_connect import CONNECT_TIMEOUT_S
 from pytest_kerasmp._ray_dispatch import ray_failure
 from pytest_kerasmp._ray_pool import actor_options
 from pytest_kerasmp._wire import Answer, Busy, Closed, Failed
@@ -115,11 +116,12 @@ class RayInferenceServer(InferenceServer):
         backend: str = "ray",
         ray_address: str | None = None,
         ray_reserve: bool = True,
+        ray_timeout_s: float = CONNECT_TIMEOUT_S,
     ) -> None:
         from pytest_kerasmp._ray_actor import ServerWorker
 
         check_options(model_ref, max_batch_size, max_queue, max_delay_ms)
-        self.ray = ray = connect(ray_address)
+        self.ray = ray = connect(ray_address, timeout_s=ray_timeout_s)
         slot = slot or plan_ray_slots()[0]
         check_feasible([slot], f"inference server {name!r}")
         self.name, self.slot, self.model_ref = name, slot, model_ref
@@ -135,6 +137,7 @@ class RayInferenceServer(InferenceServer):
         options = {"max_batch_size": max_batch_size, "max_delay_ms": max_delay_ms, "max_queue": max_queue}
         ray_options = actor_options(slot, self.actor_name, ray_reserve)
         ray_options.update(name=self.actor_name, namespace=NAMESPACE, max_concurrency=max_queue + 8)
+        _ray_output.register(name, slot)
         self.actor = ray.remote(ServerWorker).options(**ray_options).remote(slot.to_json(), model_ref, options, name)
         try:
             info = self._wait_ready(start_timeout_s)

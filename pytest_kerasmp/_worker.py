@@ -13,7 +13,7 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 from pytest_kerasmp._child import exit_with_group, send_startup_error
-from pytest_kerasmp._wire import Done, Failed, Ready, Stop, Task
+from pytest_kerasmp._wire import Done, Failed, Ready, Started, Stop, Task
 
 
 def main(conn: Connection, initializer: bytes | None) -> None:
@@ -45,6 +45,7 @@ def _serve(conn: Connection) -> None:
             assert isinstance(msg, Task), f"unexpected message {type(msg).__name__}"
             if msg.grew:
                 inbox.receive(conn)
+            conn.send(Started(msg.id))  # before the task runs: the pool knows what a death interrupts
         except (EOFError, OSError):
             exit_with_group()  # the pool went away
         reply: Done | Failed

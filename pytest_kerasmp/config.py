@@ -11,6 +11,7 @@ from typing import Any, Literal
 
 import pytest
 
+from pytest_kerasmp._ray_connect import CONNECT_TIMEOUT_S
 from pytest_kerasmp.devices import DeviceSlot, detect_gpus, parse_slot_count, plan_slots, plural
 from pytest_kerasmp.placement import part_of
 
@@ -33,6 +34,18 @@ RAY_HELP = (
     "that the session starts and ends. Slots are planned from the cluster's nodes "
     "(plan_ray_slots). Needs pytest-kerasmp[ray]. Default: off (local processes)"
 )
+RAY_TIMEOUT_OPTION, RAY_TIMEOUT_INI, RAY_TIMEOUT_ENV = (
+    "--kerasmp-ray-timeout",
+    "kerasmp_ray_timeout",
+    "PYTEST_KERASMP_RAY_TIMEOUT",
+)
+RAY_TIMEOUT_HELP = (
+    f"Bound in seconds on connecting to the {RAY_OPTION} cluster (name lookup, TCP, ray.init); "
+    "past it, or at once when the host does not resolve or the port refuses, the session stops "
+    f"with one line that says what was tried. Also ini {RAY_TIMEOUT_INI}, env {RAY_TIMEOUT_ENV}. "
+    f"Default: {CONNECT_TIMEOUT_S:g}"
+)
+RAY_TIMEOUT_VALID = "use a positive number of seconds, e.g. 30"
 RAY_LOCAL_XDIST = (
     "--kerasmp-ray=local with -n would start one Ray cluster per xdist worker, each on every "
     "core; start one cluster (ray start --head --node-ip-address=127.0.0.1) and pass its "
@@ -86,6 +99,8 @@ class Settings:
     require_gpu: bool = False
     memory_source: str = "the default"
     require_source: str = "the default"
+    ray_timeout_s: float = CONNECT_TIMEOUT_S
+    ray_timeout_source: str = "the default"
 
     def command_line(self) -> str:
         """The options that reproduce this plan, each with where it came from."""
@@ -161,7 +176,20 @@ def resolve_settings(
         if text not in ("1", "true", "yes", "0", "false", "no"):
             raise _fail(REQUIRE_OPTION, value, require_source, REQUIRE_VALID)
         require = text in ("1", "true", "yes")
-    return Settings(gpus, gpus_source, requested, memory, require, memory_source, require_source)
+
+    ray_timeout, ray_timeout_source = CONNECT_TIMEOUT_S, "the default"
+    picked = _pick(cli.get("kerasmp_ray_timeout"), env, RAY_TIMEOUT_ENV, ini(RAY_TIMEOUT_INI), RAY_TIMEOUT_INI)
+    if picked is not None:
+        value, ray_timeout_source = picked
+        try:
+            ray_timeout = float(str(value).strip())
+        except ValueError:
+            ray_timeout = float("nan")
+        if not 0 < ray_timeout < float("inf"):
+            raise _fail(RAY_TIMEOUT_OPTION, value, ray_timeout_source, RAY_TIMEOUT_VALID)
+    return Settings(
+        gpus, gpus_source, requested, memory, require, memory_source, require_source, ray_timeout, ray_timeout_source,
+    )
 
 
 def check_required_gpus(settings: Settings, gpus_found: int) -> None:

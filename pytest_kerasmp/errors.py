@@ -107,6 +107,19 @@ class ClusterClosedError(KerasMPError, RuntimeError):
     """The :class:`~pytest_kerasmp.TFCluster` was closed, or is running a call in another thread."""
 
 
+class RayConnectError(KerasMPError, ConnectionError):
+    """This process could not connect to a Ray cluster within its bound; ``address`` is the
+    address asked for, ``what`` what was tried and how it failed."""
+
+    def __init__(self, address: str, what: str, timeout_s: float, option: str = "timeout_s") -> None:
+        super().__init__(RAY_CONNECT_FAILED.format(address=address, what=what, option=option, timeout=timeout_s))
+        self.address, self.what, self.timeout_s = address, what, timeout_s
+
+    def worded_for(self, option: str) -> str:
+        """The same message, naming ``option`` as the bound to raise."""
+        return RAY_CONNECT_FAILED.format(address=self.address, what=self.what, option=option, timeout=self.timeout_s)
+
+
 class RemoteTraceback(Exception):
     """The traceback text of an exception raised in a worker, attached as ``__cause__``."""
 
@@ -169,9 +182,19 @@ MAIN_NOT_GUARDED = (
     "imports it again to find its task functions: put that code under "
     "`if __name__ == \"__main__\":`"
 )
+MAIN_NOT_ON_NODE = (
+    "{error}: the task's function was defined in the script {path} (its __main__), which is not "
+    "at that path on Ray node {node}, so the actor could not import it; put the script at the "
+    "same path on every node (shared storage), or move task functions into a module installed there"
+)
 WORKER_CRASHED = (
     "worker {index} ({slot}, pid {pid}) of pool {pool!r} died with {how} while running task "
     "{task} ({fn}); {fate}; {hint}"
+)
+WORKER_DIED_BEFORE_START = (
+    "worker {index} ({slot}, pid {pid}) of pool {pool!r} died with {how} before it started task "
+    "{task} ({fn}), the second worker to do so for this task, so the task was not run; {fate}; "
+    "{hint}"
 )
 WORKER_GONE = (
     "worker {index} ({slot}, pid {pid}) of pool {pool!r} died with {how} before task {task} "
@@ -211,6 +234,11 @@ POOL_BROKEN = "pool {pool!r} can run nothing more: {cause}; close it and start a
 SLOT_DEAD = (
     "no worker of pool {pool!r} can run on {slot}: its worker failed to start {attempts} times "
     "in a row (last: {reason})"
+)
+SLOT_NODE_GONE = (
+    "no worker of pool {pool!r} can run on {slot}: its Ray node {node} is gone from the cluster, "
+    "so the slot was given up without trying to start a worker there; plan the slots again "
+    "with plan_ray_slots()"
 )
 MAP_TIMED_OUT = (
     "{what} of {fn} on pool {pool!r} did not finish within {timeout:g} s ({done} of {total} "
@@ -283,6 +311,12 @@ CLUSTER_NOT_ENOUGH_SLOTS = (
     "it), or under pytest pass --kerasmp-gpus={tasks} or more (under -n each xdist worker "
     "owns only its part of the slots)"
 )
+CLUSTER_SLOTS_PER_XDIST_WORKER = (
+    "cluster {cluster!r} needs one slot per task ({tasks} tasks: {names}) but xdist worker "
+    "{worker} owns {owned} ({described}): the session's {total} are split among {workers} xdist "
+    "workers; pass --kerasmp-gpus={need} or more ({tasks} per worker for {workers} workers), or "
+    "run with fewer workers (-n)"
+)
 CLUSTER_DIED_IDLE = (
     "task {task} ({slot}, pid {pid}) of cluster {cluster!r} died with {how} between runs, so "
     "run({fn}) was not started; every task of the cluster was stopped with it and the cluster "
@@ -326,3 +360,10 @@ RAY_PROCESSES_LEFT = (
     "{n} of the local Ray cluster still ran {wait:g} s after shutdown and were killed: {names}; "
     "something kept them busy (check the Ray logs under /tmp/ray/session_latest/logs)"
 )
+RAY_CONNECT_FAILED = (
+    "cannot connect to a Ray cluster at {address!r}: {what}; check that the cluster runs "
+    "(`ray status` on its head node) and that this is the address `ray start --head` printed "
+    "(its GCS port, 6379 by default), reachable from this machine, or use 'local' for a "
+    "cluster on this machine; connecting gives up after {timeout:g} s ({option})"
+)
+RAY_OPTION_UNREACHABLE = "{option}={address!r} (from {source}): {error}"

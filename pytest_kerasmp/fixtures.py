@@ -18,7 +18,8 @@ import pytest
 from pytest_kerasmp.cluster import TFCluster
 from pytest_kerasmp.comparison import Comparison
 from pytest_kerasmp.config import session_plan, session_settings
-from pytest_kerasmp.devices import DeviceSlot
+from pytest_kerasmp.devices import DeviceSlot, plural
+from pytest_kerasmp.errors import CLUSTER_SLOTS_PER_XDIST_WORKER
 from pytest_kerasmp.modelref import ModelRef
 from pytest_kerasmp.pinning import current_slot
 from pytest_kerasmp.pool import WorkerPool
@@ -155,7 +156,7 @@ def kerasmp_inference_server(
 
 @pytest.fixture
 def kerasmp_tf_cluster(
-    kerasmp_slots: tuple[DeviceSlot, ...],
+    kerasmp_slots: tuple[DeviceSlot, ...], pytestconfig: pytest.Config,
 ) -> Iterator[Callable[..., TFCluster]]:
     """Factory: make(workers=2, **options) -> TFCluster, closed at test end (function).
 
@@ -168,6 +169,8 @@ def kerasmp_tf_cluster(
 
     def make(workers: int = 2, **options: Any) -> TFCluster:
         options.setdefault("name", f"cluster{len(clusters)}")
+        if "slots" not in options and isinstance(workers, int) and workers > 0:
+            _check_worker_part(pytestconfig, kerasmp_slots, workers, bool(options.get("chief")), options["name"])
         options.setdefault("slots", kerasmp_slots)  # the first ones, one per task
         cluster = TFCluster(workers, **options)
         clusters.append(cluster)
@@ -177,6 +180,21 @@ def kerasmp_tf_cluster(
     with contextlib.ExitStack() as stack:  # every cluster is closed, even if one close raises
         for cluster in clusters:
             stack.callback(cluster.close, timeout=30.0)
+
+
+def _check_worker_part(config: pytest.Config, owned: Sequence[DeviceSlot], workers: int, chief: bool, name: str) -> None:
+    """Under -n, too few slots for a cluster: say how many each xdist worker needs, and the
+    --kerasmp-gpus that gives them that (the worker's part is what it owns, not the session)."""
+    plan = session_plan(config)
+    tasks = workers + chief
+    if plan.role != "worker" or plan.workers < 2 or len(owned) >= tasks or config.getoption("kerasmp_ray", None):
+        return  # without -n, TFCluster's own message says what to pass
+    names = ", ".join((["chief:0"] if chief else []) + [f"worker:{i}" for i in range(workers)])
+    raise ValueError(CLUSTER_SLOTS_PER_XDIST_WORKER.format(
+        cluster=name, tasks=tasks, names=names, worker=plan.worker_id, owned=plural(len(owned), "slot"),
+        described="; ".join(s.describe() for s in owned), total=plural(len(plan.slots), "slot"),
+        workers=plan.workers, need=tasks * plan.workers,
+    ))
 
 
 @pytest.fixture(scope="session")
@@ -196,6 +214,8 @@ def kerasmp_ray(pytestconfig: pytest.Config) -> Iterator[tuple[DeviceSlot, ...] 
     if not address:
         yield None
         return
+    from pytest_kerasmp.config import RAY_OPTION, RAY_TIMEOUT_OPTION
+    from pytest_kerasmp.errors import RAY_OPTION_UNREACHABLE, RayConnectError
     from pytest_kerasmp.ray_cluster import LocalRayCluster, connect, plan_ray_slots
 
     cluster = None
@@ -204,7 +224,13 @@ def kerasmp_ray(pytestconfig: pytest.Config) -> Iterator[tuple[DeviceSlot, ...] 
 
         cluster = LocalRayCluster(1, cpus_per_node=len(usable_cores()))
     else:
-        connect(address)
+        failed = None
+        try:
+            connect(address, timeout_s=session_settings(pytestconfig).ray_timeout_s)
+        except RayConnectError as exc:
+            failed = exc.worded_for(RAY_TIMEOUT_OPTION)
+        if failed is not None:  # one line, not a traceback in every test that needs the cluster
+            pytest.fail(RAY_OPTION_UNREACHABLE.format(option=RAY_OPTION, address=address, source="the command line", error=failed), pytrace=False)
     try:
         yield plan_ray_slots()
     finally:

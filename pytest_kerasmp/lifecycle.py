@@ -73,6 +73,17 @@ _killers: set[Any] = set()
 terminating: str | None = None
 
 
+def quiet_logs() -> bool:
+    """Whether TensorFlow's start-up chatter is kept out of the plugin's processes' output."""
+    return os.environ.get(TF_LOGS_ENV, "") in ("", "0")
+
+
+def is_chatter(line: str, slot_kind: str) -> bool:
+    """TensorFlow's start-up chatter; on a CPU slot also its failed probe for CUDA (on a GPU
+    slot that line says why TensorFlow found no GPU, so it is shown)."""
+    return bool(_CHATTER.match(line)) or (slot_kind == "CPU" and bool(_NO_CUDA.match(line)))
+
+
 def describe_exit(code: int | None) -> tuple[str, str]:
     """How a process ended, and a hint: any exit code, any signal (named or not)."""
     if code is None:
@@ -134,7 +145,7 @@ class Child:
         self.started_at = time.monotonic()
         self._stopped = False
         env = {**(env or {}), "PYTEST_KERASMP_ROLE": role}
-        self._quiet = os.environ.get(TF_LOGS_ENV, "") in ("", "0")
+        self._quiet = quiet_logs()
         if self._quiet:
             env["TF_CPP_MIN_LOG_LEVEL"] = os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2")
         boot = {
@@ -235,9 +246,7 @@ class Child:
         return "\n".join(kept[-lines:])
 
     def _chatter(self, line: str) -> bool:
-        """TensorFlow's start-up chatter; on a CPU slot also its failed probe for CUDA (on a GPU
-        slot that line says why TensorFlow found no GPU, so it is shown)."""
-        return bool(_CHATTER.match(line)) or (self.slot.kind == "CPU" and bool(_NO_CUDA.match(line)))
+        return is_chatter(line, self.slot.kind)
 
     # -------------------------------------------------------------------------- startup
 

@@ -81,6 +81,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     )
     speedgate.addoptions(group)
     group.addoption(cfg.RAY_OPTION, dest="kerasmp_ray", metavar="ADDRESS|local", help=cfg.RAY_HELP)
+    group.addoption(cfg.RAY_TIMEOUT_OPTION, dest="kerasmp_ray_timeout", metavar="SECONDS", help=cfg.RAY_TIMEOUT_HELP)
     group.addoption(
         "--kerasmp-scale", dest="kerasmp_scale", metavar="F", default="1",
         help="Scale the scenarios' workloads by F (e.g. 0.25 for a quick CI pass, 4 on a GPU "
@@ -89,6 +90,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addini(cfg.GPUS_INI, cfg.GPUS_HELP, type="string", default="")
     parser.addini(cfg.MEMORY_INI, cfg.MEMORY_HELP, type="string", default="")
     parser.addini(cfg.REQUIRE_INI, cfg.REQUIRE_HELP, type="string", default="")
+    parser.addini(cfg.RAY_TIMEOUT_INI, cfg.RAY_TIMEOUT_HELP, type="string", default="")
 
 
 def _uses_xdist(early_config: pytest.Config) -> bool:
@@ -189,6 +191,7 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", MARKER_HELP)
     if config.getoption("kerasmp_ray", None) == "local" and _xdist_workers(config):
         raise pytest.UsageError(cfg.RAY_LOCAL_XDIST)
+    _probe_ray_address(config)
     if not hasattr(config, "workerinput"):
         config.pluginmanager.register(_WorkerComparisons(config), "kerasmp-worker-comparisons")
     config.pluginmanager.register(SessionGuard(config), GUARD_NAME)
@@ -200,6 +203,24 @@ def pytest_configure(config: pytest.Config) -> None:
         scale = float("nan")
     if not scale > 0:
         raise pytest.UsageError(f"--kerasmp-scale={raw!r} is invalid: use a positive number, e.g. 0.25 or 4")
+
+
+def _probe_ray_address(config: pytest.Config) -> None:
+    """A --kerasmp-ray address that does not resolve, refuses or does not answer stops the
+    session now, in one line (the fixtures connect later, within the same bound)."""
+    address = config.getoption("kerasmp_ray", None)
+    if not address or address == "local" or hasattr(config, "workerinput"):
+        return
+    from pytest_kerasmp._ray_connect import probe
+    from pytest_kerasmp.errors import RAY_OPTION_UNREACHABLE, RayConnectError
+
+    settings = cfg.session_settings(config)
+    try:
+        probe(address, settings.ray_timeout_s)
+    except RayConnectError as exc:
+        raise pytest.UsageError(RAY_OPTION_UNREACHABLE.format(
+            option=cfg.RAY_OPTION, address=address, source="the command line", error=exc.worded_for(cfg.RAY_TIMEOUT_OPTION),
+        )) from None
 
 
 #: The attribute of a test report that carries an xdist worker's comparisons to the controller.

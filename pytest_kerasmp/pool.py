@@ -18,6 +18,7 @@ from typing import Any, Self
 from pytest_kerasmp import lifecycle
 from pytest_kerasmp._dispatch import Dispatcher, PoolStats, Worker
 from pytest_kerasmp._queue import interrupted_why, is_interrupt, new_task
+from pytest_kerasmp._ray_connect import CONNECT_TIMEOUT_S
 from pytest_kerasmp.devices import DeviceSlot
 from pytest_kerasmp.errors import (
     BACKEND_UNKNOWN,
@@ -71,6 +72,8 @@ class WorkerPool(lifecycle.Owned):
             process is connected to, else a new local one).
         ray_reserve: With ``backend="ray"``: reserve the slots' CPUs in Ray (default), or
             share them with other pools and servers on the same slots (as local pools do).
+        ray_timeout_s: With ``backend="ray"`` and an address: the bound on connecting to it
+            (:class:`~pytest_kerasmp.RayConnectError` past it, saying what was tried).
     """
 
     #: Whether a worker that dies is replaced (a cluster's owner restarts all of them instead).
@@ -105,6 +108,7 @@ class WorkerPool(lifecycle.Owned):
         backend: str = "local",
         ray_address: str | None = None,
         ray_reserve: bool = True,
+        ray_timeout_s: float = CONNECT_TIMEOUT_S,
     ) -> None:
         if start_method == "fork":
             raise ValueError(FORK_REFUSED)

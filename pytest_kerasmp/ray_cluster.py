@@ -16,9 +16,11 @@ import time
 from collections.abc import Iterator, Sequence
 from typing import Any, Self
 
-from pytest_kerasmp import lifecycle
+from pytest_kerasmp import _child, _ray_output, lifecycle
+from pytest_kerasmp._ray_connect import CONNECT_TIMEOUT_S, connect_bounded
 from pytest_kerasmp.devices import DeviceSlot, plural, split_evenly
 from pytest_kerasmp.errors import (
+    MAIN_NOT_GUARDED,
     RAY_MISSING,
     RAY_NO_SLOTS,
     RAY_NODE_GONE,
@@ -54,22 +56,27 @@ def import_ray() -> Any:
     return ray
 
 
-def connect(address: str | None = None, *, quiet: bool = False) -> Any:
+def connect(address: str | None = None, *, quiet: bool = False, timeout_s: float = CONNECT_TIMEOUT_S) -> Any:
     """Connect this process to Ray (once) and return the ``ray`` module.
 
     ``None``: the cluster this process is already connected to, else a new local single-node
     cluster on loopback; ``"local"``: that new local cluster; anything else: the address of a
-    running cluster (``"127.0.0.1:6379"``, ``"ray://host:10001"``, ``"auto"``). ``quiet``: the
-    cluster's workers' output is not copied to this process (for clients).
+    running cluster (``"127.0.0.1:6379"``, ``"ray://host:10001"``, ``"auto"``), connected to
+    within ``timeout_s`` or :class:`~pytest_kerasmp.errors.RayConnectError`, which says what
+    was tried (Ctrl-C ends the attempt at once). ``quiet``: the cluster's workers' output is
+    not copied to this process (for clients).
     """
+    if _child.importing_main:  # a script without a __main__ guard, imported by a worker
+        raise RuntimeError(MAIN_NOT_GUARDED.format(path=_child.importing_main))
     ray = import_ray()
     with _connecting:
         if not ray.is_initialized():
-            _init(ray, address, quiet)
+            _init(ray, address, quiet, timeout_s)
+        _ray_output.install()
     return ray
 
 
-def _init(ray: Any, address: str | None, quiet: bool) -> None:
+def _init(ray: Any, address: str | None, quiet: bool, timeout_s: float) -> None:
     if address in (None, "local"):
         from pytest_kerasmp.devices import usable_cores
 
@@ -79,7 +86,7 @@ def _init(ray: Any, address: str | None, quiet: bool) -> None:
             configure_logging=False,
         )
     else:
-        ray.init(address=address, configure_logging=False, log_to_driver=not quiet)
+        connect_bounded(ray, address, timeout_s, configure_logging=False, log_to_driver=not quiet)
 
 
 def kill_actor(actor: Any) -> None:
@@ -103,13 +110,15 @@ def node_alive(node_id: str) -> bool:
     return any(n["NodeID"] == node_id for n in alive_nodes())
 
 
-def plan_ray_slots(address: str | None = None, *, cpus_per_slot: int = 1, max_slots: int | None = None) -> tuple[DeviceSlot, ...]:
+def plan_ray_slots(
+    address: str | None = None, *, cpus_per_slot: int = 1, max_slots: int | None = None, timeout_s: float = CONNECT_TIMEOUT_S,
+) -> tuple[DeviceSlot, ...]:
     """One slot per GPU of each node; on a node without GPU, one CPU slot per ``cpus_per_slot``
     of its CPUs (cores numbered within that node). Each slot carries its node's id.
 
-    Connects (see :func:`connect`) when this process is not connected yet.
+    Connects (see :func:`connect`, bounded by ``timeout_s``) when this process is not connected yet.
     """
-    connect(address)
+    connect(address, timeout_s=timeout_s)
     slots: list[DeviceSlot] = []
     for node in alive_nodes():
         res, node_id = node["Resources"], node["NodeID"]
@@ -213,6 +222,8 @@ class LocalRayCluster:
 
         from pytest_kerasmp.devices import usable_cores
 
+        if _child.importing_main:  # a script without a __main__ guard, imported by a worker
+            raise RuntimeError(MAIN_NOT_GUARDED.format(path=_child.importing_main))
         ray = import_ray()
         if ray.is_initialized():
             raise RuntimeError("this process is already connected to Ray; call ray.shutdown() first")
@@ -229,6 +240,7 @@ class LocalRayCluster:
                 self.add_node(cpus_per_node, object_store_mb, head=i == 0, index=i)
             self.cluster.wait_for_nodes()
             ray.init(address=self.cluster.address, configure_logging=False)
+            _ray_output.install()
         except BaseException:
             self._processes = {p.pid for p in me.children(recursive=True)} - before
             self.shutdown()

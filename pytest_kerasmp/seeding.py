@@ -32,10 +32,31 @@ def derive_seed(base: int, slot: int | None, role: str) -> int:
     return int.from_bytes(digest[:4], "big")
 
 
+#: What a seed must be (the plugin says where a bad one came from; see ``parse_seed``).
+SEED_VALID = "use a whole number >= 0, e.g. 1234"
+
+
+def parse_seed(raw: str) -> int:
+    """A seed's text as an int, or ValueError(SEED_VALID)."""
+    text = raw.strip()
+    if not text.isdigit():  # digits only: no sign, no spaces inside
+        raise ValueError(SEED_VALID)
+    return int(text)
+
+
 def base_seed(environ: Any = None) -> int | None:
-    """``PYTEST_KERASMP_SEED`` as an int, or None when the run is not seeded."""
+    """``PYTEST_KERASMP_SEED`` as an int, or None when the run is not seeded.
+
+    Raises:
+        ValueError: It is set to something else than a whole number >= 0 (named in the message).
+    """
     raw = (os.environ if environ is None else environ).get(SEED_ENV, "").strip()
-    return int(raw) if raw else None
+    if not raw:
+        return None
+    try:
+        return parse_seed(raw)
+    except ValueError:
+        raise ValueError(f"{SEED_ENV}={raw!r} is invalid: {SEED_VALID}") from None
 
 
 def deterministic(environ: Any = None) -> bool:

@@ -23,6 +23,7 @@ from multiprocessing.connection import Connection
 from typing import Any, Self
 
 from pytest_kerasmp import lifecycle
+from pytest_kerasmp._ray_connect import CONNECT_TIMEOUT_S
 from pytest_kerasmp._server import InputSpec, input_problem
 from pytest_kerasmp._wire import Answer, Busy, Closed, Failed, Predict, Stats, StatsRequest, Stop
 from pytest_kerasmp.devices import DeviceSlot
@@ -307,6 +308,7 @@ class InferenceServer(lifecycle.Owned):
             connected to, else a new local one).
         ray_reserve: With ``backend="ray"``: reserve the slot's CPUs in Ray (default), or
             share them with pools and servers on the same slot.
+        ray_timeout_s: With ``backend="ray"`` and an address: the bound on connecting to it.
     """
 
     def __new__(cls, *args: Any, backend: str = "local", **kwargs: Any) -> Self:
@@ -336,6 +338,7 @@ class InferenceServer(lifecycle.Owned):
         backend: str = "local",
         ray_address: str | None = None,
         ray_reserve: bool = True,
+        ray_timeout_s: float = CONNECT_TIMEOUT_S,
     ) -> None:
         check_options(model_ref, max_batch_size, max_queue, max_delay_ms)
         if slot is None:

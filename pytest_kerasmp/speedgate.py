@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -16,6 +17,7 @@ import pytest
 
 from pytest_kerasmp import seeding
 from pytest_kerasmp.comparison import summary_lines
+from pytest_kerasmp.config import BAD_VALUE
 from pytest_kerasmp.devices import DeviceSlot
 from pytest_kerasmp.errors import KerasMPWarning
 from pytest_kerasmp.gate import (
@@ -44,15 +46,23 @@ NOISE_KEY = pytest.StashKey[dict[str, Any]]()
 OLD_REPORT_KEY = pytest.StashKey[dict[str, Any]]()
 #: The seed variables this process put into its environment (removed again at unconfigure).
 _EXPORTED: list[str] = []
+_picked = False  # this process picked the run's seed (--kerasmp-deterministic without one)
 
 BUDGET_DEFAULT = 60.0
 INCONCLUSIVE_WARNING = "kerasmp: inconclusive (--kerasmp-inconclusive=warn): {message}"
+REPORT_OPTION, SEED_OPTION = "--kerasmp-report", "--kerasmp-seed"
+REPORT_UNWRITABLE = "cannot make that directory or write into it ({error}); pass a directory you can write to"
+SEED_HEADER = "kerasmp: {option}={seed}{det} (pass it again to repeat this run's seeds)"
+SEED_PICKED_HEADER = (
+    "kerasmp: {option}={seed}{det} (seed picked for this run, since --kerasmp-deterministic was "
+    "given without one; pass both again to repeat this run's seeds)"
+)
 COMPARE_MISSING = "--kerasmp-compare={path!r}: cannot read the saved report ({error}); pass a kerasmp-report.json that an earlier run wrote"
 
 
 def addoptions(group: Any) -> None:
     group.addoption(
-        "--kerasmp-report", dest="kerasmp_report", metavar="DIR", default=None,
+        REPORT_OPTION, dest="kerasmp_report", metavar="DIR", default=None,
         help=f"Write the run record ({REPORT_JSON}: every comparison, including failed checks, "
         f"versions, slots, machine noise, seeds, the command), its Markdown summary ({REPORT_MD}, "
         f"also appended to $GITHUB_STEP_SUMMARY when set) and, with matplotlib, a plot ({REPORT_PNG}) into DIR",
@@ -84,13 +94,14 @@ def addoptions(group: Any) -> None:
         "interval wholly below the old one). Default: off",
     )
     group.addoption(
-        "--kerasmp-seed", dest="kerasmp_seed", metavar="N", default=None, type=_seed,
+        SEED_OPTION, dest="kerasmp_seed", metavar="N", default=None, type=_seed,
         help="Seed every process the plugin pins or starts (random, numpy, TensorFlow, Keras) with a "
         "seed derived from (N, slot, role); printed in the header and recorded in the report. Default: not seeded",
     )
     group.addoption(
         "--kerasmp-deterministic", dest="kerasmp_deterministic", action="store_true", default=False,
-        help="Also turn on TensorFlow op determinism in those processes. Default: off",
+        help="Also turn on TensorFlow op determinism in those processes; without --kerasmp-seed, a seed "
+        "is picked and printed in the header. Default: off",
     )
 
 
@@ -98,19 +109,30 @@ def _seed(text: str) -> int:
     import argparse
 
     try:
-        value = int(text)
+        return seeding.parse_seed(text)
     except ValueError:
-        value = -1
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"--kerasmp-seed={text!r} is invalid: use a whole number >= 0, e.g. 1234")
-    return value
+        raise argparse.ArgumentTypeError(
+            BAD_VALUE.format(name=SEED_OPTION, value=text, source="the command line", valid=seeding.SEED_VALID)
+        ) from None
 
 
 def export_seed(config: pytest.Config) -> None:
     """Put the seed options into this process's environment, which xdist workers and every
-    child inherit; before any pinning, so pinned processes are seeded."""
+    child inherit; before any pinning, so pinned processes are seeded. A bad seed in the
+    environment stops the session here; ``--kerasmp-deterministic`` without a seed picks one
+    (the header prints it, so the run can be repeated)."""
+    global _picked
     ns = config.known_args_namespace
     seed, det = getattr(ns, "kerasmp_seed", None), getattr(ns, "kerasmp_deterministic", False)
+    if seed is None:  # the environment's, unless the command line gives one
+        try:
+            seed = seeding.base_seed()
+        except ValueError:
+            raise pytest.UsageError(BAD_VALUE.format(
+                name=SEED_OPTION, value=os.environ[seeding.SEED_ENV], source=f"env {seeding.SEED_ENV}", valid=seeding.SEED_VALID,
+            )) from None
+        if seed is None and det:  # determinism without a seed would repeat nothing
+            seed, _picked = secrets.randbelow(2**31), True
     for name, value in ((seeding.SEED_ENV, None if seed is None else str(seed)), (seeding.DETERMINISTIC_ENV, "1" if det else None)):
         if value is not None and name not in os.environ:
             os.environ[name] = value
@@ -120,6 +142,8 @@ def export_seed(config: pytest.Config) -> None:
 
 
 def unexport_seed() -> None:
+    global _picked
+    _picked = False
     while _EXPORTED:
         os.environ.pop(_EXPORTED.pop(), None)
 
@@ -141,7 +165,7 @@ def header(config: pytest.Config) -> str | None:
     if base is None:
         return None
     det = " --kerasmp-deterministic" if seeding.deterministic() else ""
-    return f"kerasmp: --kerasmp-seed={base}{det} (pass it again to repeat this run's seeds)"
+    return (SEED_PICKED_HEADER if _picked else SEED_HEADER).format(option=SEED_OPTION, seed=base, det=det)
 
 
 def configure(config: pytest.Config) -> None:
@@ -165,8 +189,24 @@ def configure(config: pytest.Config) -> None:
             config.stash[OLD_REPORT_KEY] = json.loads(open(path, encoding="utf-8").read())
         except (OSError, ValueError) as exc:
             raise pytest.UsageError(COMPARE_MISSING.format(path=path, error=exc)) from None
-    if not hasattr(config, "workerinput") and config.getoption("kerasmp_report"):
+    report = config.getoption("kerasmp_report")
+    if not hasattr(config, "workerinput") and report:
+        _check_writable(report)  # now, not after every test ran
         config.stash[NOISE_KEY] = {"before": machine_noise()}
+
+
+def _check_writable(directory: str) -> None:
+    """Make the report directory (as writing the report will) and write a file into it."""
+    import tempfile
+    from pathlib import Path
+
+    try:
+        Path(directory).mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=directory):
+            pass
+    except OSError as exc:
+        valid = REPORT_UNWRITABLE.format(error=f"{type(exc).__name__}: {exc.strerror or exc}")
+        raise pytest.UsageError(BAD_VALUE.format(name=REPORT_OPTION, value=directory, source="the command line", valid=valid)) from None
 
 
 def _seeds(slots: int) -> dict[str, Any] | None:

@@ -29,6 +29,7 @@ from pytest_kerasmp import (  # noqa: E402
     WorkerPool,
     WorkerStartupError,
 )
+from pytest_kerasmp.errors import SLOT_NODE_GONE  # noqa: E402
 from pytest_kerasmp.ray_cluster import (  # noqa: E402
     alive_nodes,
     listening_addresses,
@@ -166,10 +167,15 @@ def test_a_node_removed_mid_task_is_a_clear_error(ray_cluster, no_leftovers):
         time.sleep(0.5)
         t0 = time.monotonic()
         ray_cluster.remove_node(node_id)
-        with pytest.raises(WorkerCrashedError, match=rf"on node {node_id[:8]}.*died with its node's end"):
+        with pytest.raises(WorkerCrashedError, match=rf"on node {node_id[:8]}.*died with its node's end") as crashed:
             running.result(timeout=30)
-        with pytest.raises(PoolBrokenError, match=rf"Ray node {node_id[:8]} is gone"):
+        # It says what happens next, and that happens: the slot is given up, no start is tried.
+        assert f"; its slot was given up, no replacement started: its Ray node {node_id[:8]} is gone from the cluster;" in str(crashed.value)
+        assert "starting a replacement" not in str(crashed.value)
+        with pytest.raises(PoolBrokenError, match=rf"Ray node {node_id[:8]} is gone") as broken:
             pool.submit(pool_tasks.add, 1).result(timeout=30)
+        assert SLOT_NODE_GONE.format(pool="ray-node", slot=slot.describe(), node=node_id[:8]) in str(broken.value)
+        assert "failed to start" not in str(broken.value)  # no start was tried, none is counted
         assert time.monotonic() - t0 < 30
     finally:
         pool.close(timeout=5)
@@ -238,12 +244,13 @@ import json, sys, time
 sys.path.insert(0, {tests!r})
 import pool_tasks
 from pytest_kerasmp import LocalRayCluster, WorkerPool, plan_ray_slots
-cluster = LocalRayCluster(2)
-pool = WorkerPool(plan_ray_slots(), backend="ray", import_tensorflow=False, name="exit")
-pool.submit(pool_tasks.sleep_then, 60)
-time.sleep(0.5)
-open({pids!r}, "w").write(json.dumps(cluster.processes()))
-raise SystemExit("leaving without clean-up")
+if __name__ == "__main__":  # actors import the script, as local workers do
+    cluster = LocalRayCluster(2)
+    pool = WorkerPool(plan_ray_slots(), backend="ray", import_tensorflow=False, name="exit")
+    pool.submit(pool_tasks.sleep_then, 60)
+    time.sleep(0.5)
+    open({pids!r}, "w").write(json.dumps(cluster.processes()))
+    raise SystemExit("leaving without clean-up")
 """
 
 

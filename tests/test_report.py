@@ -131,6 +131,22 @@ def test_compare_with_a_missing_report_is_a_usage_error(pytester, run_pytest, tm
     result.stderr.fnmatch_lines(["*--kerasmp-compare=*nope.json*: cannot read the saved report*"])
 
 
+def test_an_unwritable_report_directory_stops_the_session_before_any_test(pytester, run_pytest, tmp_path):
+    from pytest_kerasmp.config import BAD_VALUE
+    from pytest_kerasmp.speedgate import REPORT_UNWRITABLE
+
+    ran = tmp_path / "ran"
+    pytester.makepyfile(test_x=f"def test_x(): open({str(ran)!r}, 'w').close()")
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    directory = str(blocker / "report")  # under a file: cannot be made
+    result = run_pytest(f"--kerasmp-report={directory}")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR and not ran.exists()
+    valid = REPORT_UNWRITABLE.format(error="NotADirectoryError: Not a directory")
+    assert result.errlines[0] == "ERROR: " + BAD_VALUE.format(name="--kerasmp-report", value=directory, source="the command line", valid=valid)
+    assert "Traceback" not in result.stderr.str()
+
+
 def test_disturbed_names_each_reason_and_quiet_runs_have_none(monkeypatch):
     from pytest_kerasmp.report import NOISE_WARNING, disturbed
 

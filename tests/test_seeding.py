@@ -6,7 +6,9 @@ import json
 
 import pytest
 
-from pytest_kerasmp.seeding import derive_seed
+from pytest_kerasmp.config import BAD_VALUE
+from pytest_kerasmp.seeding import SEED_ENV, SEED_VALID, derive_seed
+from pytest_kerasmp.speedgate import SEED_PICKED_HEADER
 
 DRAWS = """
 import json, os, pathlib, random
@@ -53,7 +55,35 @@ def test_unseeded_run_prints_no_seed_and_bad_seed_is_a_usage_error(pytester, run
     assert "--kerasmp-seed" not in result.stdout.str()
     bad = run_pytest("--kerasmp-seed=abc")
     assert bad.ret == pytest.ExitCode.USAGE_ERROR
-    bad.stderr.fnmatch_lines(["*--kerasmp-seed='abc' is invalid: use a whole number >= 0*"])
+    bad.stderr.fnmatch_lines(["*" + BAD_VALUE.format(name="--kerasmp-seed", value="abc", source="the command line", valid=SEED_VALID)])
+
+
+@pytest.mark.parametrize("value", ["abc", "-5", "1.5"])
+def test_a_bad_seed_in_the_environment_stops_the_session_in_one_line(pytester, run_pytest, monkeypatch, value):
+    pytester.makepyfile("def test_never(): raise AssertionError('ran')")
+    monkeypatch.setenv(SEED_ENV, value)
+    result = run_pytest("--kerasmp-gpus=1")  # pinning seeds this process: it used to raise there
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    message = BAD_VALUE.format(name="--kerasmp-seed", value=value, source=f"env {SEED_ENV}", valid=SEED_VALID)
+    assert result.errlines[0] == "ERROR: " + message
+    assert "Traceback" not in result.stderr.str() and "ran" not in result.stdout.str()
+    assert run_pytest("--kerasmp-gpus=1", "--kerasmp-seed=3").ret == 1  # the command line wins over the environment
+
+
+def test_deterministic_without_a_seed_picks_one_prints_it_and_it_repeats_the_run(pytester, run_pytest, tmp_path, monkeypatch):
+    pytester.makepyfile(test_draws=DRAWS)
+    out = tmp_path / "draw.json"
+    monkeypatch.setenv("DRAW_OUT", str(out))
+    first = run_pytest("--kerasmp-gpus=1", "--kerasmp-deterministic")
+    first.assert_outcomes(passed=1)
+    header = next(line for line in first.outlines if line.startswith("kerasmp: --kerasmp-seed="))
+    seed = int(header.split("=")[1].split()[0])
+    assert header == SEED_PICKED_HEADER.format(option="--kerasmp-seed", seed=seed, det=" --kerasmp-deterministic")
+    picked = json.loads(out.read_text())
+    assert picked["base"] == seed and picked["env"] == str(seed) and picked["det"] == "1"
+    again = run_pytest("--kerasmp-gpus=1", f"--kerasmp-seed={seed}", "--kerasmp-deterministic")
+    again.assert_outcomes(passed=1)
+    assert json.loads(out.read_text()) == picked  # the printed options repeat the run's draws
 
 
 def test_a_started_process_seeds_tensorflow_on_import_with_op_determinism(run_python, monkeypatch):
