@@ -11,12 +11,12 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 _WHERE = {
-    "GPU": "devices",
-    "DeviceSlot": "devices",
-    "detect_gpus": "devices",
-    "plan_slots": "devices",
-    "TFCluster": "cluster",
-    "task_info": "cluster",
+    "GPU": "slots.devices",
+    "DeviceSlot": "slots.devices",
+    "detect_gpus": "slots.devices",
+    "plan_slots": "slots.devices",
+    "TFCluster": "runtime.cluster",
+    "task_info": "runtime.cluster",
     "ClusterClosedError": "errors",
     "ClusterStartError": "errors",
     "ClusterTaskError": "errors",
@@ -36,18 +36,18 @@ _WHERE = {
     "WorkerCrashedError": "errors",
     "WorkerStartupError": "errors",
     "ModelRef": "modelref",
-    "configure_tensorflow": "pinning",
-    "current_slot": "pinning",
-    "pin_process": "pinning",
-    "WorkerPool": "pool",
-    "LocalRayCluster": "ray_cluster",
-    "plan_ray_slots": "ray_cluster",
-    "assert_same": "results",
-    "first_difference": "results",
-    "derive_seed": "seeding",
-    "seed_everything": "seeding",
-    "InferenceClient": "server",
-    "InferenceServer": "server",
+    "configure_tensorflow": "slots.pinning",
+    "current_slot": "slots.pinning",
+    "pin_process": "slots.pinning",
+    "WorkerPool": "runtime.pool",
+    "LocalRayCluster": "ray.cluster",
+    "plan_ray_slots": "ray.cluster",
+    "assert_same": "measure.results",
+    "first_difference": "measure.results",
+    "derive_seed": "slots.seeding",
+    "seed_everything": "slots.seeding",
+    "InferenceClient": "runtime.server",
+    "InferenceServer": "runtime.server",
 }
 
 __all__ = sorted(_WHERE)
@@ -67,12 +67,6 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:
-    from pytest_kerasmp.cluster import TFCluster as TFCluster
-    from pytest_kerasmp.cluster import task_info as task_info
-    from pytest_kerasmp.devices import GPU as GPU
-    from pytest_kerasmp.devices import DeviceSlot as DeviceSlot
-    from pytest_kerasmp.devices import detect_gpus as detect_gpus
-    from pytest_kerasmp.devices import plan_slots as plan_slots
     from pytest_kerasmp.errors import ClusterClosedError as ClusterClosedError
     from pytest_kerasmp.errors import ClusterStartError as ClusterStartError
     from pytest_kerasmp.errors import ClusterTaskError as ClusterTaskError
@@ -91,16 +85,22 @@ if TYPE_CHECKING:
     from pytest_kerasmp.errors import Terminated as Terminated
     from pytest_kerasmp.errors import WorkerCrashedError as WorkerCrashedError
     from pytest_kerasmp.errors import WorkerStartupError as WorkerStartupError
+    from pytest_kerasmp.measure.results import assert_same as assert_same
+    from pytest_kerasmp.measure.results import first_difference as first_difference
     from pytest_kerasmp.modelref import ModelRef as ModelRef
-    from pytest_kerasmp.pinning import configure_tensorflow as configure_tensorflow
-    from pytest_kerasmp.pinning import current_slot as current_slot
-    from pytest_kerasmp.pinning import pin_process as pin_process
-    from pytest_kerasmp.pool import WorkerPool as WorkerPool
-    from pytest_kerasmp.ray_cluster import LocalRayCluster as LocalRayCluster
-    from pytest_kerasmp.ray_cluster import plan_ray_slots as plan_ray_slots
-    from pytest_kerasmp.results import assert_same as assert_same
-    from pytest_kerasmp.results import first_difference as first_difference
-    from pytest_kerasmp.seeding import derive_seed as derive_seed
-    from pytest_kerasmp.seeding import seed_everything as seed_everything
-    from pytest_kerasmp.server import InferenceClient as InferenceClient
-    from pytest_kerasmp.server import InferenceServer as InferenceServer
+    from pytest_kerasmp.ray.cluster import LocalRayCluster as LocalRayCluster
+    from pytest_kerasmp.ray.cluster import plan_ray_slots as plan_ray_slots
+    from pytest_kerasmp.runtime.cluster import TFCluster as TFCluster
+    from pytest_kerasmp.runtime.cluster import task_info as task_info
+    from pytest_kerasmp.runtime.pool import WorkerPool as WorkerPool
+    from pytest_kerasmp.runtime.server import InferenceClient as InferenceClient
+    from pytest_kerasmp.runtime.server import InferenceServer as InferenceServer
+    from pytest_kerasmp.slots.devices import GPU as GPU
+    from pytest_kerasmp.slots.devices import DeviceSlot as DeviceSlot
+    from pytest_kerasmp.slots.devices import detect_gpus as detect_gpus
+    from pytest_kerasmp.slots.devices import plan_slots as plan_slots
+    from pytest_kerasmp.slots.pinning import configure_tensorflow as configure_tensorflow
+    from pytest_kerasmp.slots.pinning import current_slot as current_slot
+    from pytest_kerasmp.slots.pinning import pin_process as pin_process
+    from pytest_kerasmp.slots.seeding import derive_seed as derive_seed
+    from pytest_kerasmp.slots.seeding import seed_everything as seed_everything

@@ -161,7 +161,7 @@ class ServeClient:
             from ray import serve
 
             logging.getLogger("ray.serve").setLevel(logging.WARNING)
-            from pytest_kerasmp.ray_cluster import connect
+            from pytest_kerasmp.ray.cluster import connect
 
             connect(self.cluster, quiet=True)
             self.handle = serve.get_app_handle(self.app)

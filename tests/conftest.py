@@ -133,8 +133,8 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def _broken_pools() -> set[int]:
-    from pytest_kerasmp import lifecycle
-    from pytest_kerasmp.pool import WorkerPool
+    from pytest_kerasmp.runtime import lifecycle
+    from pytest_kerasmp.runtime.pool import WorkerPool
 
     return {id(o) for o in list(lifecycle._owners) if isinstance(o, WorkerPool) and o._dispatcher.broken}
 
@@ -144,7 +144,7 @@ def ray_cluster():
     """One loopback-only local Ray cluster of 2 nodes (1 CPU each) for every Ray test; at
     its end every process it started must be gone (LocalRayCluster.shutdown checks)."""
     pytest.importorskip("ray")
-    from pytest_kerasmp.ray_cluster import LocalRayCluster
+    from pytest_kerasmp.ray.cluster import LocalRayCluster
 
     cluster = LocalRayCluster(2, cpus_per_node=1)
     yield cluster
@@ -158,7 +158,7 @@ def _leak_guard(request: pytest.FixtureRequest):
     ``kerasmp_expect_broken``."""
     import time
 
-    from pytest_kerasmp import lifecycle
+    from pytest_kerasmp.runtime import lifecycle
 
     children = _leftover_children()
     ours = {id(c) for c in lifecycle.live_children()}
@@ -176,8 +176,8 @@ def _leak_guard(request: pytest.FixtureRequest):
 
 def _held_arena_maps() -> int:
     """Arena mappings that live pools hold legitimately (a session pool outlives a module)."""
-    from pytest_kerasmp import lifecycle
-    from pytest_kerasmp.pool import WorkerPool
+    from pytest_kerasmp.runtime import lifecycle
+    from pytest_kerasmp.runtime.pool import WorkerPool
 
     held = 0
     for owner in list(lifecycle._owners):

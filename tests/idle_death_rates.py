@@ -26,7 +26,7 @@ from pytest_kerasmp import DeviceSlot, WorkerPool  # noqa: E402
 def main(backend: str, trials: int) -> None:
     cluster = None
     if backend == "ray":
-        from pytest_kerasmp.ray_cluster import LocalRayCluster, plan_ray_slots
+        from pytest_kerasmp.ray.cluster import LocalRayCluster, plan_ray_slots
 
         cluster = LocalRayCluster(1, cpus_per_node=1)
         pool = WorkerPool(plan_ray_slots()[:1], backend="ray", import_tensorflow=False, name="idle")

@@ -28,9 +28,9 @@ from pytest_kerasmp import (
     TFCluster,
     WorkerCrashedError,
     WorkerPool,
-    _ports,
     plan_slots,
 )
+from pytest_kerasmp.runtime import ports as _ports
 
 CORES = sorted(os.sched_getaffinity(0))
 CPU0 = DeviceSlot(index=0, kind="CPU", cores=(CORES[0],))
@@ -104,7 +104,7 @@ def test_a_chief_joins_the_workers_and_a_closed_cluster_refuses_work():
 CLAIMER = """
 import sys
 from pathlib import Path
-from pytest_kerasmp import _ports
+from pytest_kerasmp.runtime import ports as _ports
 print(*[_ports.claim_free_port(Path(sys.argv[1])) for _ in range(50)])
 """
 

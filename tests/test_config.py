@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from pytest_kerasmp import config as cfg
+from pytest_kerasmp.plugin import config as cfg
 
 
 def ini_of(**values):

@@ -10,8 +10,8 @@ import warnings
 
 import pytest
 
-from pytest_kerasmp import devices
-from pytest_kerasmp.devices import GPU, DeviceSlot, apply_visible_devices, detect_gpus, plan_slots
+from pytest_kerasmp.slots import devices
+from pytest_kerasmp.slots.devices import GPU, DeviceSlot, apply_visible_devices, detect_gpus, plan_slots
 from pytest_kerasmp.errors import KerasMPWarning
 
 SMI_OUTPUT = """\

@@ -7,10 +7,10 @@ import random
 import numpy as np
 import pytest
 
-from pytest_kerasmp.comparison import Comparison, seconds_text, summary_lines
-from pytest_kerasmp.gate import INCONCLUSIVE_ADVICE, Floor, gate, outcomes_by_name, parse_floors, verdict_line
-from pytest_kerasmp.results import assert_same, first_difference
-from pytest_kerasmp.stats import decide, median_interval, next_look, ratio_interval
+from pytest_kerasmp.measure.comparison import Comparison, seconds_text, summary_lines
+from pytest_kerasmp.measure.gate import INCONCLUSIVE_ADVICE, Floor, gate, outcomes_by_name, parse_floors, verdict_line
+from pytest_kerasmp.measure.results import assert_same, first_difference
+from pytest_kerasmp.measure.stats import decide, median_interval, next_look, ratio_interval
 
 
 def test_median_interval_reaches_95_percent_from_six_values_and_reports_less_below():
@@ -106,7 +106,7 @@ def test_first_difference_names_the_array_and_element():
 
 
 def test_a_gated_comparison_gets_the_budget_an_ungated_one_stops_sooner():
-    from pytest_kerasmp.speedup import SpeedSettings, _should_stop
+    from pytest_kerasmp.plugin.speedup import SpeedSettings, _should_stop
 
     c = comparison(ratios=(2.0, 1.9, 2.1))  # 3 rounds: only a 75% interval
     gated = SpeedSettings(floors=(Floor("s", 1.5),), budget_s=60)

@@ -16,9 +16,10 @@ import time
 import pytest
 
 import pool_tasks
-from pytest_kerasmp import DeviceSlot, PoolBrokenError, WorkerCrashedError, WorkerPool, _dispatch
+from pytest_kerasmp import DeviceSlot, PoolBrokenError, WorkerCrashedError, WorkerPool
+from pytest_kerasmp.runtime import dispatch as _dispatch
 from pytest_kerasmp.errors import WORKER_DIED_BEFORE_START
-from pytest_kerasmp.lifecycle import describe_exit
+from pytest_kerasmp.runtime.lifecycle import describe_exit
 
 CPU0 = DeviceSlot(index=0, kind="CPU", cores=(sorted(os.sched_getaffinity(0))[0],))
 
@@ -83,7 +84,7 @@ def test_local_a_task_that_was_running_still_fails_with_its_worker(no_leftovers)
 @pytest.fixture
 def ray_slot(ray_cluster):
     pytest.importorskip("ray")
-    from pytest_kerasmp.ray_cluster import plan_ray_slots
+    from pytest_kerasmp.ray.cluster import plan_ray_slots
 
     return plan_ray_slots()[0]
 

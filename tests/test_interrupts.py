@@ -20,7 +20,7 @@ import pool_tasks
 from conftest import running
 from pytest_kerasmp import DeviceSlot, TaskCancelledError, WorkerPool
 from pytest_kerasmp.errors import TERMINATED
-from pytest_kerasmp.sessionguard import POOL_RESTARTED
+from pytest_kerasmp.plugin.sessionguard import POOL_RESTARTED
 
 CORES = sorted(os.sched_getaffinity(0))
 CPU0 = DeviceSlot(index=0, kind="CPU", cores=(CORES[0],))

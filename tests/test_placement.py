@@ -10,8 +10,8 @@ import re
 
 import pytest
 
-from pytest_kerasmp import placement
-from pytest_kerasmp.devices import DeviceSlot
+from pytest_kerasmp.slots import placement
+from pytest_kerasmp.slots.devices import DeviceSlot
 
 CPU = [DeviceSlot(index=i, kind="CPU", cores=(i,)) for i in range(4)]
 TWO_CORES = len(os.sched_getaffinity(0)) >= 2

@@ -6,10 +6,10 @@ import os
 
 import pytest
 
-from pytest_kerasmp import config as cfg
+from pytest_kerasmp.plugin import config as cfg
 from pytest_kerasmp import plugin
 from pytest_kerasmp.errors import TF_ALREADY_INITIALIZED
-from pytest_kerasmp.fixtures import DEVICE_UNPINNED
+from pytest_kerasmp.plugin.fixtures import DEVICE_UNPINNED
 
 def test_help_shows_the_kerasmp_group(run_pytest):
     result = run_pytest("--help")

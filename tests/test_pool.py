@@ -14,15 +14,7 @@ import pytest
 
 import pool_tasks
 from conftest import running as _running
-from pytest_kerasmp import (
-    DeviceSlot,
-    PoolClosedError,
-    RemoteTraceback,
-    TaskTimeoutError,
-    WorkerCrashedError,
-    WorkerPool,
-    WorkerStartupError,
-)
+from pytest_kerasmp import DeviceSlot, PoolClosedError, RemoteTraceback, TaskTimeoutError, WorkerCrashedError, WorkerPool, WorkerStartupError
 from pytest_kerasmp.errors import FORK_REFUSED
 
 CPU0 = DeviceSlot(index=0, kind="CPU", cores=(sorted(os.sched_getaffinity(0))[0],))

@@ -30,7 +30,7 @@ from pytest_kerasmp import (  # noqa: E402
     WorkerStartupError,
 )
 from pytest_kerasmp.errors import SLOT_NODE_GONE  # noqa: E402
-from pytest_kerasmp.ray_cluster import (  # noqa: E402
+from pytest_kerasmp.ray.cluster import (  # noqa: E402
     alive_nodes,
     listening_addresses,
     plan_ray_slots,

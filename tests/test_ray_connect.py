@@ -17,8 +17,8 @@ import time
 
 import pytest
 
-from pytest_kerasmp._ray_connect import probe, split_address
-from pytest_kerasmp.config import BAD_VALUE, RAY_OPTION, RAY_TIMEOUT_OPTION, RAY_TIMEOUT_VALID
+from pytest_kerasmp.ray.connect import probe, split_address
+from pytest_kerasmp.plugin.config import BAD_VALUE, RAY_OPTION, RAY_TIMEOUT_OPTION, RAY_TIMEOUT_VALID
 from pytest_kerasmp.errors import RAY_OPTION_UNREACHABLE, RayConnectError
 
 pytest.importorskip("ray")
@@ -107,7 +107,7 @@ def test_a_port_that_answers_but_is_no_cluster_fails_the_fixture_within_the_boun
 
 CTRL_C = """
 import os, signal, sys, threading, time
-from pytest_kerasmp.ray_cluster import connect
+from pytest_kerasmp.ray.cluster import connect
 signal.signal(signal.SIGINT, signal.default_int_handler)
 print("connecting", flush=True)
 t0 = time.monotonic()
@@ -142,7 +142,7 @@ def test_the_python_api_takes_the_bound_and_says_what_was_tried(run_python):
     done = run_python(f"""
         import time
         from pytest_kerasmp import DeviceSlot, RayConnectError, WorkerPool, plan_ray_slots
-        from pytest_kerasmp.ray_cluster import import_ray
+        from pytest_kerasmp.ray.cluster import import_ray
         for attempt in (lambda: plan_ray_slots({UNRESOLVABLE!r}, timeout_s=5),
                         lambda: WorkerPool([DeviceSlot(index=0, kind="CPU", cores=(0,), node="n")], backend="ray", ray_address="127.0.0.1:{_refused_port()}", ray_timeout_s=5)):
             t0 = time.monotonic()
@@ -168,7 +168,7 @@ def test_bad_timeouts_and_addresses_are_named():
 
 @pytest.mark.parametrize("where", ["cli", "env", "ini"])
 def test_a_bad_ray_timeout_names_the_option_and_its_source(pytester, run_pytest, monkeypatch, where):
-    from pytest_kerasmp.config import RAY_TIMEOUT_ENV, RAY_TIMEOUT_INI
+    from pytest_kerasmp.plugin.config import RAY_TIMEOUT_ENV, RAY_TIMEOUT_INI
 
     pytester.makepyfile("def test_nothing(): pass")
     args = []

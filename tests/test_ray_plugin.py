@@ -55,7 +55,7 @@ def test_help_names_the_option(pytester, run_pytest):
 
 
 def test_a_local_cluster_per_xdist_worker_is_refused(pytester, run_pytest):
-    from pytest_kerasmp.config import RAY_LOCAL_XDIST
+    from pytest_kerasmp.plugin.config import RAY_LOCAL_XDIST
 
     pytester.makepyfile("def test_nothing(): pass")
     result = run_pytest("--kerasmp-ray=local", "-n", "2")

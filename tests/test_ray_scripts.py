@@ -14,8 +14,8 @@ import textwrap
 
 import pytest
 
-from pytest_kerasmp import _ray_output
-from pytest_kerasmp.devices import DeviceSlot
+from pytest_kerasmp.ray import output as _ray_output
+from pytest_kerasmp.slots.devices import DeviceSlot
 from pytest_kerasmp.errors import MAIN_NOT_GUARDED, MAIN_NOT_ON_NODE
 
 pytest.importorskip("ray")
@@ -25,7 +25,7 @@ TESTS = os.path.dirname(os.path.abspath(__file__))
 GUARDED = """
 import sys, time
 from pytest_kerasmp import WorkerPool, lifecycle
-from pytest_kerasmp.ray_cluster import LocalRayCluster, plan_ray_slots
+from pytest_kerasmp.ray.cluster import LocalRayCluster, plan_ray_slots
 
 def double(x):
     print("doubling", x, file=sys.stderr)
@@ -52,7 +52,7 @@ import sys
 sys.path.insert(0, {tests!r})
 import pool_tasks
 from pytest_kerasmp import WorkerPool
-from pytest_kerasmp.ray_cluster import LocalRayCluster, plan_ray_slots
+from pytest_kerasmp.ray.cluster import LocalRayCluster, plan_ray_slots
 cluster = LocalRayCluster(1, cpus_per_node=1)
 try:
     pool = WorkerPool(plan_ray_slots()[:1], backend="ray", import_tensorflow=False, start_timeout_s=60)

@@ -24,7 +24,7 @@ from pytest_kerasmp import (  # noqa: E402
     WorkerPool,
     WorkerStartupError,
 )
-from pytest_kerasmp.ray_cluster import plan_ray_slots  # noqa: E402
+from pytest_kerasmp.ray.cluster import plan_ray_slots  # noqa: E402
 
 LINEAR = ModelRef.from_builder("server_models:linear")
 

@@ -132,8 +132,8 @@ def test_compare_with_a_missing_report_is_a_usage_error(pytester, run_pytest, tm
 
 
 def test_an_unwritable_report_directory_stops_the_session_before_any_test(pytester, run_pytest, tmp_path):
-    from pytest_kerasmp.config import BAD_VALUE
-    from pytest_kerasmp.speedgate import REPORT_UNWRITABLE
+    from pytest_kerasmp.plugin.config import BAD_VALUE
+    from pytest_kerasmp.plugin.speedgate import REPORT_UNWRITABLE
 
     ran = tmp_path / "ran"
     pytester.makepyfile(test_x=f"def test_x(): open({str(ran)!r}, 'w').close()")
@@ -148,7 +148,7 @@ def test_an_unwritable_report_directory_stops_the_session_before_any_test(pytest
 
 
 def test_disturbed_names_each_reason_and_quiet_runs_have_none(monkeypatch):
-    from pytest_kerasmp.report import NOISE_WARNING, disturbed
+    from pytest_kerasmp.measure.report import NOISE_WARNING, disturbed
 
     monkeypatch.setattr("os.cpu_count", lambda: 2)
     quiet = {"loadavg": [0.2, 0.3, 0.3], "busy_processes": [], "cpu_governor": ["performance"]}

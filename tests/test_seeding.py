@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from pytest_kerasmp.config import BAD_VALUE
-from pytest_kerasmp.seeding import SEED_ENV, SEED_VALID, derive_seed
-from pytest_kerasmp.speedgate import SEED_PICKED_HEADER
+from pytest_kerasmp.plugin.config import BAD_VALUE
+from pytest_kerasmp.slots.seeding import SEED_ENV, SEED_VALID, derive_seed
+from pytest_kerasmp.plugin.speedgate import SEED_PICKED_HEADER
 
 DRAWS = """
 import json, os, pathlib, random
@@ -93,7 +93,7 @@ def test_a_started_process_seeds_tensorflow_on_import_with_op_determinism(run_py
     monkeypatch.setenv("PYTEST_KERASMP_ROLE", "pool-worker")
     script = """
         import json
-        from pytest_kerasmp.seeding import seed_process
+        from pytest_kerasmp.slots.seeding import seed_process
         seed = seed_process(1)
         import tensorflow as tf
         from tensorflow.python.framework import config
@@ -111,7 +111,7 @@ def test_a_multiprocessing_child_without_a_role_gets_its_own_seed(run_python, mo
     monkeypatch.setenv("PYTEST_KERASMP_SEED", "5")
     result = run_python("""
         import multiprocessing as mp
-        from pytest_kerasmp.seeding import seed_process
+        from pytest_kerasmp.slots.seeding import seed_process
 
         def child(q):
             q.put(seed_process(0))

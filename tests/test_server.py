@@ -14,15 +14,7 @@ import pytest
 
 import server_models
 import server_tasks
-from pytest_kerasmp import (
-    DeviceSlot,
-    InferenceServer,
-    ModelRef,
-    ServerBusyError,
-    ServerDiedError,
-    WorkerPool,
-    WorkerStartupError,
-)
+from pytest_kerasmp import DeviceSlot, InferenceServer, ModelRef, ServerBusyError, ServerDiedError, WorkerPool, WorkerStartupError
 
 CPU0 = DeviceSlot(index=0, kind="CPU", cores=(sorted(os.sched_getaffinity(0))[0],))
 LINEAR = ModelRef.from_builder("server_models:linear")

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from known_ratio import SUITE as KNOWN_RATIO
-from pytest_kerasmp.gate import TOO_FEW_ROUNDS
+from pytest_kerasmp.measure.gate import TOO_FEW_ROUNDS
 
 SUITE = """
 import time

@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from pytest_kerasmp import placement
+from pytest_kerasmp.slots import placement
 
 
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs 2 usable cores")

@@ -1,0 +1,1 @@
+"""Measurement: comparisons, statistics, the gate, reports, plots. Pure: no processes, no pytest."""

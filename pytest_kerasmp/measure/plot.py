@@ -1,0 +1,104 @@
+"""The report's plot: a forest plot of every comparison's interval, one panel per kind. No pytest.
+
+Each row is one comparison: a dot at its estimate and a line over its 95% interval on a log
+axis centred on 1x, the value printed beside it, its floors drawn as black ticks, coloured by
+its gate outcome; a comparison that was never timed (check failed, a side raised, skipped)
+keeps its row with the reason in red. Overheads are drawn as cost over reference.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from pytest_kerasmp.measure.comparison import KINDS, WORDS, Comparison
+from pytest_kerasmp.measure.gate import Floor, Verdict, outcomes_by_name
+
+COLOURS = {"met": "tab:green", "missed": "tab:red", "inconclusive": "tab:orange", "unmeasured": "tab:red",
+           "skipped": "tab:gray", "-": "tab:blue"}
+AXIS = {
+    "speedup": "speedup = serial / parallel (log scale; right of 1x: parallel is faster)",
+    "fraction": "fraction of the limit reached = limit time / measured time (log scale; 100% = the limit)",
+    "overhead": "cost over the reference = measured time / reference time (log scale; 1x = as cheap as the reference)",
+}
+
+
+def _floors(record: Mapping[str, Any]) -> list[Floor]:
+    seen = {v["floor"] for v in record["gate"]["verdicts"]}
+    floors = []
+    for text in seen:
+        pattern, _, number = text.rpartition(":")
+        floors.append(Floor(pattern, float(number)))
+    return floors
+
+
+def plot(path: Path, record: Mapping[str, Any]) -> Path | None:
+    """Draw the record's comparisons into ``path``; None without matplotlib or comparisons."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        from matplotlib.lines import Line2D
+    except ImportError:
+        return None
+    from pytest_kerasmp.measure.report import title
+
+    comparisons = [Comparison.from_json(c) for c in record["comparisons"]]
+    if not comparisons:
+        return None
+    outcomes = outcomes_by_name([Verdict(**v) for v in record["gate"]["verdicts"]])
+    floors = _floors(record)
+    groups = [(k, [c for c in comparisons if c.kind == k]) for k in KINDS]
+    groups = [(k, g) for k, g in groups if g]
+    heights = [len(g) + 1.2 for _, g in groups]
+    fig, axes = plt.subplots(len(groups), 1, figsize=(12, 0.38 * sum(heights) + 1.4),
+                             gridspec_kw={"height_ratios": heights}, squeeze=False)
+    for ax, (kind, group) in zip(axes[:, 0], groups, strict=True):
+        invert = kind == "overhead"
+        values = []
+        for y, c in enumerate(group):
+            colour = COLOURS.get(outcomes.get(c.name, "-"), "tab:blue")
+            if not c.timed:
+                ax.text(1.0, y, f"  {c.error or c.headline()}", color="tab:red",
+                        va="center", fontsize=7, clip_on=False)
+                continue
+            iv = c.interval
+            est, low, high = (1 / iv.estimate, 1 / iv.high, 1 / iv.low) if invert else (iv.estimate, iv.low, iv.high)
+            values += [low, high]
+            ax.plot([low, high], [y, y], color=colour, linewidth=2.5, solid_capstyle="butt")
+            ax.plot([est], [y], "o", color=colour, markersize=6)
+            marks = [1 / f.minimum if invert else f.minimum for f in floors if f.matches(c)]
+            for x in marks:
+                values.append(x)
+                ax.plot([x], [y], marker="|", color="black", markersize=14, markeredgewidth=2)
+            label = c.figure_text() + f"  n={iv.rounds}" + ("" if iv.complete else f" ({iv.level:.0%})")
+            ax.annotate(label, (max([high, *marks]), y), xytext=(6, 0), textcoords="offset points", va="center", fontsize=7)
+        values += [1.0]
+        lo, hi = min(values), max(values)
+        ax.set_xscale("log")
+        ax.set_xlim(lo / 1.6, hi * 5)  # room on the right for the printed values
+        ax.axvline(1.0, color="black", linewidth=0.8, linestyle="--")
+        ax.set_yticks(range(len(group)), [c.name for c in group], fontsize=7)
+        ax.set_ylim(len(group) - 0.4, -0.8)
+        ax.set_title(f"{WORDS[kind][2]} ({len(group)})", fontsize=9, loc="left")
+        ax.set_xlabel(AXIS[kind], fontsize=8)
+        ax.grid(axis="x", which="both", alpha=0.25)
+        fmt = (lambda v, _: f"{v:.0%}" if v >= 0.01 else f"{v:.1%}") if kind == "fraction" else (lambda v, _: f"{v:g}x")
+        ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(fmt))
+        ax.tick_params(axis="x", labelsize=7)
+        if math.log10(hi / lo) < 1.3:  # few decades: label the minor ticks too
+            ax.xaxis.set_minor_formatter(matplotlib.ticker.FuncFormatter(fmt))
+            ax.tick_params(axis="x", which="minor", labelsize=6)
+    handles = [Line2D([], [], color=c, marker="o", linewidth=2.5, label=o) for o, c in COLOURS.items() if o in ("met", "missed", "inconclusive")]
+    handles.append(Line2D([], [], color="tab:blue", marker="o", linewidth=2.5, label="no floor"))
+    handles.append(Line2D([], [], color="black", marker="|", linestyle="", markersize=12, markeredgewidth=2, label="floor"))
+    fig.legend(handles=handles, loc="upper right", fontsize=7, ncols=5, frameon=False)
+    verdict = record["gate"]["verdict"] or "no floors set"
+    fig.suptitle(f"{title(record)}\n{verdict}; dots: median of paired ratios, lines: 95% interval", fontsize=9, x=0.01, ha="left")
+    fig.tight_layout(rect=(0.01, 0, 1, 0.97))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -1,0 +1,196 @@
+"""Baseline against candidate, measured side by side in one run: the harness's unit of speed.
+
+``measure`` runs the two sides once untimed (the warm-up, whose results ``check`` compares),
+then in paired, alternating rounds until the ratio's interval decides against every floor
+that names the comparison (or, with no floor, until it reaches 95%), or until its time budget
+is spent. Each comparison is recorded, whatever happens: a failed check, a side that raised,
+rounds skipped by ``--benchmark-skip``. The candidate's rounds are pytest-benchmark's own
+measurement (all comparisons in one group, ``kerasmp``), with the baseline's rounds, the ratio
+and its interval in ``extra_info``. Under pytest-xdist each worker sends its comparisons to
+the controller on the test's report.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from pytest_kerasmp.measure.comparison import KINDS, Comparison, seconds_text, summary_lines  # noqa: F401  (re-exported)
+from pytest_kerasmp.measure.gate import Floor, floors_for
+from pytest_kerasmp.measure.stats import decide, next_look
+
+COMPARISONS_KEY = pytest.StashKey[list[Comparison]]()
+BENCHMARK_GROUP = "kerasmp"
+
+
+@dataclasses.dataclass(frozen=True)
+class SpeedSettings:
+    """How comparisons measure: floors (for adaptive rounds), budget, verbosity."""
+
+    floors: tuple[Floor, ...] = ()
+    #: Seconds of timed rounds for a comparison that a floor names.
+    budget_s: float = 60.0
+    #: ... and for one that no floor names (it stops at 95% anyway): the smaller of the two.
+    ungated_budget_s: float = 15.0
+    max_rounds: int = 200
+    verbose: bool = False
+
+
+SPEED_KEY = pytest.StashKey[SpeedSettings]()
+
+
+def scenario_name(item: pytest.Item) -> str:
+    """``test_augmentation.py`` -> ``augmentation``; the first part of a comparison's name."""
+    return item.path.stem.removeprefix("test_")
+
+
+def _params(item: pytest.Item) -> str:
+    callspec = getattr(item, "callspec", None)
+    return callspec.id if callspec is not None else ""
+
+
+def _error_text(side: str, exc: BaseException) -> str:
+    first = (str(exc).strip().splitlines() or [""])[0]
+    return f"{side} raised {type(exc).__name__}: {first}"[:300]
+
+
+def _progress(config: pytest.Config, line: str) -> None:
+    """A line on the terminal now, even while the test's output is captured."""
+    reporter = config.pluginmanager.getplugin("terminalreporter")
+    capman = config.pluginmanager.getplugin("capturemanager")
+    if reporter is None:
+        return
+    if capman is not None:
+        with capman.global_and_fixture_disabled():
+            reporter.write_line(line)
+    else:
+        reporter.write_line(line)
+
+
+def _should_stop(c: Comparison, settings: SpeedSettings, elapsed: float) -> str:
+    """Why to stop now ("" to go on to the next look)."""
+    iv = c.interval
+    floors = floors_for(c, settings.floors)
+    if iv.complete and all(decide(iv, f) != "inconclusive" for f in floors):
+        return "decided" if floors else "no floor"
+    n = iv.rounds
+    if n >= settings.max_rounds:
+        return "max rounds"
+    per_round = elapsed / n
+    budget = settings.budget_s if floors else min(settings.budget_s, settings.ungated_budget_s)
+    if elapsed + (next_look(n) - n) * per_round > budget:
+        return "budget"
+    return ""
+
+
+def measure(
+    item: pytest.Item,
+    benchmark: Any,
+    serial: Callable[[], Any],
+    parallel: Callable[[], Any],
+    *,
+    workers: int,
+    rounds: int = 5,
+    variant: str = "",
+    check: Callable[[Any, Any], Any] | None = None,
+    kind: str = "speedup",
+    budget_s: float | None = None,
+) -> Comparison:
+    """Time ``serial`` (the baseline) and ``parallel`` (the candidate) in alternating rounds.
+
+    ``rounds`` rounds are always run; more follow until the interval decides (see module
+    docstring) or ``budget_s`` is spent (default: ``--kerasmp-budget`` when a floor names the
+    comparison, else at most 15 s). ``check(serial_result,
+    parallel_result)`` runs on the warm-up results and should raise when they disagree.
+    ``kind`` is "speedup", "fraction" (of a limit) or "overhead" (against a reference).
+    ``benchmark`` is pytest-benchmark's fixture or a function that returns it; None means
+    ``--benchmark-skip``: the check runs once, untimed, and the comparison is marked skipped.
+    """
+    if rounds < 1 or workers < 1:
+        raise ValueError(f"rounds={rounds} and workers={workers} must be positive")
+    if kind not in KINDS:
+        raise ValueError(f"kind={kind!r} is not one of {', '.join(KINDS)}")
+    config = item.config
+    settings = config.stash.get(SPEED_KEY, SpeedSettings())
+    if budget_s is not None:
+        settings = dataclasses.replace(settings, budget_s=budget_s, ungated_budget_s=budget_s)
+    comparison = Comparison(
+        scenario=scenario_name(item), variant=variant, workers=workers, serial_s=[], parallel_s=[],
+        nodeid=item.nodeid, kind=kind, params=_params(item), requested=rounds,
+    )
+    made = config.stash.setdefault(COMPARISONS_KEY, [])
+    taken = {c.name for c in made}
+    n = 1
+    while comparison.name in taken:
+        n += 1
+        comparison.suffix = f"#{n}"
+    made.append(comparison)
+
+    def run(side: str, fn: Callable[[], Any]) -> Any:
+        try:
+            return fn()
+        except BaseException as exc:
+            comparison.error = _error_text(side, exc)
+            raise
+
+    serial_result, parallel_result = run("serial", serial), run("parallel", parallel)
+    if check is not None:
+        try:
+            check(serial_result, parallel_result)
+        except BaseException as exc:
+            comparison.correct = False
+            comparison.error = _error_text("check", exc).replace("check raised", "check failed:", 1)
+            raise
+        comparison.correct = True
+    del serial_result, parallel_result
+    if benchmark is None:
+        comparison.skipped = "--benchmark-skip"
+        return comparison
+
+    def timed_serial() -> None:
+        t0 = time.perf_counter()
+        run("serial", serial)
+        comparison.serial_s.append(time.perf_counter() - t0)
+
+    def timed_parallel() -> None:
+        t0 = time.perf_counter()
+        run("parallel", parallel)
+        comparison.parallel_s.append(time.perf_counter() - t0)
+
+    if not hasattr(benchmark, "pedantic"):  # a getter: the fixture is made only now
+        benchmark = benchmark()
+    started = time.perf_counter()
+    fresh = not getattr(benchmark, "_mode", None)  # pytest-benchmark's fixture measures once a test
+    enabled = fresh and not getattr(benchmark, "disabled", True)
+    if enabled:
+        benchmark.group = BENCHMARK_GROUP
+        benchmark.pedantic(timed_parallel, setup=timed_serial, rounds=rounds, iterations=1)
+    else:  # e.g. under xdist, or a second comparison in one test: our own timing counts
+        for _ in range(rounds - 1 if fresh else rounds):
+            timed_serial()
+            timed_parallel()
+        if fresh:
+            benchmark.pedantic(timed_parallel, setup=timed_serial)  # disabled: one more round
+    stats = getattr(getattr(benchmark, "stats", None), "stats", None) if enabled else None
+    while True:
+        comparison.stopped = _should_stop(comparison, settings, time.perf_counter() - started)
+        if settings.verbose:
+            _progress(config, f"kerasmp: {comparison.name}: {len(comparison.parallel_s)} rounds, "
+                              f"{comparison.figure_text()}" + (f" ({comparison.stopped})" if comparison.stopped else ""))
+        if comparison.stopped:
+            break
+        for _ in range(next_look(len(comparison.parallel_s)) - len(comparison.parallel_s)):
+            timed_serial()
+            timed_parallel()
+            if stats is not None:
+                stats.update(comparison.parallel_s[-1])
+    if enabled:
+        benchmark.extra_info.update(
+            {k: v for k, v in comparison.to_json().items() if k not in ("parallel_s", "nodeid", "extra")}
+        )
+    return comparison
+

@@ -1,0 +1,253 @@
+"""Code that runs inside Ray actors (a Ray worker process per slot): pool workers and servers.
+
+The actor's first act is the one pin routine, ``pin_process``, with the slot made local to
+its node (cores numbered within the node become this node's cores; a GPU slot takes the GPU
+Ray assigned); the slot's environment was already set by the actor's ``runtime_env`` before
+the worker process started. Then it imports the owner's ``__main__`` script as local
+children do (``_child._import_main``: task functions defined there resolve), imports
+TensorFlow (warm) and runs the initializer.
+Failures are kept and reported by ``ready()`` with their traceback, as a local child's
+``StartupError`` is. Task errors travel pickled with their traceback text, as locally.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+import threading
+import time
+import traceback
+from typing import Any
+
+from pytest_kerasmp.slots.devices import DeviceSlot
+
+#: The owner's ``__main__`` script, set in the actor's environment by ``actor_options``.
+MAIN_ENV = "PYTEST_KERASMP_MAIN"
+
+
+def local_slot(slot: DeviceSlot) -> DeviceSlot:
+    """``slot`` as this process on its node must apply it."""
+    if slot.kind == "GPU":
+        import ray
+
+        ids = ray.get_gpu_ids()
+        return dataclasses.replace(slot, gpu=str(ids[0])) if ids else slot
+    avail = sorted(os.sched_getaffinity(0))
+    return dataclasses.replace(slot, cores=tuple(sorted({avail[c % len(avail)] for c in slot.cores})))
+
+
+def start(slot_json: dict[str, Any], import_tensorflow: bool, role: str, label: str) -> tuple[DeviceSlot, str | None]:
+    """Pin, record the placement (on the session's machine), then import TensorFlow; the
+    slot applied and a failure's traceback (or None)."""
+    slot = DeviceSlot.from_json(slot_json)
+    try:
+        from pytest_kerasmp.ray import output
+        from pytest_kerasmp.slots import placement
+
+        output.announce(label, slot)  # first: what it prints from now on carries its name
+        from pytest_kerasmp.slots.pinning import pin_process
+
+        slot = local_slot(slot)
+        pin_process(slot)
+        placement.record(role, slot, label=label)
+        main = os.environ.get(MAIN_ENV)
+        if main and os.path.isfile(main):  # else a task that needs it says where it is missing
+            from pytest_kerasmp.runtime.bootstrap import _import_main
+
+            _import_main(main)
+        if import_tensorflow:
+            import tensorflow  # noqa: F401  (warm: imported once per actor)
+    except BaseException:
+        return slot, traceback.format_exc()
+    return slot, None
+
+
+def _main_missing(exc: AttributeError) -> RuntimeError | None:
+    """A clear error for a task function of the owner's script when that script is not at its
+    path on this node (so it could not be imported here), else None."""
+    main = os.environ.get(MAIN_ENV)
+    if not main or os.path.isfile(main) or "__main__" not in str(exc):
+        return None
+    import ray
+
+    from pytest_kerasmp.errors import MAIN_NOT_ON_NODE
+
+    node = ray.get_runtime_context().get_node_id()[:8]
+    return RuntimeError(MAIN_NOT_ON_NODE.format(error=exc, path=main, node=node))
+
+
+def identity(slot: DeviceSlot) -> dict[str, Any]:
+    import ray as ray_module
+
+    ray: Any = ray_module
+    ctx = ray.get_runtime_context()
+    return {"pid": os.getpid(), "node": ctx.get_node_id(), "ip": ray.util.get_node_ip_address(), "slot": slot.to_json()}
+
+
+def all_stacks() -> str:
+    """The Python stacks of every thread of this process (but the asking one)."""
+    me = threading.get_ident()
+    names = {t.ident: t.name for t in threading.enumerate()}
+    parts = []
+    for ident, frame in sys._current_frames().items():
+        if ident != me:
+            parts.append(f"Thread {names.get(ident, ident)}:\n" + "".join(traceback.format_stack(frame)))
+    return "\n".join(parts)
+
+
+class SlotWorker:
+    """A pool worker on one slot (threaded: ``stacks`` answers while a task runs)."""
+
+    def __init__(self, slot_json: dict[str, Any], init_call: bytes | None, import_tensorflow: bool, label: str = "") -> None:
+        self.slot, self.failure = start(slot_json, import_tensorflow, "pool worker", label)
+        if self.failure is None and init_call is not None:
+            try:
+                from pytest_kerasmp.runtime.transport import loads_call
+
+                fn, args, kwargs = loads_call(init_call)
+                fn(*args, **kwargs)
+            except BaseException:
+                self.failure = traceback.format_exc()
+
+    def ready(self) -> dict[str, Any]:
+        return {**identity(self.slot), "failure": self.failure}
+
+    def accept(self, call: bytes, *buffers: Any) -> None:
+        """Take a task without running it: an answer says this actor lived and holds it."""
+        self.accepted = (call, buffers)
+
+    def run_accepted(self) -> Any:
+        call, buffers = self.accepted
+        del self.accepted
+        return self.run(call, *buffers)
+
+    def run(self, call: bytes, *buffers: Any) -> Any:
+        from pytest_kerasmp.errors import pack_exception
+        from pytest_kerasmp.runtime.transport import loads_call
+        from pytest_kerasmp.runtime.wire import Failed
+
+        try:
+            try:
+                fn, args, kwargs = loads_call(call, buffers)
+            except AttributeError as exc:
+                missing = _main_missing(exc)
+                if missing is None:
+                    raise
+                raise missing from exc
+            return fn(*args, **kwargs)
+        except BaseException as exc:
+            return Failed(-1, pack_exception(exc), "".join(traceback.format_exception(exc)))
+
+    def stacks(self) -> str:
+        return all_stacks()
+
+    def watch(self) -> None:
+        """Never returns: its caller learns of this actor's end, also while it is idle."""
+        threading.Event().wait()
+
+
+class _Waiter:
+    """A request's caller, waiting in an actor thread for the batching thread's answer."""
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+        self.alive = True
+        self.result: Any = None
+
+
+class ServerWorker:
+    """An inference server on one slot: the local server's batching (``_server._Server``),
+    fed by concurrent actor calls instead of socket connections."""
+
+    def __init__(self, slot_json: dict[str, Any], model_ref: Any, options: dict[str, Any], label: str = "") -> None:
+        self.slot, self.failure = start(slot_json, True, "server", label)
+        self.lock = threading.Condition()
+        self.closing = False
+        if self.failure is not None:
+            return
+        try:
+            from pytest_kerasmp.runtime.serving import _Server
+
+            server = _Server(model_ref.load(), options)
+        except BaseException:
+            self.failure = traceback.format_exc()
+            return
+        server.answer = self._answer  # type: ignore[method-assign]
+        server.fail_one = self._fail_one  # type: ignore[method-assign]
+        self.server = server
+        threading.Thread(target=self._batcher, name="kerasmp-batcher", daemon=True).start()
+
+    def ready(self) -> dict[str, Any]:
+        info = identity(self.slot)
+        if self.failure is None:
+            info["specs"] = (self.server.inputs, self.server.outputs)
+        return {**info, "failure": self.failure}
+
+    def predict(self, req_id: int, arrays: list[Any]) -> Any:
+        """Rows of request ``req_id``, or a ``_wire`` message: Busy, Closed or Failed."""
+        from pytest_kerasmp.errors import pack_exception
+        from pytest_kerasmp.runtime.serving import _Request, input_problem
+        from pytest_kerasmp.runtime.wire import Busy, Closed, Failed
+
+        s = self.server
+        problem = input_problem(arrays, s.inputs, f"request {req_id}")
+        if problem is not None:
+            exc = ValueError(problem)
+            return Failed(req_id, pack_exception(exc), f"ValueError: {problem}\n")
+        waiter = _Waiter()
+        with self.lock:
+            if self.closing:
+                return Closed(req_id)
+            if s.waiting >= s.max_queue:
+                s.stats["busy"] += 1
+                return Busy(req_id)
+            req = _Request(req_id, waiter, arrays, arrays[0].shape[0], time.perf_counter())  # type: ignore[arg-type]
+            s.waiting += 1
+            s.stats["requests"] += 1
+            for a in range(0, req.rows, s.max_batch):
+                s.pending.append((req, a, min(a + s.max_batch, req.rows)))
+            self.lock.notify()
+        waiter.event.wait()
+        return waiter.result
+
+    def _answer(self, req: Any) -> None:
+        req.client.result = req.outputs
+        req.client.event.set()
+
+    def _fail_one(self, client: Any, req_id: int, exc: BaseException) -> None:
+        from pytest_kerasmp.errors import pack_exception
+        from pytest_kerasmp.runtime.wire import Failed
+
+        client.result = Failed(req_id, pack_exception(exc), "".join(traceback.format_exception(exc)))
+        client.event.set()
+
+    def _batcher(self) -> None:
+        s = self.server
+        while True:
+            with self.lock:
+                delay = s.due(self.closing)
+                while delay is None or delay > 0:
+                    self.lock.wait(1.0 if delay is None else delay)
+                    delay = s.due(self.closing)
+                s.run_batch()
+
+    def stats(self) -> dict[str, Any]:
+        with self.lock:
+            return self.server.snapshot()
+
+    def drain(self, timeout: float) -> int:
+        """Refuse new requests; wait up to ``timeout`` for the accepted ones; how many are left."""
+        deadline = time.monotonic() + timeout
+        with self.lock:
+            self.closing = True
+            self.lock.notify()
+        while time.monotonic() < deadline:
+            with self.lock:
+                if self.server.waiting == 0:
+                    return 0
+            time.sleep(0.01)
+        return int(self.server.waiting)
+
+    def stacks(self) -> str:
+        return all_stacks()

@@ -1,0 +1,327 @@
+"""The dispatcher of the Ray backend's pool: one thread that owns the actors and the queue.
+
+As the local ``_dispatch``: one task at a time per worker, so a death is charged to exactly
+the task that ran; Ray's completion callbacks only post events to this thread; whatever
+goes wrong, every future is resolved, and an error of the thread itself breaks the pool.
+
+A death is charged to a task only when the actor may have started it. Ray tells of an
+actor's death some milliseconds after it happened and cannot tell whether a call it fails
+had begun, so a task goes straight to an actor (``run``) only in the round in which the
+actor's previous answer arrived; an actor idle since earlier first takes the task without
+running it (``accept``, then ``run_accepted``), and a task whose actor died before taking
+it goes back to the queue, once. An actor whose death Ray has already reported is given
+no task at all.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import queue
+import threading
+import time
+from typing import Any
+
+from pytest_kerasmp.errors import (
+    POOL_CLOSED_QUEUED,
+    POOL_CLOSED_RUNNING,
+    RAY_STARTUP_TIMED_OUT,
+    SLOT_NODE_GONE,
+    TASK_TIMED_OUT,
+    WORKER_CRASHED,
+    WORKER_DIED_BEFORE_START,
+    PoolClosedError,
+    TaskCancelledError,
+    TaskTimeoutError,
+    WorkerCrashedError,
+    WorkerStartupError,
+    unpack_exception,
+    with_stacks,
+)
+from pytest_kerasmp.ray.cluster import kill_actor, node_alive
+from pytest_kerasmp.runtime.taskqueue import MAX_START_ATTEMPTS, QueuedTask, TaskQueue, resolve
+from pytest_kerasmp.runtime.wire import Failed
+from pytest_kerasmp.slots import placement
+from pytest_kerasmp.slots.devices import DeviceSlot
+
+IDLE_POLL_S = 0.5
+STACKS_S = 1.0
+
+
+def ray_failure(exc: BaseException, node: str = "") -> tuple[str, str]:
+    """How a Ray actor on ``node`` ended, from Ray's error (and whether its node is still in
+    the cluster), and a hint (as ``describe_exit``)."""
+    text = str(exc)
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.startswith("\t")]
+    detail = next((ln for ln in lines[1:] if "died" in ln or "exit" in ln.lower()), lines[-1] if lines else text)
+    detail = detail.split(" Some common causes")[0]
+    if "node has died" in text or "node was terminated" in text or (node and not node_alive(node)):
+        return f"its node's end (Ray: {detail})", "check that node's raylet log for why it left"
+    return f"the end of its Ray worker process (Ray: {detail})", (
+        "a SIGKILL is usually the OOM killer: lower the batch size or the number of slots per node"
+    )
+
+@dataclasses.dataclass(eq=False)
+class RayWorker:
+    index: int
+    slot: DeviceSlot
+    actor: Any
+    ready: Any  # the ObjectRef of its ready() call
+    gen: int
+    state: str = "starting"  # starting | idle | busy | dead
+    pid: int | None = None
+    ip: str = ""
+    task: QueuedTask | None = None
+    task_started: bool = False  # its task went to ``run``: a death now is the task's failure
+    fresh: bool = False  # it answered in this round of the dispatcher: alive a moment ago
+    watch: Any = None  # the future of its watch() call: done once Ray reports its death
+    ref: Any = None
+    deadline: float | None = None
+    failed_starts: int = 0
+    crashed_at: float | None = None
+    killed: bool = False
+
+class RayDispatcher(TaskQueue):
+    """One thread that owns the workers and the queue of a :class:`RayWorkerPool`."""
+
+    workers: list[RayWorker]
+
+    def __init__(self, pool: Any, workers: list[RayWorker]) -> None:
+        super().__init__(pool, workers)
+        self.ray = pool.ray
+        self.events: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
+        self.thread = threading.Thread(target=self.run, name=f"kerasmp-{self.name}-ray-dispatch", daemon=True)
+
+    def post(self, event: tuple[Any, ...]) -> None:
+        self.events.put(event)
+
+    def wake(self) -> None:
+        self.post(("wake",))
+
+    def fail_everything(self, why: str, stacks: dict[int, str | None] | None = None) -> None:
+        self.fail_queued(why)
+        for w in self.workers:
+            if w.task is not None:
+                task, w.task = w.task, None
+                kill_actor(w.actor)
+                if not w.task_started:  # it had not taken the task yet: the task never ran
+                    self.fail(task, PoolClosedError(POOL_CLOSED_QUEUED.format(pool=self.name, why=why, task=task.id, fn=task.fn)))
+                    continue
+                error = PoolClosedError(POOL_CLOSED_RUNNING.format(
+                    pool=self.name, why=why, task=task.id, fn=task.fn, index=w.index, slot=w.slot.describe(), pid=w.pid,
+                ))
+                self.fail(task, with_stacks(error, (stacks or {}).get(w.index)))
+
+    # ------------------------------------------------------------------------- the loop
+
+    def run(self) -> None:
+        try:
+            for w in self.workers:
+                w.watch = self._watch("gone", w, w.actor.watch.remote())
+            self._loop()
+        except BaseException as exc:  # fail closed, as the local dispatcher
+            with self.lock:
+                self.broken = f"its dispatcher thread failed with {type(exc).__name__}: {exc}"
+                self.broken_cause = exc
+            self.fail_everything(self.broken)
+
+    def _loop(self) -> None:
+        while True:
+            now = time.monotonic()
+            deadlines = [w.deadline for w in self.workers if w.deadline is not None and w.state != "dead"]
+            timeout = max(0.0, min([IDLE_POLL_S, *(d - now for d in deadlines)]))
+            events: list[tuple[Any, ...]] = []
+            try:
+                events.append(self.events.get(timeout=timeout))
+                while True:
+                    events.append(self.events.get_nowait())
+            except queue.Empty:
+                pass
+            for event in events:
+                self._on_event(event)
+            if self.abort is not None:
+                busy = [w for w in self.workers if w.task is not None]
+                self.fail_everything(self.abort, self._stacks(busy) if self.dump_on_abort else None)
+                return
+            self._check_deadlines()
+            self._assign()
+            with self.lock:
+                busy_now = any(w.state == "busy" for w in self.workers)
+                if self.closing and not busy_now and not self.pending:
+                    return
+            if self.closing and not any(w.state != "dead" for w in self.workers):
+                self.fail_everything("its last worker died during close()")
+                return
+
+    def _watch(self, kind: str, w: RayWorker, ref: Any) -> Any:
+        gen = w.gen
+        future = ref.future()
+        future.add_done_callback(lambda f: self.post((kind, w.index, gen, f)))
+        return future
+
+    def _on_event(self, event: tuple[Any, ...]) -> None:
+        if event[0] == "wake":
+            return
+        kind, index, gen, future = event
+        w = self.workers[index]
+        if w.gen != gen or w.state == "dead":
+            return
+        error = future.exception()
+        if kind == "ready":
+            if w.state != "starting":
+                return
+            try:
+                self.pool.check_ready(w, None if error else future.result(), error)
+            except WorkerStartupError as exc:
+                self._start_failed(w, exc)
+                return
+            w.deadline, w.failed_starts, w.fresh = None, 0, True
+            if w.crashed_at is not None:
+                self.stats.replacement_ready_s.append(time.monotonic() - w.crashed_at)
+            w.watch = self._watch("gone", w, w.actor.watch.remote())
+        elif kind == "gone" and w.state == "idle":  # died between tasks: replaced, nothing failed
+            self._gone(w)
+        elif kind == "accepted" and w.task is not None and not w.task_started:
+            if error is None:  # it holds the task: now it runs it
+                self._send(w, w.actor.run_accepted.remote())
+            elif isinstance(error, self.ray.exceptions.RayActorError):
+                self._crashed(w, error)  # before it took the task: back to the queue
+            else:
+                task, w.task, w.deadline, w.state = w.task, None, None, "idle"
+                self.fail(task, error)
+        elif kind == "done" and w.task is not None:
+            if error is not None and isinstance(error, self.ray.exceptions.RayActorError):
+                self._crashed(w, error)
+                return
+            task, w.task, w.deadline = w.task, None, None
+            w.state, w.fresh = "idle", error is None  # its answer: alive a moment ago
+            if error is not None:
+                self.fail(task, error)
+                return
+            result = future.result()
+            if isinstance(result, Failed):
+                self.fail(task, unpack_exception(result.exc, result.text))
+            else:
+                self.stats.tasks_done += 1
+                resolve(task.future, result=result)
+
+    def _gone(self, w: RayWorker) -> None:
+        """``w`` died while it held no task: replaced (or its slot given up), nothing failed."""
+        w.state = "dead"
+        self.stats.crashes += 1
+        if not self.closing:
+            self._restart(w, time.monotonic(), 0)
+
+    def _fate(self, w: RayWorker) -> str:
+        """What happens to a dead worker's slot, in words (``_restart`` does it)."""
+        if self.closing:
+            return "it was not replaced: the pool is closing"
+        if not node_alive(w.slot.node):
+            return f"its slot was given up, no replacement started: its Ray node {w.slot.node[:8]} is gone from the cluster"
+        return "the pool is starting a replacement on the same slot"
+
+    def _crashed(self, w: RayWorker, error: BaseException) -> None:
+        """``w`` died holding a task: charged to it if it may have started, else requeued (once)."""
+        task, w.task, w.deadline = w.task, None, None
+        if task is not None and (w.task_started or not self.requeue(task)):
+            how, hint = ray_failure(error, w.slot.node)
+            crash = WorkerCrashedError((WORKER_CRASHED if w.task_started else WORKER_DIED_BEFORE_START).format(
+                index=w.index, slot=w.slot.describe(), pid=w.pid, pool=self.name, how=how, task=task.id, fn=task.fn,
+                fate=self._fate(w), hint=hint,
+            ))
+            crash.__cause__ = error
+            self.fail(task, crash)
+        self._gone(w)
+
+    def _restart(self, w: RayWorker, crashed_at: float | None, failed_starts: int) -> None:
+        kill_actor(w.actor)
+        placement.release(w.pid)
+        if not node_alive(w.slot.node):  # no start is tried: its slot is given up
+            cause = SLOT_NODE_GONE.format(pool=self.name, slot=w.slot.describe(), node=w.slot.node[:8])
+            self.give_up(w, WorkerStartupError(cause), failed_starts, cause=cause)
+            return
+        new = self.pool.start_worker(w.index, w.slot, crashed_at=crashed_at, failed_starts=failed_starts)
+        new.deadline = time.monotonic() + self.pool.start_timeout_s
+        self.workers[w.index] = new
+        self._watch("ready", new, new.ready)
+
+    def _start_failed(self, w: RayWorker, error: Exception) -> None:
+        w.state = "dead"
+        attempts = w.failed_starts + 1
+        if attempts < MAX_START_ATTEMPTS and not self.closing and self.abort is None:
+            self._restart(w, w.crashed_at, attempts)
+        else:
+            kill_actor(w.actor)
+            self.give_up(w, error, attempts)
+
+    def _stacks(self, workers: list[RayWorker]) -> dict[int, str | None]:
+        refs = {w.index: w.actor.stacks.remote() for w in workers}
+        out: dict[int, str | None] = {}
+        deadline = time.monotonic() + STACKS_S
+        for index, ref in refs.items():
+            try:
+                out[index] = self.ray.get(ref, timeout=max(0.05, deadline - time.monotonic()))
+            except Exception:
+                out[index] = None
+        return out
+
+    def _check_deadlines(self) -> None:
+        """As the local dispatcher's: starts past their bound fail; running tasks past their
+        timeout or abandoned by their caller end (stacks, then the actor is replaced)."""
+        now = time.monotonic()
+        ending: list[RayWorker] = []
+        for w in self.workers:
+            if w.state == "dead":
+                continue
+            expired = w.deadline is not None and now >= w.deadline
+            if w.state == "starting" and expired:
+                w.deadline = None
+                self._start_failed(w, WorkerStartupError(RAY_STARTUP_TIMED_OUT.format(who=self.pool.who(w), timeout=self.pool.start_timeout_s)))
+            elif w.task is not None and (expired or w.task.abandoned is not None):
+                ending.append(w)
+        if not ending:
+            return
+        stacks = self._stacks(ending)
+        for w in ending:
+            task, w.task, w.deadline = w.task, None, None
+            assert task is not None
+            fate = self._fate(w)
+            if task.abandoned is not None:
+                error: TaskCancelledError | TaskTimeoutError = self.cancelled_error(task, w, fate)
+            else:
+                self.stats.timeouts += 1
+                error = TaskTimeoutError(TASK_TIMED_OUT.format(
+                    task=task.id, fn=task.fn, timeout=task.timeout_s, index=w.index, slot=w.slot.describe(), pid=w.pid, fate=fate,
+                ))
+            self.fail(task, with_stacks(error, stacks.get(w.index)))
+            w.state = "dead"
+            if not self.closing:
+                self._restart(w, time.monotonic(), 0)
+            else:
+                kill_actor(w.actor)
+
+    def _assign(self) -> None:
+        for w in self.workers:
+            if w.state != "idle":
+                continue
+            task = self.next_task(w)
+            if task is None:
+                continue
+            if w.watch is not None and w.watch.done():  # Ray reported its death: no task for it
+                self.put_back(task)
+                self._gone(w)
+                continue
+            w.state, w.task, w.task_started = "busy", task, False
+            w.deadline = time.monotonic() + task.timeout_s if task.timeout_s else None
+            if w.fresh:  # it answered in this round: the task goes straight to it
+                self._send(w, w.actor.run.remote(task.call, *task.buffers))  # the buffers: ObjectRefs, read in place
+            else:  # idle since earlier: it takes the task first, so that a death before is not charged to it
+                w.ref = w.actor.accept.remote(task.call, *task.buffers)
+                self._watch("accepted", w, w.ref)
+        for w in self.workers:
+            w.fresh = False
+
+    def _send(self, w: RayWorker, ref: Any) -> None:
+        """``ref`` is the call that runs ``w``'s task: from now on a death is the task's failure."""
+        assert w.task is not None
+        w.ref, w.task_started, w.task.buffers = ref, True, []
+        self._watch("done", w, ref)

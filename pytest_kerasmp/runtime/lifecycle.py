@@ -1,0 +1,598 @@
+"""The one lifecycle of every child process the plugin starts (pool workers, servers, ...).
+
+:class:`Child` starts a process (spawn: a fresh interpreter that imports nothing of the
+owner's before it pins; or a forkserver that imported TensorFlow but never ran it), relays
+each line it prints with a prefix that says who printed it (role, slot, pid) into the
+owner's ``sys.stderr`` (so it lands in the captured output of the running test), waits for
+its ``Ready`` together with its exit, describes any exit (any code, any signal, named or
+not), dumps the Python stacks of every thread before it kills a stuck child, and ends it:
+terminate, then kill its process group. Owners (pools, servers) register here so that an
+interrupt or the interpreter's exit ends all of them within seconds.
+"""
+
+from __future__ import annotations
+
+import atexit
+import collections
+import multiprocessing
+import os
+import pickle
+import re
+import select
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import weakref
+from multiprocessing.connection import Connection, wait
+from pathlib import Path
+from typing import Any, Protocol, Self
+
+from pytest_kerasmp.errors import (
+    MAIN_NOT_GUARDED,
+    NOT_STARTED_TERMINATING,
+    STARTUP_ADVICE_NONE,
+    STARTUP_ADVICE_TRACEBACK,
+    STARTUP_FAILED,
+    STARTUP_TIMED_OUT,
+    TERMINATED,
+    RemoteTraceback,
+    Terminated,
+    WorkerStartupError,
+    with_stacks,
+)
+from pytest_kerasmp.runtime import bootstrap
+from pytest_kerasmp.runtime.wire import Ready, StartupError
+from pytest_kerasmp.slots.devices import DeviceSlot
+
+START_METHODS = ("spawn", "forkserver")
+#: Brings TensorFlow's C++ start-up messages back in the plugin's processes ("1").
+TF_LOGS_ENV = "PYTEST_KERASMP_TF_LOGS"
+#: Lines of each child's output kept for error messages.
+OUTPUT_TAIL = 200
+STACK_DUMP_S = 1.0
+#: TensorFlow's start-up chatter that TF_CPP_MIN_LOG_LEVEL does not silence (absl's banner,
+#: info lines in glog format): kept in the output tail for error messages, not printed.
+_CHATTER = re.compile(r"^(WARNING: All log messages before absl::InitializeLog\(\)|I\d{4} [\d:.]+ )")
+#: TensorFlow's failed probe for CUDA: chatter on a CPU slot, which hides every GPU on purpose.
+_NO_CUDA = re.compile(r"^E\d{4} .*failed call to cuInit")
+
+_PACKAGE_ROOT = str(Path(__file__).resolve().parent.parent)
+_children: weakref.WeakSet[Child] = weakref.WeakSet()
+
+
+class Owner(Protocol):
+    def terminate(self, why: str) -> None: ...
+
+
+_owners: weakref.WeakSet[Any] = weakref.WeakSet()
+_killers: set[Any] = set()
+#: Why this process is ending (SIGTERM), once it is: no child is started after that.
+terminating: str | None = None
+
+
+def quiet_logs() -> bool:
+    """Whether TensorFlow's start-up chatter is kept out of the plugin's processes' output."""
+    return os.environ.get(TF_LOGS_ENV, "") in ("", "0")
+
+
+def is_chatter(line: str, slot_kind: str) -> bool:
+    """TensorFlow's start-up chatter; on a CPU slot also its failed probe for CUDA (on a GPU
+    slot that line says why TensorFlow found no GPU, so it is shown)."""
+    return bool(_CHATTER.match(line)) or (slot_kind == "CPU" and bool(_NO_CUDA.match(line)))
+
+
+def describe_exit(code: int | None) -> tuple[str, str]:
+    """How a process ended, and a hint: any exit code, any signal (named or not)."""
+    if code is None:
+        return "an unknown status", "check its output above"
+    if code >= 0:
+        return f"exit code {code}", "the code or a library called exit; check its output above"
+    number = -code
+    try:
+        name = signal.Signals(number).name
+    except ValueError:
+        name = f"signal {number}"
+        if signal.SIGRTMIN <= number <= signal.SIGRTMAX:
+            name += f" (SIGRTMIN+{number - signal.SIGRTMIN})"
+    if name == "SIGKILL":
+        return name, "SIGKILL is usually the OOM killer: lower the batch size or the number of processes"
+    if name in ("SIGSEGV", "SIGBUS", "SIGABRT", "SIGILL", "SIGFPE"):
+        return name, "a native crash (its Python stack, if any, is in its output above)"
+    return name, "something sent it that signal; check what else runs on this machine"
+
+
+class Child:
+    """One started process on one slot, until :meth:`stop`.
+
+    Args:
+        role: ``"pool-worker"``, ``"server"`` or ``"cluster-task"`` (its entry point in ``_child``).
+        name: Process name (``ps`` shows its first 15 bytes) and output prefix.
+        slot: The slot it pins itself to before anything imports TensorFlow.
+        args: Arguments of the role's entry point (pickled; unpickled after pinning).
+        start_method: ``"spawn"`` or ``"forkserver"``.
+        import_tensorflow: Import TensorFlow before the entry point (warm).
+        who: How messages name it: a template with ``{slot}`` and ``{pid}``, e.g.
+            ``"worker 0 ({slot}, pid {pid}) of pool 'x'"``.
+        label: How the session's placement table names it (default: ``name``).
+        env: Environment variables the child sets before it pins and imports TensorFlow.
+    """
+
+    def __init__(
+        self,
+        role: str,
+        name: str,
+        slot: DeviceSlot,
+        args: tuple[Any, ...],
+        *,
+        start_method: str = "spawn",
+        import_tensorflow: bool = True,
+        who: str = "",
+        label: str = "",
+        env: dict[str, str] | None = None,
+    ) -> None:
+        if bootstrap.importing_main:
+            raise RuntimeError(MAIN_NOT_GUARDED.format(path=bootstrap.importing_main))
+        if terminating is not None:
+            raise RuntimeError(NOT_STARTED_TERMINATING.format(name=name, why=terminating))
+        if start_method not in START_METHODS:
+            raise ValueError(f"start_method={start_method!r} is not one of {START_METHODS}")
+        self.role, self.name, self.slot = role, name, slot
+        self._who = who or role + " {name} ({slot}, pid {pid})"
+        self.output: collections.deque[str] = collections.deque(maxlen=OUTPUT_TAIL)
+        self.started_at = time.monotonic()
+        self._stopped = False
+        env = {**(env or {}), "PYTEST_KERASMP_ROLE": role}
+        self._quiet = quiet_logs()
+        if self._quiet:
+            env["TF_CPP_MIN_LOG_LEVEL"] = os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2")
+        boot = {
+            "role": role,
+            "name": name,
+            "label": label or name,
+            "slot": slot.to_json(),
+            "owner_pid": os.getpid(),
+            "env": env,
+            "sys_path": list(sys.path),
+            "main_path": main_script(),
+            "import_tensorflow": import_tensorflow,
+            "args": pickle.dumps(args, protocol=5),
+        }
+        self._stack_r, stack_w = os.pipe()
+        if start_method == "spawn":
+            self._start_spawned(boot, stack_w)
+        else:
+            self._start_forked(boot, stack_w)
+        os.set_blocking(self._stack_r, False)
+        self.prefix = f"[{name} {slot.name} pid {self.pid}] "
+        self._relay_thread = threading.Thread(target=self._relay, daemon=True, name=f"kerasmp-out-{self.pid}")
+        self._relay_thread.start()
+        _children.add(self)
+
+    # ---------------------------------------------------------------------------- start
+
+    def _start_spawned(self, boot: dict[str, Any], stack_w: int) -> None:
+        mine, theirs = socket.socketpair()
+        env = {**os.environ, **boot["env"], "PYTHONUNBUFFERED": "1"}
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [_PACKAGE_ROOT, env.get("PYTHONPATH")]))
+        try:
+            self._popen: subprocess.Popen[bytes] | None = subprocess.Popen(
+                [sys.executable, "-c", "from pytest_kerasmp.runtime.bootstrap import spawned_main; spawned_main()",
+                 str(theirs.fileno()), str(stack_w)],
+                pass_fds=(theirs.fileno(), stack_w),
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                env=env,
+                process_group=0,
+            )
+        finally:
+            theirs.close()
+            os.close(stack_w)
+        self._process: Any = None
+        self.pid: int = self._popen.pid
+        self.conn = Connection(mine.detach())
+        self.sentinel: int = os.pidfd_open(self.pid)
+        assert self._popen.stdout is not None
+        self._out_fd = self._popen.stdout.fileno()
+        self.conn.send(boot)
+
+    def _start_forked(self, boot: dict[str, Any], stack_w: int) -> None:
+        ctx = multiprocessing.get_context("forkserver")
+        ctx.set_forkserver_preload(["pytest_kerasmp.runtime.bootstrap", "tensorflow"])
+        self.conn, theirs = ctx.Pipe(duplex=True)
+        out_r, out_w = os.pipe()
+        output, stacks = Connection(out_w, readable=False), Connection(stack_w, readable=False)
+        self._popen = None
+        self._process = ctx.Process(
+            target=bootstrap.forked_main, args=(theirs, output, stacks, boot), name=self.name, daemon=True
+        )
+        try:
+            self._process.start()
+        finally:
+            for c in (theirs, output, stacks):
+                c.close()
+        self.pid = self._process.pid
+        self.sentinel = self._process.sentinel
+        self._out_fd = out_r
+
+    # --------------------------------------------------------------------------- status
+
+    @property
+    def exitcode(self) -> int | None:
+        """The exit status (negative: the signal), or None while it runs."""
+        if self._popen is not None:
+            return self._popen.poll()
+        code: int | None = self._process.exitcode
+        return code
+
+    def is_alive(self) -> bool:
+        return self.exitcode is None
+
+    def describe_exit(self) -> tuple[str, str]:
+        self._reap(1.0)
+        return describe_exit(self.exitcode)
+
+    def who(self) -> str:
+        """How messages name this process (role, slot, pid)."""
+        return self._who.format(name=self.name, slot=self.slot.describe(), pid=self.pid)
+
+    def recent_output(self, lines: int = 20, *, chatter: bool = True) -> str:
+        """Its last lines of output; ``chatter=False`` leaves out TensorFlow's start-up chatter
+        that was not printed."""
+        kept = [line for line in self.output if chatter or not (self._quiet and self._chatter(line))]
+        return "\n".join(kept[-lines:])
+
+    def _chatter(self, line: str) -> bool:
+        return is_chatter(line, self.slot.kind)
+
+    # -------------------------------------------------------------------------- startup
+
+    def poll_startup(self, died_error: type[Exception] = WorkerStartupError) -> Ready | None:
+        """The child's ``Ready`` if it came; None if it is still starting; raises if it failed."""
+        msg = None
+        try:
+            if self.conn.poll():
+                msg = self.conn.recv()
+        except (EOFError, OSError):
+            msg = None
+        if isinstance(msg, Ready):
+            return msg
+        if isinstance(msg, StartupError):
+            reason = msg.text.strip().splitlines()[-1]
+            raise self.startup_error(reason, msg.text)
+        if msg is None and self.is_alive() and not self.conn.closed:
+            if not wait([self.sentinel], 0):
+                return None
+        how, hint = self.describe_exit()
+        self._stop_now()
+        raise self.startup_error(f"the process exited with {how} before it was ready ({hint})", None, died_error)
+
+    def startup_error(
+        self, reason: str, text: str | None, error_type: type[Exception] = WorkerStartupError
+    ) -> Exception:
+        advice = STARTUP_ADVICE_TRACEBACK if text else STARTUP_ADVICE_NONE
+        error = error_type(STARTUP_FAILED.format(who=self.who(), reason=reason, advice=advice))
+        tail = self.recent_output()
+        error.__cause__ = RemoteTraceback(text) if text else (RemoteTraceback(tail) if tail else None)
+        return error
+
+    def timed_out_starting(self, timeout: float) -> Exception:
+        """Dump the stacks of a child that did not get ready in time, kill it, and say so."""
+        stacks = self.dump_stacks()
+        self._stop_now()
+        return with_stacks(WorkerStartupError(STARTUP_TIMED_OUT.format(who=self.who(), timeout=timeout)), stacks)
+
+    def wait_ready(self, timeout: float, died_error: type[Exception] = WorkerStartupError) -> Ready:
+        return wait_all_ready([self], timeout, died_error)[0]
+
+    # ----------------------------------------------------------------------------- ends
+
+    def dump_stacks(self, timeout: float = STACK_DUMP_S) -> str | None:
+        """The Python stacks of every thread of the (stuck) child, or None if it gave none."""
+        return dump_stacks_of([self], timeout).get(self.pid)
+
+    def kill(self) -> None:
+        """SIGKILL the child and whatever its tasks started (its process group), now.
+        Nothing once it was stopped (its group was killed then; the pid may be reused)."""
+        if self._stopped:
+            return
+        _kill_group(self.pid)
+        if self.exitcode is None:  # a forked child that has not made its group yet
+            try:
+                os.kill(self.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+    def stop(self, grace: float = 2.0) -> None:
+        """End the child: wait ``grace`` for it to exit, terminate, then kill its group; reaped."""
+        if self._stopped:
+            return
+        if self.is_alive():
+            self._reap(grace)
+        if self.is_alive():
+            try:
+                os.kill(self.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+            self._reap(min(grace, 1.0))
+        self._stop_now()
+
+    def _stop_now(self) -> None:
+        from pytest_kerasmp.slots import placement
+
+        if self._stopped:
+            return
+        self._stopped = True
+        _kill_group(self.pid)  # the child and what its tasks started; safe after a reap
+        if self.exitcode is None:
+            try:
+                os.kill(self.pid, signal.SIGKILL)  # not yet the leader of its group
+            except ProcessLookupError:
+                pass
+        self._reap(5.0)
+        self._relay_thread.join(0.5)  # its last lines reach this test's output, not the next's
+        placement.release(self.pid)  # its end, for the session's placement table
+        for close in (self.conn.close, lambda: os.close(self._stack_r)):
+            try:
+                close()
+            except OSError:
+                pass
+        if isinstance(self.sentinel, int) and self._popen is not None:
+            try:
+                os.close(self.sentinel)
+            except OSError:
+                pass
+            self.sentinel = -1
+        _children.discard(self)
+
+    def wait(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` for the child to exit by itself; whether it has."""
+        self._reap(timeout)
+        return not self.is_alive()
+
+    def _reap(self, timeout: float) -> None:
+        if self._popen is not None:
+            try:
+                self._popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                pass
+        else:
+            self._process.join(timeout)
+
+    def _relay(self) -> None:
+        """Copy the child's output, line by line with its prefix, to the owner's stderr."""
+        pending = b""
+        fd = self._out_fd
+        try:
+            while True:
+                try:
+                    data = os.read(fd, 65536)
+                except OSError:
+                    break
+                if not data:
+                    break
+                *lines, pending = (pending + data).split(b"\n")
+                for line in lines:
+                    self._emit(line.decode(errors="replace"))
+            if pending:
+                self._emit(pending.decode(errors="replace"))
+        finally:
+            if self._popen is None:
+                os.close(fd)
+            elif self._popen.stdout is not None:
+                self._popen.stdout.close()
+
+    def _emit(self, line: str) -> None:
+        self.output.append(line)
+        if self._quiet and self._chatter(line):
+            return
+        try:
+            sys.stderr.write(self.prefix + line + "\n")
+        except (ValueError, OSError):
+            pass  # the owner's stderr is closed (interpreter exit)
+
+
+def wait_all_ready(
+    children: list[Child], timeout: float, died_error: type[Exception] = WorkerStartupError
+) -> list[Ready]:
+    """Wait for every child's ``Ready`` (and each one's exit) within ``timeout``; raise the
+    first failure (a child that did not get ready in time is dumped and killed)."""
+    deadline = time.monotonic() + timeout
+    ready: dict[int, Ready] = {}
+    while len(ready) < len(children):
+        waiting = [c for i, c in enumerate(children) if i not in ready]
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise waiting[0].timed_out_starting(timeout)
+        wait([x for c in waiting for x in (c.conn, c.sentinel)], remaining)
+        for i, c in enumerate(children):
+            if i not in ready:
+                msg = c.poll_startup(died_error)
+                if msg is not None:
+                    ready[i] = msg
+    return [ready[i] for i in range(len(children))]
+
+
+def dump_stacks_of(children: list[Child], timeout: float = STACK_DUMP_S) -> dict[int, str | None]:
+    """The Python stacks of every thread of each (stuck) child, by pid: all are asked at
+    once (faulthandler on SIGUSR1), then all answers read within one ``timeout``."""
+    asked = []
+    for child in children:
+        if child.is_alive():
+            try:
+                os.kill(child.pid, signal.SIGUSR1)
+                asked.append(child)
+            except ProcessLookupError:
+                pass
+    chunks: dict[int, list[bytes]] = {c._stack_r: [] for c in asked}
+    by_fd = {c._stack_r: c for c in asked}
+    deadline, quiet = time.monotonic() + timeout, 0.15
+    open_fds = set(by_fd)
+    while open_fds and time.monotonic() < deadline:
+        waiting = [fd for fd in open_fds if not chunks[fd]]
+        pause = deadline - time.monotonic() if waiting else quiet
+        ready, _, _ = select.select(list(open_fds), [], [], max(0.0, pause))
+        if not ready:
+            if not waiting:
+                break  # every child answered and has been quiet for a moment
+            continue
+        for fd in ready:
+            try:
+                data = os.read(fd, 65536)
+            except OSError:
+                data = b""
+            if data:
+                chunks[fd].append(data)
+            else:
+                open_fds.discard(fd)
+    return {by_fd[fd].pid: (b"".join(parts).decode(errors="replace") or None) for fd, parts in chunks.items()}
+
+
+def main_script() -> str | None:
+    """The owner's ``__main__`` script, if children should import it (a ``.py`` file run as
+    ``python script.py``; not ``python -m``, a console script or an interactive session)."""
+    main = sys.modules.get("__main__")
+    path = getattr(main, "__file__", None)
+    if main is None or getattr(main, "__spec__", None) is not None or not path:
+        return None
+    return os.path.abspath(path) if path.endswith(".py") else None
+
+
+def _kill_group(pid: int) -> None:
+    """SIGKILL the process group ``pid`` leads (a group id is not reused while a member lives)."""
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+# -------------------------------------------------------------------------------- owners
+
+
+class Owned:
+    """The ``with`` statement of an owner (pool, server, cluster): on Ctrl-C or SystemExit in
+    the block it is terminated now; otherwise closed by ``close_after_with``."""
+
+    def terminate(self, why: str = "terminated") -> None:
+        raise NotImplementedError
+
+    def close_after_with(self, failed: bool) -> None:
+        """Close after the block; ``failed``: the block raised an ordinary exception."""
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, *_: object) -> None:
+        if exc_type is not None and not issubclass(exc_type, Exception):
+            self.terminate(f"{exc_type.__name__} in the with block")
+        else:
+            self.close_after_with(exc_type is not None)
+
+
+def register_owner(owner: Owner) -> None:
+    _owners.add(owner)
+    install_sigterm_handler()  # a script that owns processes: SIGTERM ends them too
+
+
+def add_killer(kill: Any) -> None:
+    """Have ``kill()`` (lock-free, quick) run when the process is terminated: for processes
+    started outside ``Child`` (a local Ray cluster's daemons)."""
+    _killers.add(kill)
+
+
+def remove_killer(kill: Any) -> None:
+    _killers.discard(kill)
+
+
+def kill_now(why: str) -> None:
+    """SIGKILL every child's process group now, without taking any lock (from a signal
+    handler): the owners' orderly ``terminate`` may run later; no child starts after this."""
+    global terminating
+    terminating = why
+    for child in list(_children):
+        child.kill()
+    for kill in list(_killers):
+        try:
+            kill()
+        except Exception:
+            pass
+
+
+# ------------------------------------------------------------------------------ SIGTERM
+
+#: The installed SIGTERM handler's state: the handler it replaced, and what to do after.
+_sigterm: dict[str, Any] = {}
+#: Called by the SIGTERM handler after the kill (the xdist controller forwards it to its workers).
+on_sigterm: list[Any] = []
+
+
+def install_sigterm_handler(*, interrupt: str | None = None) -> None:
+    """End this process's children within milliseconds when it gets SIGTERM, then chain to the
+    handler that was there: a Python handler is called; the default then ends the process as
+    SIGTERM does. With ``interrupt`` (a pytest process: who it is), raise :class:`Terminated`
+    after the chain instead, so the session ends as after Ctrl-C. Main thread only; a SIGTERM
+    that is ignored stays ignored; a second SIGTERM ends the process at once."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    current = signal.getsignal(signal.SIGTERM)
+    if current is _on_sigterm:
+        if interrupt is not None:
+            _sigterm["interrupt"] = interrupt
+        return
+    if current == signal.SIG_IGN or current is None:
+        return
+    _sigterm.update(previous=current, interrupt=interrupt, received=0)
+    signal.signal(signal.SIGTERM, _on_sigterm)
+
+
+def uninstall_sigterm_handler() -> None:
+    """Put back the handler :func:`install_sigterm_handler` replaced."""
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) is _on_sigterm:
+        signal.signal(signal.SIGTERM, _sigterm.get("previous", signal.SIG_DFL))
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    _sigterm["received"] += 1
+    kill_now(f"SIGTERM to pid {os.getpid()}")
+    previous, interrupt = _sigterm["previous"], _sigterm["interrupt"]
+    if _sigterm["received"] > 1:  # asked twice: end now, as SIGTERM does by default
+        previous = signal.SIG_DFL
+        interrupt = None
+    else:
+        for hook in list(on_sigterm):
+            hook()
+    if callable(previous):
+        previous(signum, frame)
+    if interrupt is not None:
+        raise Terminated(TERMINATED.format(who=interrupt, pid=os.getpid()))
+    if previous == signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def unregister_owner(owner: Owner) -> None:
+    _owners.discard(owner)
+
+
+def terminate_all(why: str) -> None:
+    """End every pool and server of this process now (Ctrl-C, interpreter exit): pending
+    work fails with the reason, running work is killed. Returns within seconds."""
+    for owner in list(_owners):
+        try:
+            owner.terminate(why)
+        except Exception:  # one owner's failure must not keep the others alive
+            pass
+    for child in list(_children):
+        child.kill()
+
+
+def live_children() -> list[Child]:
+    """The children of this process that have not been stopped (for leak checks)."""
+    return [c for c in _children if not c._stopped]
+
+
+atexit.register(terminate_all, "the interpreter exited")

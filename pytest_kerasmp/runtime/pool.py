@@ -1,0 +1,320 @@
+"""A pool of warm, slot-pinned worker processes that takes Keras models only by reference.
+
+``WorkerPool`` is the public face; ``_dispatch`` owns the workers and the queue in one
+thread; ``lifecycle`` starts, watches and ends each worker process. It fails closed: every
+future gets its result or an error that says what happened, every wait has a bound, and
+nothing the pool started outlives it.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import Future
+from concurrent.futures import wait as wait_futures
+from typing import Any, Self
+
+from pytest_kerasmp.errors import (
+    BACKEND_UNKNOWN,
+    FORK_REFUSED,
+    MAP_TIMED_OUT,
+    POOL_BROKEN,
+    POOL_CLOSED,
+    PoolBrokenError,
+    PoolClosedError,
+    TaskTimeoutError,
+)
+from pytest_kerasmp.ray.connect import CONNECT_TIMEOUT_S
+from pytest_kerasmp.runtime import lifecycle
+from pytest_kerasmp.runtime.dispatch import Dispatcher, PoolStats, Worker
+from pytest_kerasmp.runtime.lifecycle import START_METHODS, Child
+from pytest_kerasmp.runtime.taskqueue import interrupted_why, is_interrupt, new_task
+from pytest_kerasmp.runtime.transport import dumps_call
+from pytest_kerasmp.slots.devices import DeviceSlot
+
+__all__ = ["PoolStats", "WorkerPool"]
+
+BACKENDS = ("local", "ray")
+
+
+def checked_slots(slots: Sequence[DeviceSlot]) -> tuple[DeviceSlot, ...]:
+    """``slots`` as a tuple, or a TypeError that says what a pool needs."""
+    slots = tuple(slots)
+    if not slots or not all(isinstance(s, DeviceSlot) for s in slots):
+        raise TypeError(f"slots must be a non-empty sequence of DeviceSlot, got {list(slots)!r}")
+    return slots
+
+
+class WorkerPool(lifecycle.Owned):
+    """Warm worker processes, one per slot (a slot given twice runs two workers on it).
+
+    Each worker is pinned to its slot with :func:`~pytest_kerasmp.pin_process` before it
+    imports TensorFlow, imports TensorFlow once, runs ``initializer`` and then serves tasks.
+    Functions travel by reference (module-level functions of an importable module); models
+    as :class:`~pytest_kerasmp.ModelRef`; large numpy arrays through shared memory.
+
+    Args:
+        slots: The slots to start workers on.
+        start_method: ``"spawn"`` (default) or ``"forkserver"`` (a server process that
+            imported, never ran, TensorFlow forks each worker).
+        initializer: Module-level function run once in every worker after TF is imported.
+        initargs: Its arguments.
+        task_timeout_s: Default per-task timeout; a task past it has its worker's stacks
+            dumped, the worker killed and replaced, and raises :class:`TaskTimeoutError`.
+        start_timeout_s: Bound on a worker's start (TF import and initializer).
+        name: Name used in process names and messages.
+        import_tensorflow: Import TensorFlow in each worker before it is ready (warm).
+        backend: ``"local"`` (default): child processes of this one; ``"ray"``: one Ray
+            actor per slot (slots from :func:`~pytest_kerasmp.plan_ray_slots`), same API and
+            errors; see README "Beyond one machine: the Ray backend".
+        ray_address: With ``backend="ray"``: the cluster to connect to (default: the one this
+            process is connected to, else a new local one).
+        ray_reserve: With ``backend="ray"``: reserve the slots' CPUs in Ray (default), or
+            share them with other pools and servers on the same slots (as local pools do).
+        ray_timeout_s: With ``backend="ray"`` and an address: the bound on connecting to it
+            (:class:`~pytest_kerasmp.RayConnectError` past it, saying what was tried).
+    """
+
+    #: Whether a worker that dies is replaced (a cluster's owner restarts all of them instead).
+    replace_workers = True
+    _init_args: tuple[tuple[Any, ...], dict[str, Any]]
+    #: Why the pool was closed or terminated (the first reason), for health().
+    _ended_why: str | None = None
+
+    def __new__(cls, *args: Any, backend: str = "local", **kwargs: Any) -> Self:
+        if backend not in BACKENDS:
+            raise ValueError(BACKEND_UNKNOWN.format(backend=backend))
+        if backend == "ray" and cls is WorkerPool:
+            from pytest_kerasmp.ray.pool import RayWorkerPool
+
+            pool: WorkerPool = super().__new__(RayWorkerPool)
+        else:
+            pool = super().__new__(cls)
+        pool._init_args = (args, {**kwargs, "backend": backend})  # for restart()
+        return pool  # type: ignore[return-value]
+
+    def __init__(
+        self,
+        slots: Sequence[DeviceSlot],
+        *,
+        start_method: str = "spawn",
+        initializer: Callable[..., Any] | None = None,
+        initargs: tuple[Any, ...] = (),
+        task_timeout_s: float | None = None,
+        start_timeout_s: float = 120.0,
+        name: str = "pool",
+        import_tensorflow: bool = True,
+        backend: str = "local",
+        ray_address: str | None = None,
+        ray_reserve: bool = True,
+        ray_timeout_s: float = CONNECT_TIMEOUT_S,
+    ) -> None:
+        if start_method == "fork":
+            raise ValueError(FORK_REFUSED)
+        if start_method not in START_METHODS:
+            raise ValueError(f"start_method={start_method!r} is not one of {START_METHODS}")
+        self.name = name
+        self.slots = checked_slots(slots)
+        self.start_method = start_method
+        self.task_timeout_s = task_timeout_s
+        self.start_timeout_s = start_timeout_s
+        self.stats = PoolStats()
+        self._import_tf = import_tensorflow
+        self._init_call: bytes | None = None
+        if initializer is not None:
+            self._init_call, _ = dumps_call(initializer, tuple(initargs), {}, out_of_band=False)
+        self._ids = itertools.count()
+        self._closed = self._finished = False
+        self._ended_why = None
+        t0 = time.monotonic()
+        children: list[Child] = []
+        try:
+            for i, slot in enumerate(self.slots):
+                children.append(self.start_child(i, slot))
+            lifecycle.wait_all_ready(children, start_timeout_s)
+        except BaseException:
+            for child in children:
+                child.kill()
+            for child in children:
+                child.stop(grace=0.0)
+            raise
+        self.stats.start_s = time.monotonic() - t0
+        workers = [Worker(index=i, slot=s, child=c, state="idle") for i, (s, c) in enumerate(zip(self.slots, children, strict=True))]
+        self._dispatcher = Dispatcher(self, workers)
+        lifecycle.register_owner(self)
+        self._dispatcher.thread.start()
+
+    def start_child(self, index: int, slot: DeviceSlot) -> Child:
+        """Start worker ``index`` on ``slot`` (also used to replace a dead worker)."""
+        kind = f"gpu{slot.gpu}" if slot.kind == "GPU" else f"cpu{slot.index}"
+        return Child(
+            "pool-worker",
+            f"kerasmp-{self.name}-w{index}-{kind}",
+            slot,
+            (self._init_call,),
+            start_method=self.start_method,
+            import_tensorflow=self._import_tf,
+            who=f"worker {index} ({{slot}}, pid {{pid}}) of pool {self.name!r}",
+            label=f"{self.name} w{index}",
+        )
+
+    # ----------------------------------------------------------------------------- public
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
+        """Run ``fn(*args, **kwargs)`` on a free worker; a Future of its result."""
+        __tracebackhide__ = True
+        return self._submit(fn, args, kwargs, self.task_timeout_s, None)
+
+    def submit_with_timeout(
+        self, timeout_s: float | None, fn: Callable[..., Any], /, *args: Any, **kwargs: Any
+    ) -> Future[Any]:
+        """:meth:`submit` with its own timeout (``None``: no timeout)."""
+        __tracebackhide__ = True
+        return self._submit(fn, args, kwargs, timeout_s, None)
+
+    def map(self, fn: Callable[..., Any], *iterables: Iterable[Any], timeout: float | None = None) -> list[Any]:
+        """``[fn(*xs) for xs in zip(*iterables)]`` across the workers, results in input order.
+
+        ``timeout`` bounds the whole call: past it, tasks not yet started are cancelled
+        and :class:`TaskTimeoutError` says how many finished.
+        """
+        __tracebackhide__ = True
+        futures = [self.submit(fn, *xs) for xs in zip(*iterables, strict=False)]
+        return self._gather(futures, timeout, "map", fn)
+
+    def broadcast(self, fn: Callable[..., Any], /, *args: Any, timeout: float | None = None, **kwargs: Any) -> list[Any]:
+        """Run ``fn`` once on every worker (e.g. to warm a model); one result per worker."""
+        __tracebackhide__ = True
+        futures = [self._submit(fn, args, kwargs, self.task_timeout_s, w) for w in range(len(self.slots))]
+        return self._gather(futures, timeout, "broadcast", fn)
+
+    def pids(self) -> list[int | None]:
+        """The current process id of each worker (changes when a worker is replaced; on Ray,
+        the pid on the worker's node)."""
+        return [w.pid if w.state != "dead" else None for w in self._dispatcher.workers]
+
+    def health(self) -> str | None:
+        """None while the pool can run tasks; else why it cannot (closed, terminated, broken)."""
+        if self._closed:
+            return self._ended_why or "it was closed"
+        if self._dispatcher.broken is not None:
+            return f"it broke ({self._dispatcher.broken})"
+        return None
+
+    def restart(self) -> None:
+        """Start the pool afresh, with the arguments it was made with: what is left of it is
+        terminated first (its pending tasks fail), then new workers start on the same slots;
+        the same object serves again (the session pool fixture uses this)."""
+        if not self._finished:
+            self.terminate("restarted")
+        args, kwargs = self._init_args
+        try:
+            self.__init__(*args, **kwargs)  # type: ignore[misc]
+        except BaseException as exc:
+            self._closed = self._finished = True
+            self._ended_why = f"its restart failed ({type(exc).__name__}: {exc})"
+            raise
+
+    def close(self, timeout: float = 60.0, *, cancel_pending: bool = False) -> None:
+        """Finish queued tasks within ``timeout``, then stop the workers; returns within
+        ``timeout`` plus a few seconds.
+
+        Past ``timeout`` (or at once with ``cancel_pending``) queued tasks fail with
+        :class:`PoolClosedError`; tasks still running then are killed (their stacks
+        attached) and fail with it too. No worker is replaced during close, and no worker
+        process or shared memory outlives this call.
+        """
+        if self._closed:
+            return
+        d = self._begin_close("it was closed (close() was called)")
+        try:
+            if cancel_pending:
+                d.fail_queued("close(cancel_pending=True)")
+            d.wake()
+            d.thread.join(timeout)
+            if d.thread.is_alive():
+                d.dump_on_abort = True
+                d.abort = f"close(timeout={timeout:g}) expired"
+                d.wake()
+                d.thread.join(5.0)
+        except BaseException:  # Ctrl-C while closing: end it now
+            self.terminate("interrupted during close()")
+            raise
+        self._finish(f"close(timeout={timeout:g}) expired", stop_timeout=2.0)
+
+    def terminate(self, why: str = "terminated") -> None:
+        """End the pool now (Ctrl-C, interpreter exit), also while a close() waits:
+        queued and running tasks fail with :class:`PoolClosedError` naming ``why``;
+        running workers are killed."""
+        if self._finished:
+            return
+        d = self._begin_close(f"it was terminated ({why})")
+        d.abort = why
+        for w in d.workers:
+            w.child.kill()
+        d.wake()
+        d.thread.join(2.0)
+        self._finish(why, stop_timeout=0.0)
+
+    def close_after_with(self, failed: bool) -> None:
+        self.close(cancel_pending=failed)  # after an error in the block, queued work is dropped
+
+    # ---------------------------------------------------------------------------- private
+
+    def _submit(
+        self,
+        fn: Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        timeout_s: float | None,
+        worker: int | None,
+    ) -> Future[Any]:
+        __tracebackhide__ = True
+        d = self._dispatcher
+        name = f"{getattr(fn, '__module__', '?')}:{getattr(fn, '__qualname__', fn)}"
+        if self._closed:
+            raise PoolClosedError(POOL_CLOSED.format(pool=self.name, fn=name))
+        if d.broken is not None:
+            raise PoolBrokenError(POOL_BROKEN.format(pool=self.name, cause=d.broken))
+        call, buffers = dumps_call(fn, args, kwargs)
+        task = new_task(d, next(self._ids), call, buffers, name, timeout_s, worker)
+        d.enqueue(task)
+        return task.future
+
+    def _gather(self, futures: list[Future[Any]], timeout: float | None, what: str, fn: Any) -> list[Any]:
+        __tracebackhide__ = True
+        try:
+            done, not_done = wait_futures(futures, timeout)
+        except BaseException as exc:
+            if is_interrupt(exc):  # Ctrl-C, SIGTERM: end the pool now, not in 60 s
+                self.terminate("interrupted while waiting for its tasks")
+            else:  # pytest-timeout, a signal handler: end this call's tasks, keep the pool
+                self._dispatcher.abandon(futures, interrupted_why(f"{what}({getattr(fn, '__qualname__', fn)})", exc))
+            raise
+        if not_done:
+            for f in not_done:
+                f.cancel()
+            raise TaskTimeoutError(MAP_TIMED_OUT.format(
+                what=what, fn=getattr(fn, "__qualname__", fn), pool=self.name, timeout=timeout,
+                done=len(done), total=len(futures),
+            ))
+        return [f.result() for f in futures]
+
+    def _begin_close(self, why: str) -> Dispatcher:
+        """Refuse new tasks from now on; no worker is replaced any more."""
+        d = self._dispatcher
+        self._ended_why = self._ended_why or why
+        self._closed = True
+        with d.lock:
+            d.closing = True
+        return d
+
+    def _finish(self, why: str, stop_timeout: float) -> None:
+        """After the dispatcher stopped: resolve whatever is left, end every worker."""
+        d = self._dispatcher
+        d.fail_everything(why)
+        d.stop_workers(stop_timeout)
+        d.close_fds()
+        self._finished = True
+        lifecycle.unregister_owner(self)

@@ -1,0 +1,338 @@
+"""The inference server process: owns one model on one slot and batches every client's requests.
+
+Runs in a spawned child. It pins its slot, imports TensorFlow, loads the ModelRef, traces one
+forward function with a ``None`` batch axis (one trace for every batch size: no padding and
+no retracing), then serves a Unix socket in the abstract namespace (no file to clean up).
+
+The messages are ``_wire``'s (arrays always in the connection's arenas, see transport); every
+answer carries its request's id. The owner's control connection gets ``Ready`` (with the
+model's input and output specs, which the owner hands to its clients so that they check
+requests with :func:`input_problem` before sending; the server checks again) and sends
+``Stop``: from then on the server answers what it accepted, tells new requests ``Closed``,
+and exits.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import os
+import socket
+import time
+import traceback
+from multiprocessing.connection import Connection, wait
+from typing import Any
+
+STATS_WINDOW = 100_000
+
+#: A model input: per-sample shape (None for any size), dtype string, name.
+InputSpec = tuple[tuple[Any, ...], str, str]
+
+
+def input_problem(arrays: list[Any], inputs: list[InputSpec], what: str, batch_axis: bool = True) -> str | None:
+    """Why ``arrays`` cannot be a batch (or, without ``batch_axis``, one sample) for a model
+    taking ``inputs``, described as ``what`` (``"the request"``, ``"request 17"``) sent them.
+
+    None when they can; same-kind casts (float64 to float32) are allowed.
+    """
+    import numpy as np
+
+    from pytest_kerasmp.errors import BAD_REQUEST
+
+    if len(arrays) != len(inputs):
+        from pytest_kerasmp.slots.devices import plural
+
+        return f"the model takes {plural(len(inputs), 'input')}, {what} has {len(arrays)}"
+    lead = 1 if batch_axis else 0
+    for k, (a, (shape, dtype, name)) in enumerate(zip(arrays, inputs, strict=True)):
+        if a.ndim != len(shape) + lead or any(d is not None and d != s for d, s in zip(shape, a.shape[lead:], strict=True)):
+            problem = f"shape {a.shape}"
+        elif not np.can_cast(a.dtype, dtype, "same_kind"):
+            problem = f"dtype {a.dtype}"
+        elif batch_axis and a.shape[0] != arrays[0].shape[0]:
+            problem = "row counts that differ between inputs"
+        else:
+            continue
+        batch = "(n" + "".join(f", {'?' if d is None else d}" for d in shape) + ")"
+        return BAD_REQUEST.format(
+            what=what, problem=problem, index=k, name=name, shape=tuple(shape), batch=batch, dtype=np.dtype(dtype),
+        )
+    return None
+
+
+@dataclasses.dataclass(eq=False)
+class _Request:
+    id: int
+    client: _Client
+    inputs: list[Any]
+    rows: int
+    arrived: float
+    outputs: list[Any] | None = None
+    done_rows: int = 0
+    failed: bool = False
+
+
+@dataclasses.dataclass(eq=False)
+class _Client:
+    conn: Connection
+    inbox: Any
+    outbox: Any
+    alive: bool = True
+
+
+class _Server:
+    def __init__(self, model: Any, options: dict[str, Any]) -> None:
+        import numpy as np
+        import tensorflow as tf
+
+        self.np, self.tf = np, tf
+        self.model = model
+        self.max_batch = int(options["max_batch_size"])
+        self.max_delay = float(options["max_delay_ms"]) / 1e3
+        self.max_queue = int(options["max_queue"])
+        self.inputs = [(tuple(t.shape[1:]), np.dtype(t.dtype).str, t.name) for t in model.inputs]
+        specs = [tf.TensorSpec((None, *shape), np.dtype(dtype)) for shape, dtype, _ in self.inputs]
+        multi = len(specs) > 1
+
+        def forward(*xs: Any) -> Any:
+            out = model(list(xs) if multi else xs[0], training=False)
+            return out if isinstance(out, (list, tuple)) else [out]
+
+        self.forward = tf.function(forward, input_signature=specs)
+        warm = [np.zeros((1, *shape), dtype) for shape, dtype, _ in self.inputs]
+        outs = [o.numpy() for o in self.forward(*warm)]
+        self.outputs = [(tuple(o.shape[1:]), o.dtype.str) for o in outs]
+        self.pending: collections.deque[tuple[_Request, int, int]] = collections.deque()
+        self.waiting = 0  # accepted requests not yet answered
+        self.stats: dict[str, Any] = {"requests": 0, "batches": 0, "rows": 0, "errors": 0, "busy": 0}
+        self.queue_wait: collections.deque[float] = collections.deque(maxlen=STATS_WINDOW)
+        self.compute: collections.deque[float] = collections.deque(maxlen=STATS_WINDOW)
+
+    # --------------------------------------------------------------------------- requests
+
+    def on_message(self, client: _Client, closing: bool) -> None:
+        from pytest_kerasmp.runtime.wire import Busy, Closed, Predict, Stats, StatsRequest
+
+        msg = client.conn.recv()
+        if isinstance(msg, StatsRequest):
+            self.reply(client, Stats(msg.id, self.snapshot()))
+            return
+        assert isinstance(msg, Predict), f"unexpected message {type(msg).__name__}"
+        if msg.grew:
+            client.inbox.receive(client.conn)
+        if closing:
+            self.reply(client, Closed(msg.id))
+            return
+        if self.waiting >= self.max_queue:
+            self.stats["busy"] += 1
+            self.reply(client, Busy(msg.id))
+            return
+        views = client.inbox.views([(offset, size) for offset, size, _, _ in msg.specs])
+        arrays = [
+            self.np.ndarray(shape, dtype, buffer=view)
+            for view, (_, _, shape, dtype) in zip(views, msg.specs, strict=True)
+        ]
+        problem = input_problem(arrays, self.inputs, f"request {msg.id}")
+        if problem is not None:
+            self.fail_one(client, msg.id, ValueError(problem))
+            return
+        req = _Request(msg.id, client, arrays, arrays[0].shape[0], time.perf_counter())
+        self.waiting += 1
+        self.stats["requests"] += 1
+        if req.rows == 0:  # nothing to compute: answered at once, with 0 rows
+            req.outputs = [self.np.empty((0, *shape), dtype) for shape, dtype in self.outputs]
+            self.waiting -= 1
+            self.answer(req)
+            return
+        for start in range(0, req.rows, self.max_batch):  # oversize requests are split
+            self.pending.append((req, start, min(start + self.max_batch, req.rows)))
+
+    def due(self, closing: bool) -> float | None:
+        """Seconds until the next batch must run (0: now), or None when nothing waits."""
+        if not self.pending:
+            return None
+        rows = 0
+        for _, start, stop in self.pending:
+            rows += stop - start
+            if rows >= self.max_batch:
+                return 0.0
+        if closing:
+            return 0.0
+        oldest = self.pending[0][0].arrived
+        return max(0.0, oldest + self.max_delay - time.perf_counter())
+
+    def run_batch(self) -> None:
+        np = self.np
+        taken: list[tuple[_Request, int, int]] = []
+        rows = 0
+        while self.pending and rows < self.max_batch:
+            req, start, stop = self.pending.popleft()
+            if req.failed or not req.client.alive:
+                continue
+            if rows + stop - start > self.max_batch:  # take what fits, leave the rest first in line
+                cut = start + self.max_batch - rows
+                self.pending.appendleft((req, cut, stop))
+                stop = cut
+            taken.append((req, start, stop))
+            rows += stop - start
+        if not taken:
+            return
+        now = time.perf_counter()
+        for req, start, _ in taken:
+            if start == 0:
+                self.queue_wait.append(now - req.arrived)
+        try:
+            batch = [
+                np.concatenate([req.inputs[k][a:b] for req, a, b in taken]).astype(dtype, copy=False)
+                for k, (_, dtype, _) in enumerate(self.inputs)
+            ]
+            outs = [o.numpy() for o in self.forward(*batch)]
+        except Exception as exc:  # the model failed: every request in this batch gets the error
+            self.stats["errors"] += 1
+            for req in {id(r): r for r, _, _ in taken}.values():
+                req.failed = True
+                self.waiting -= 1
+                self.fail_one(req.client, req.id, exc)
+            return
+        self.compute.append(time.perf_counter() - now)
+        self.stats["batches"] += 1
+        self.stats["rows"] += rows
+        offset = 0
+        for req, a, b in taken:
+            if req.outputs is None:
+                req.outputs = [np.empty((req.rows, *o.shape[1:]), o.dtype) for o in outs]
+            for k, o in enumerate(outs):
+                req.outputs[k][a:b] = o[offset : offset + b - a]
+            offset += b - a
+            req.done_rows += b - a
+            if req.done_rows == req.rows:
+                self.waiting -= 1
+                self.answer(req)
+
+    def answer(self, req: _Request) -> None:
+        from pytest_kerasmp.runtime.wire import Answer
+
+        client = req.client
+        assert req.outputs is not None
+        req.inputs = []  # the client may reuse its arena once answered
+        try:
+            layout = client.outbox.write(req.outputs)
+        except OSError as exc:
+            self.fail_one(client, req.id, exc)
+            return
+        specs = [(o, s, a.shape, a.dtype.str) for (o, s), a in zip(layout, req.outputs, strict=True)]
+        self.reply(client, Answer(req.id, specs, client.outbox.fresh))
+        if client.alive:
+            try:
+                client.outbox.hand_over(client.conn)
+            except OSError:
+                client.alive = False
+
+    def fail_one(self, client: _Client, req_id: int, exc: BaseException) -> None:
+        from pytest_kerasmp.errors import pack_exception
+        from pytest_kerasmp.runtime.wire import Failed
+
+        text = "".join(traceback.format_exception(exc))
+        self.reply(client, Failed(req_id, pack_exception(exc), text))
+
+    def reply(self, client: _Client, msg: Any) -> None:
+        if not client.alive:
+            return
+        try:
+            client.conn.send(msg)
+        except OSError:  # the client died: its answers go nowhere, the others are unaffected
+            client.alive = False
+
+    def snapshot(self) -> dict[str, Any]:
+        np = self.np
+
+        def pct(values: collections.deque[float], q: float) -> float | None:
+            return float(np.percentile(values, q)) if values else None
+
+        stats = dict(self.stats)
+        stats["mean_batch_size"] = stats["rows"] / stats["batches"] if stats["batches"] else 0.0
+        stats["queue_wait_p50_s"], stats["queue_wait_p99_s"] = pct(self.queue_wait, 50), pct(self.queue_wait, 99)
+        stats["compute_p50_s"], stats["compute_p99_s"] = pct(self.compute, 50), pct(self.compute, 99)
+        stats["waiting"] = self.waiting
+        stats["traces"] = int(self.forward.experimental_get_tracing_count())
+        return stats
+
+
+def main(control: Connection, ref: Any, options: dict[str, Any], address: bytes) -> None:
+    """Entry point of the server process (after ``_child`` pinned it)."""
+    from pytest_kerasmp.runtime.bootstrap import send_startup_error
+    from pytest_kerasmp.runtime.wire import Ready
+
+    try:
+        server = _Server(ref.load(), options)
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        listener.bind(address)
+        listener.listen(256)
+        listener.setblocking(False)
+    except BaseException:
+        send_startup_error(control)
+        return
+    control.send(Ready(os.getpid(), (server.inputs, server.outputs)))
+    serve(server, control, listener)
+
+
+def serve(server: _Server, control: Connection, listener: socket.socket | None) -> None:
+    from pytest_kerasmp.runtime.transport import Arena
+
+    clients: dict[Any, _Client] = {}
+    closing = False
+    while True:
+        delay = server.due(closing)
+        if closing and delay is None and server.waiting == 0:
+            break
+        waitables: list[Any] = [*clients, *([control] if not closing else [])]
+        if listener is not None:
+            waitables.append(listener)
+        ready = wait(waitables, timeout=1.0 if delay is None else delay)
+        if listener is not None and listener in ready:  # take every waiting connection now
+            ready.remove(listener)
+            while True:
+                try:
+                    sock, _ = listener.accept()
+                except BlockingIOError:
+                    break
+                sock.setblocking(True)
+                conn = Connection(sock.detach())
+                clients[conn] = _Client(conn, Arena(), Arena())
+                if conn.poll(0):
+                    ready.append(conn)
+        for obj in ready:
+            if obj is control:
+                try:
+                    control.recv()
+                except (EOFError, OSError):
+                    pass
+                closing = True  # stop taking connections; answer every accepted request
+                if listener is not None:
+                    listener.close()
+                    listener = None
+            else:
+                client = clients[obj]
+                try:
+                    server.on_message(client, closing)
+                except (EOFError, OSError):
+                    client.alive = False
+                if not client.alive:
+                    del clients[obj]
+                    _drop(client, server)
+        if server.due(closing) == 0.0:
+            server.run_batch()
+    for client in clients.values():
+        _drop(client, server)
+
+
+def _drop(client: _Client, server: _Server) -> None:
+    """Forget a client that went away; its queued rows are skipped, the others unaffected."""
+    client.alive = False
+    for req in {id(r): r for r, _, _ in server.pending if r.client is client}.values():
+        if not req.failed:
+            req.failed = True
+            server.waiting -= 1
+    client.conn.close()
+    client.inbox.close()
+    client.outbox.close()

@@ -1,0 +1,74 @@
+"""A pool worker's loop, in the child (after ``_child`` pinned it and imported TensorFlow).
+
+It runs the pool's initializer, says ``Ready``, then runs one ``Task`` at a time until
+``Stop`` (messages in ``_wire``). A task's array arguments are views of the worker's inbox
+arena; its result's arrays go through its outbox arena (see transport).
+"""
+
+from __future__ import annotations
+
+import os
+import traceback
+from multiprocessing.connection import Connection
+from typing import Any
+
+from pytest_kerasmp.runtime.bootstrap import exit_with_group, send_startup_error
+from pytest_kerasmp.runtime.wire import Done, Failed, Ready, Started, Stop, Task
+
+
+def main(conn: Connection, initializer: bytes | None) -> None:
+    """Entry point of a pool worker."""
+    try:
+        from pytest_kerasmp.runtime.transport import loads_call
+
+        if initializer is not None:
+            fn, args, kwargs = loads_call(initializer)
+            fn(*args, **kwargs)
+    except BaseException:
+        send_startup_error(conn)
+        return
+    conn.send(Ready(os.getpid()))
+    _serve(conn)
+
+
+def _serve(conn: Connection) -> None:
+    from pytest_kerasmp.errors import pack_exception
+    from pytest_kerasmp.runtime.transport import Arena, dumps, loads_call
+
+    inbox, outbox = Arena(), Arena()
+    while True:
+        try:
+            msg = conn.recv()
+            if isinstance(msg, Stop):
+                conn.close()
+                return
+            assert isinstance(msg, Task), f"unexpected message {type(msg).__name__}"
+            if msg.grew:
+                inbox.receive(conn)
+            conn.send(Started(msg.id))  # before the task runs: the pool knows what a death interrupts
+        except (EOFError, OSError):
+            exit_with_group()  # the pool went away
+        reply: Done | Failed
+        try:
+            fn, args, kwargs = loads_call(msg.call, inbox.views(msg.layout))
+            result: Any = fn(*args, **kwargs)
+            del args, kwargs
+            buffers: list[Any] = []
+            data = dumps(result, f"the result of task {msg.id}", buffers)
+            del result
+            reply = Done(msg.id, data, outbox.write(buffers), outbox.fresh, False)
+        except BaseException as exc:  # the task's failure (SystemExit too), reported to its caller
+            reply = Failed(msg.id, pack_exception(exc), traceback.format_exc())
+        fn = args = kwargs = result = buffers = None  # type: ignore[assignment]
+        del msg
+        # The arguments are views of the inbox: if the task kept one, the inbox is its now.
+        retired = inbox.in_use()
+        if retired:
+            inbox.abandon()
+        reply = reply._replace(retired=retired)
+        try:
+            conn.send(reply)
+            if isinstance(reply, Done):
+                outbox.hand_over(conn)
+        except OSError:
+            exit_with_group()  # the pool went away mid-reply

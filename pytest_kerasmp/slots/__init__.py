@@ -1,0 +1,1 @@
+"""Device slots: find devices, plan slots, pin a process, record placement, seed."""

@@ -1,0 +1,273 @@
+"""Who runs where in a session: the one authority for placement.
+
+Two parts, both import-light (no pytest, no TensorFlow), so children can use them:
+
+- **Partition.** The session's slots are split among its pytest processes: without xdist
+  the pytest process owns them all; under ``-n W`` xdist worker ``gwK`` owns part ``K mod W``
+  (contiguous, near-equal), is pinned to the first slot of its part, and its pools, servers
+  and fixtures default to its part. With more workers than slots each worker gets one slot
+  (``K mod N``) and workers share slots: the user asked for it, and the header says so.
+- **Registry.** The session's controller (or the lone pytest process) makes a directory and
+  names it in ``PYTEST_KERASMP_SESSION_DIR``; every process the plugin pins writes one JSON
+  record there, observed from inside itself (affinity, ``CUDA_VISIBLE_DEVICES``, memory
+  growth or cap), and its owner writes its end. The controller reads them at the end for
+  the placement table and the report; a worker reads them to tell whether a comparison was
+  measured while a process of another worker competed for its slots.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+from pytest_kerasmp.slots.devices import DeviceSlot, plural, split_evenly
+
+SESSION_ENV = "PYTEST_KERASMP_SESSION_DIR"
+
+OVERSUBSCRIBED = (
+    "{workers} on {slots}: {pairs}; processes of different workers share those slots and "
+    "time each other; use -n {n_slots} or --kerasmp-gpus={n_workers}"
+)
+COMPETED_NOTE = (
+    "* measured while another process of the session competed for its slots (see the "
+    "placement table); its speedup is not what this machine gives one test"
+)
+SHARED_ACROSS_WORKERS = (
+    "processes of different xdist workers shared a GPU or cores ({who}): the session has more "
+    "slots than GPUs, or -n exceeds the slots (see the header); their comparisons are marked *"
+)
+UNPINNED_COMPETED = "xdist workers unpinned (no --kerasmp-gpus): every worker shared every core"
+
+
+
+# ---------------------------------------------------------------------------- partition
+
+
+def worker_index(worker_id: str) -> int:
+    """``"gw3"`` -> 3."""
+    return int(worker_id.removeprefix("gw"))
+
+
+def partition(slots: Sequence[DeviceSlot], workers: int) -> list[tuple[DeviceSlot, ...]]:
+    """One part of ``slots`` per xdist worker: disjoint when ``workers <= len(slots)``
+    (contiguous, the first parts one larger), else slot ``K mod N`` for worker K."""
+    return split_evenly(slots, workers) if workers > 0 else [tuple(slots)]
+
+
+def part_of(slots: Sequence[DeviceSlot], worker_id: str | None, workers: int) -> tuple[DeviceSlot, ...]:
+    """The slots that xdist worker ``worker_id`` owns (all of them without xdist)."""
+    if not worker_id or workers <= 0:
+        return tuple(slots)
+    parts = partition(slots, workers)
+    return parts[worker_index(worker_id) % len(parts)]
+
+
+def describe_part(part: Sequence[DeviceSlot]) -> str:
+    return ", ".join(s.name for s in part)
+
+
+def oversubscription(slots: Sequence[DeviceSlot], workers: int) -> str | None:
+    """The header's sentence when there are more xdist workers than slots, else None."""
+    if workers <= len(slots):
+        return None
+    by_slot: dict[str, list[str]] = {}
+    for k, part in enumerate(partition(slots, workers)):
+        by_slot.setdefault(part[0].name, []).append(f"gw{k}")
+    pairs = "; ".join(
+        f"{' and '.join(ws)} share {name}" for name, ws in by_slot.items() if len(ws) > 1
+    )
+    return OVERSUBSCRIBED.format(
+        workers=plural(workers, "xdist worker"), slots=plural(len(slots), "slot"), pairs=pairs,
+        n_slots=len(slots), n_workers=workers,
+    )
+
+
+def resources_of(slots: Iterable[DeviceSlot]) -> set[str]:
+    """What slots occupy: ``"GPU 1"`` for a GPU slot, ``"core 3"`` per core of a CPU slot."""
+    found: set[str] = set()
+    for s in slots:
+        if s.kind == "GPU":
+            found.add(f"GPU {s.gpu}")
+        else:
+            found.update(f"core {c}" for c in s.cores)
+    return found
+
+
+# ----------------------------------------------------------------------------- registry
+
+
+def open_session() -> Path:
+    """Make this session's registry directory and name it for every process started later."""
+    path = Path(tempfile.mkdtemp(prefix="pytest-kerasmp-session-"))
+    os.environ[SESSION_ENV] = str(path)
+    return path
+
+
+def close_session(path: Path) -> None:
+    if os.environ.get(SESSION_ENV) == str(path):
+        del os.environ[SESSION_ENV]
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def session_dir() -> Path | None:
+    raw = os.environ.get(SESSION_ENV)
+    return Path(raw) if raw and os.path.isdir(raw) else None
+
+
+def _owner() -> str:
+    return os.environ.get("PYTEST_XDIST_WORKER") or "main"
+
+
+def _write(name: str, data: dict[str, Any]) -> None:
+    directory = session_dir()
+    if directory is None:
+        return
+    try:
+        tmp = directory / f".{name}.tmp"
+        tmp.write_text(json.dumps(data))
+        os.replace(tmp, directory / name)
+    except OSError:  # the session ended under us: nothing to record into
+        pass
+
+
+def record(role: str, slot: DeviceSlot, *, label: str, part: Sequence[DeviceSlot] = ()) -> None:
+    """Record this process, as it sees itself now (call it right after pinning)."""
+    pid = os.getpid()
+    cap = slot.memory_limit_mb if slot.kind == "GPU" else None
+    _write(
+        f"start-{pid}-{time.time_ns()}.json",
+        {
+            "role": role,
+            "owner": _owner(),
+            "label": label,
+            "pid": pid,
+            "ppid": os.getppid(),
+            "slot": slot.to_json(),
+            "part": [s.name for s in part],
+            "cores": sorted(os.sched_getaffinity(0)),
+            "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+            "memory_growth": os.environ.get("TF_FORCE_GPU_ALLOW_GROWTH") == "true",
+            "memory_limit_mb": cap,
+            "start": time.time(),
+            "end": None,
+        },
+    )
+
+
+def release(pid: int | None) -> None:
+    """Record that process ``pid`` (started by this one) has ended; no-op outside a session."""
+    if pid is not None and session_dir() is not None:
+        _write(f"end-{pid}-{time.time_ns()}.json", {"pid": pid, "end": time.time()})
+
+
+def read(directory: Path | None = None) -> list[dict[str, Any]]:
+    """Every record of the session in start order, each with its ``end`` (None: still alive)."""
+    directory = directory or session_dir()
+    if directory is None:
+        return []
+    starts: list[dict[str, Any]] = []
+    ends: list[dict[str, Any]] = []
+    for path in sorted(directory.glob("*.json")):
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        (starts if path.name.startswith("start-") else ends).append(data)
+    starts.sort(key=lambda r: r["start"])
+    for end in sorted(ends, key=lambda e: e["end"]):
+        match = [r for r in starts if r["pid"] == end["pid"] and r["start"] <= end["end"] and r["end"] is None]
+        if match:
+            match[-1]["end"] = end["end"]
+    return starts
+
+
+def resources(rec: dict[str, Any]) -> set[str]:
+    """What a recorded process occupied, from what it saw inside itself."""
+    if rec["slot"]["kind"] == "GPU":
+        return {f"GPU {g}" for g in str(rec["cuda_visible_devices"]).split(",") if g}
+    return {f"core {c}" for c in rec["cores"]}
+
+
+def name_of(rec: dict[str, Any]) -> str:
+    return rec["owner"] if rec["role"] == "pytest" else f"{rec['owner']}/{rec['label']}"
+
+
+def _overlap(a: dict[str, Any], start: float, end: float | None) -> bool:
+    a_end = a["end"] if a["end"] is not None else float("inf")
+    return a["start"] <= (end if end is not None else float("inf")) and start <= a_end
+
+
+def annotate(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Add ``shared_with`` (same owner) and ``competed_with`` (other owners) to each record:
+    the processes alive at the same time on the same GPU or cores."""
+    for rec in records:
+        mine = resources(rec)
+        rec["shared_with"], rec["competed_with"] = [], []
+        for other in records:
+            if other is rec or not mine & resources(other) or not _overlap(other, rec["start"], rec["end"]):
+                continue
+            key = "shared_with" if other["owner"] == rec["owner"] else "competed_with"
+            rec[key].append(name_of(other))
+    return records
+
+
+def competitors(records: Sequence[dict[str, Any]], owner: str, occupied: set[str], start: float, end: float) -> list[str]:
+    """Processes of other owners alive during [start, end] on any of ``occupied``."""
+    return sorted(
+        {name_of(r) for r in records if r["owner"] != owner and resources(r) & occupied and _overlap(r, start, end)}
+    )
+
+
+def _memory(rec: dict[str, Any]) -> str:
+    if rec["slot"]["kind"] != "GPU":
+        return "-"
+    if rec["memory_limit_mb"]:
+        return f"cap {rec['memory_limit_mb']} MB"
+    return "growth" if rec["memory_growth"] else "WHOLE GPU"
+
+
+def table_lines(
+    records: list[dict[str, Any]], origin: float | None = None, session_slots: Sequence[DeviceSlot] = ()
+) -> list[str]:
+    """The placement table: one row per process, lifetimes in seconds from ``origin``. A
+    process is shown on the session slot it occupies (a pool planned with ``plan_slots``
+    numbers its own slots); one on part of a slot shows its own plan's index in brackets."""
+    if not records:
+        return []
+    by_resources = {frozenset(resources_of([s])): s.name for s in session_slots}
+    origin = min(r["start"] for r in records) if origin is None else origin
+    header = ("process", "role", "slot", "cores/GPU", "pid", "lifetime", "GPU memory", "shared")
+    rows = [header]
+    for r in annotate(records):
+        where = (
+            f"GPU {r['cuda_visible_devices']}" if r["slot"]["kind"] == "GPU"
+            else "cores {" + ", ".join(map(str, r["cores"])) + "}"
+        )
+        end = "end" if r["end"] is None else f"{r['end'] - origin:.1f} s"
+        shared = "no"
+        if r["competed_with"]:
+            shared = "OTHER WORKER: " + ", ".join(r["competed_with"])
+        elif r["shared_with"]:
+            shared = "own: " + ", ".join(r["shared_with"])
+        rows.append(
+            (name_of(r), r["role"], by_resources.get(frozenset(resources(r)), f"(slot{r['slot']['index']})"),
+             where, str(r["pid"]),
+             f"{r['start'] - origin:.1f} s-{end}", _memory(r), shared)
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    return ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in rows]
+
+
+def to_json(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The report's ``placement`` section."""
+    return [
+        {k: r[k] for k in ("role", "owner", "label", "pid", "slot", "part", "cores", "cuda_visible_devices",
+                           "memory_growth", "memory_limit_mb", "start", "end", "shared_with", "competed_with")}
+        for r in annotate(records)
+    ]
