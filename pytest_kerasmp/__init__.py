@@ -1,8 +1,37 @@
 """pytest-kerasmp: device slots, process-safe Keras worker pools and inference servers.
 
-Importing this package imports nothing else: each name below is loaded when first used, so
-that the plugin's child processes import only what they need before they pin themselves
-(never TensorFlow, never pytest).
+Importing this package imports nothing else: each public name below is loaded when first
+used, so that the plugin's child processes import only what they need before they pin
+themselves (never pytest, never the framework under Keras).
+
+The house, bottom to top; a part imports only itself and the parts below it (checked by
+``tests/test_layers.py``, which reads every import of every module, also inside functions),
+and no module imports another in a circle:
+
+``errors``
+    every error and warning, and the messages tests match; imports nothing of the package.
+``frameworks/``
+    one module per Keras backend behind one small interface (``frameworks.base.Framework``):
+    environment before the import, configuration after it, "already initialised?", the
+    warm import, the server's compiled forward function, a cluster task's environment,
+    seeding, quiet logs. Imports only ``errors``.
+``slots/`` and ``modelref``
+    find devices, plan slots, pin a process (``slots.pinning.pin_process``, the one pin
+    function), record placement, seed; how a model crosses a process boundary.
+``runtime/``
+    the local execution backend: the one child lifecycle, wire messages, the shared-memory
+    transport, the task queue, the dispatcher, ``WorkerPool``, ``InferenceServer`` and its
+    client, ``TFCluster``, ports. Pools and servers reach their execution backend through
+    ``runtime.backends`` (by name or object), never by importing one: ``ray/`` plugs in there.
+``ray/``
+    the Ray execution backend (actors, its dispatcher, the Ray server, local Ray clusters);
+    imports ``runtime``, never the reverse.
+``measure/``
+    comparisons, statistics, the gate, reports, plots: pure, no processes; never imports
+    ``runtime`` or ``ray``.
+``plugin/``
+    the pytest layer: options, hooks, fixtures, the session guard, the speed gate; the only
+    part that imports pytest (or xdist, pytest-benchmark).
 """
 
 from __future__ import annotations
@@ -46,7 +75,7 @@ _WHERE = {
     "first_difference": "measure.results",
     "derive_seed": "slots.seeding",
     "seed_everything": "slots.seeding",
-    "InferenceClient": "runtime.server",
+    "InferenceClient": "runtime.client",
     "InferenceServer": "runtime.server",
 }
 
@@ -90,10 +119,10 @@ if TYPE_CHECKING:
     from pytest_kerasmp.modelref import ModelRef as ModelRef
     from pytest_kerasmp.ray.cluster import LocalRayCluster as LocalRayCluster
     from pytest_kerasmp.ray.cluster import plan_ray_slots as plan_ray_slots
+    from pytest_kerasmp.runtime.client import InferenceClient as InferenceClient
     from pytest_kerasmp.runtime.cluster import TFCluster as TFCluster
     from pytest_kerasmp.runtime.cluster import task_info as task_info
     from pytest_kerasmp.runtime.pool import WorkerPool as WorkerPool
-    from pytest_kerasmp.runtime.server import InferenceClient as InferenceClient
     from pytest_kerasmp.runtime.server import InferenceServer as InferenceServer
     from pytest_kerasmp.slots.devices import GPU as GPU
     from pytest_kerasmp.slots.devices import DeviceSlot as DeviceSlot

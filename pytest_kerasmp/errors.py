@@ -17,16 +17,16 @@ class KerasMPError(Exception):
 
 
 class DeviceAlreadyInitializedError(KerasMPError, RuntimeError):
-    """TensorFlow initialised its devices before the process could be pinned to a slot."""
+    """The framework under Keras initialised its devices before the process could be pinned."""
 
 
 class KerasMPWarning(UserWarning):
     """A non-fatal problem with the plan or the use of pytest-kerasmp."""
 
 
-TF_ALREADY_INITIALIZED = (
-    "TensorFlow had already initialised its devices in process {pid} before kerasmp could pin "
-    "it to {slot}, so it would run on the wrong device; something ran a TensorFlow op too early "
+FRAMEWORK_ALREADY_INITIALIZED = (
+    "{framework} had already initialised its devices in process {pid} before kerasmp could pin "
+    "it to {slot}, so it would run on the wrong device; something ran a {framework} op too early "
     "(a plugin or module that builds a model or runs an op when imported): move that work into "
     "a fixture or a test, or drop --kerasmp-gpus to run unpinned"
 )
@@ -337,7 +337,10 @@ RAY_MISSING = (
     "the Ray backend needs Ray, which is not installed: pip install 'pytest-kerasmp[ray]' "
     "(or ray[serve]), or use backend='local'"
 )
-BACKEND_UNKNOWN = "backend={backend!r} is not one of ('local', 'ray')"
+BACKEND_UNKNOWN = (
+    "backend={backend!r} is not one of {known}; pass one of those names or a backend object "
+    "(pytest_kerasmp.runtime.backends)"
+)
 RAY_NO_SLOTS = (
     "the Ray cluster has no node with {cpus} free CPU(s) or a GPU to plan a slot on ({nodes}); "
     "add nodes or lower cpus_per_slot"

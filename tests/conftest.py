@@ -133,10 +133,10 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def _broken_pools() -> set[int]:
-    from pytest_kerasmp.runtime import lifecycle
+    from pytest_kerasmp.runtime import owners
     from pytest_kerasmp.runtime.pool import WorkerPool
 
-    return {id(o) for o in list(lifecycle._owners) if isinstance(o, WorkerPool) and o._dispatcher.broken}
+    return {id(o) for o in list(owners._owners) if isinstance(o, WorkerPool) and o._dispatcher.broken}
 
 
 @pytest.fixture(scope="session")
@@ -176,11 +176,11 @@ def _leak_guard(request: pytest.FixtureRequest):
 
 def _held_arena_maps() -> int:
     """Arena mappings that live pools hold legitimately (a session pool outlives a module)."""
-    from pytest_kerasmp.runtime import lifecycle
+    from pytest_kerasmp.runtime import owners
     from pytest_kerasmp.runtime.pool import WorkerPool
 
     held = 0
-    for owner in list(lifecycle._owners):
+    for owner in list(owners._owners):
         if isinstance(owner, WorkerPool) and owner.start_method != "ray":
             for w in owner._dispatcher.workers:
                 held += (w.to_worker.map is not None) + (w.from_worker.map is not None)

@@ -7,8 +7,8 @@ import os
 import pytest
 
 from pytest_kerasmp.plugin import config as cfg
-from pytest_kerasmp import plugin
-from pytest_kerasmp.errors import TF_ALREADY_INITIALIZED
+from pytest_kerasmp.plugin import markers
+from pytest_kerasmp.errors import FRAMEWORK_ALREADY_INITIALIZED
 from pytest_kerasmp.plugin.fixtures import DEVICE_UNPINNED
 
 def test_help_shows_the_kerasmp_group(run_pytest):
@@ -40,7 +40,7 @@ def test_fixtures_and_markers_are_documented(run_pytest, pytester):
             "*Factory: make_pool(slots=None, **options) -> WorkerPool*",
         ]
     )
-    run_pytest("--markers").stdout.fnmatch_lines(["@pytest.mark." + plugin.MARKER_HELP])
+    run_pytest("--markers").stdout.fnmatch_lines(["@pytest.mark." + markers.MARKER_HELP])
 
 
 def test_plugin_module_does_not_import_tensorflow(run_python):
@@ -158,7 +158,7 @@ def test_more_slots_than_cores_warns_at_the_option_not_the_plugin(run_pytest, py
     result = run_pytest()
     result.assert_outcomes(passed=1)
     result.stdout.fnmatch_lines([f"*{ini}:3: KerasMPWarning: kerasmp: --kerasmp-gpus={n} planned over the session's usable cores*"])
-    assert "pytest_kerasmp/plugin.py" not in result.stdout.str()
+    assert "pytest_kerasmp/plugin/" not in result.stdout.str()
 
 
 @pytest.mark.parametrize("args", [("-p", "no:kerasmp"), ()], ids=["disabled", "not-requested"])
@@ -196,11 +196,11 @@ def test_gpu_marker_skips_or_fails_under_require(run_pytest, pytester, monkeypat
     result.assert_outcomes(passed=1, skipped=1)
     # The skip points at the test, not at a line of the plugin; counts read right.
     result.stdout.fnmatch_lines(["SKIPPED [[]1[]] test_gpu_marker_skips_or_fails_under_require.py:[0-9]: "
-                                 + plugin.MARKER_SKIP.format(gpus="2 GPUs", found=1)])
+                                 + markers.MARKER_SKIP.format(gpus="2 GPUs", found=1)])
     assert "needs 2 GPUs, 1 found" in result.stdout.str()
     result = run_pytest("--strict-markers", "--kerasmp-require-gpu")
     result.assert_outcomes(passed=1, errors=1)  # a failure in setup
-    result.stdout.fnmatch_lines(["*" + plugin.MARKER_FAIL.format(gpus="2 GPUs", found=1, source="the command line")])
+    result.stdout.fnmatch_lines(["*" + markers.MARKER_FAIL.format(gpus="2 GPUs", found=1, source="the command line")])
 
 
 def test_gpu_marker_with_bad_arguments_fails(run_pytest, pytester):
@@ -209,7 +209,7 @@ def test_gpu_marker_with_bad_arguments_fails(run_pytest, pytester):
     )
     result = run_pytest()
     result.assert_outcomes(errors=1)
-    result.stdout.fnmatch_lines(["*" + plugin.MARKER_BAD.format(args=("two",))])
+    result.stdout.fnmatch_lines(["*" + markers.MARKER_BAD.format(args=("two",))])
 
 
 def test_root_conftest_importing_tensorflow_is_pinned_first(run_pytest, probe, pytester, monkeypatch):
@@ -232,5 +232,5 @@ def test_tensorflow_initialised_before_pinning_is_a_clear_error(run_pytest, pyte
     monkeypatch.setenv("PYTHONPATH", str(pytester.path))
     result = run_pytest("-p", "early_tf", "--kerasmp-gpus=1")
     assert result.ret == pytest.ExitCode.USAGE_ERROR
-    prefix = TF_ALREADY_INITIALIZED.split("{pid}")[0]
+    prefix = FRAMEWORK_ALREADY_INITIALIZED.format(framework="TensorFlow", pid=0, slot="").split(" 0 ")[0]
     result.stderr.fnmatch_lines([f"ERROR: {prefix}*drop --kerasmp-gpus to run unpinned"])

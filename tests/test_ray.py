@@ -78,7 +78,7 @@ def test_slots_are_planned_from_the_nodes(slots, ray_cluster):
 
 def test_the_pool_runs_pinned_warm_workers_one_per_node(slots, no_leftovers):
     with ray_pool(slots, import_tensorflow=True, name="ray-basic") as pool:
-        assert type(pool).__name__ == "RayWorkerPool" and isinstance(pool, WorkerPool)
+        assert pool.backend.name == "ray" and pool.start_method == "ray" and isinstance(pool, WorkerPool)
         who = pool.broadcast(pool_tasks.whoami, timeout=60)
         assert [w["pid"] for w in who] == pool.pids() and len(set(pool.pids())) == 2
         assert all(w["tf_was_imported"] and w["intra"] == 1 for w in who)

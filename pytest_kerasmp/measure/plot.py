@@ -44,7 +44,6 @@ def plot(path: Path, record: Mapping[str, Any]) -> Path | None:
         from matplotlib.lines import Line2D
     except ImportError:
         return None
-    from pytest_kerasmp.measure.report import title
 
     comparisons = [Comparison.from_json(c) for c in record["comparisons"]]
     if not comparisons:
@@ -102,3 +101,15 @@ def plot(path: Path, record: Mapping[str, Any]) -> Path | None:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def title(record: Mapping[str, Any]) -> str:
+    """Names the run: when, where, slots, -n, seed."""
+    env = record["environment"]
+    parts = [record["created"].replace("T", " ").removesuffix("+00:00") + " UTC", f"{env['host']} ({env['cpu_count']} CPUs)",
+             f"{len(record['slots'])} slot(s)"]
+    if env.get("xdist_workers"):
+        parts.append(f"-n {env['xdist_workers']}")
+    if record.get("seeds"):
+        parts.append(f"seed {record['seeds']['base']}")
+    return "pytest-kerasmp: " + ", ".join(parts)

@@ -20,8 +20,10 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from pytest_kerasmp import frameworks
 from pytest_kerasmp.measure.comparison import KINDS, WORDS, Comparison, check_text, rounds_text, seconds_text
 from pytest_kerasmp.measure.gate import Verdict, comparison_lines, outcomes_by_name
+from pytest_kerasmp.measure.plot import plot, title
 from pytest_kerasmp.slots.devices import DeviceSlot
 
 REPORT_JSON = "kerasmp-report.json"
@@ -122,6 +124,7 @@ def run_record(
             "cpu_count": os.cpu_count(),
             "cores_of_this_process": sorted(os.sched_getaffinity(0)),  # after pinning, if pinned
             "xdist_workers": xdist_workers,
+            "keras_backend": frameworks.backend_name()[0],
             **{name: _version(name) for name in ("tensorflow", "keras", "numpy", "pytest", "pytest-xdist", "pytest-benchmark")},
         },
         "slots": [{**s.to_json(), "describe": s.describe()} for s in slots],
@@ -133,18 +136,6 @@ def run_record(
         "seeds": dict(seeds) if seeds else None,
         "against": dict(against) if against else None,
     }
-
-
-def title(record: Mapping[str, Any]) -> str:
-    """Names the run: when, where, slots, -n, seed."""
-    env = record["environment"]
-    parts = [record["created"].replace("T", " ").removesuffix("+00:00") + " UTC", f"{env['host']} ({env['cpu_count']} CPUs)",
-             f"{len(record['slots'])} slot(s)"]
-    if env.get("xdist_workers"):
-        parts.append(f"-n {env['xdist_workers']}")
-    if record.get("seeds"):
-        parts.append(f"seed {record['seeds']['base']}")
-    return "pytest-kerasmp: " + ", ".join(parts)
 
 
 def markdown(record: Mapping[str, Any]) -> str:
@@ -191,8 +182,6 @@ def markdown(record: Mapping[str, Any]) -> str:
 def write_report(directory: str | os.PathLike[str], record: dict[str, Any]) -> list[Path]:
     """Write the JSON record, its Markdown summary and, with matplotlib, the plot; append the
     Markdown to ``$GITHUB_STEP_SUMMARY`` when that is set."""
-    from pytest_kerasmp.measure.plot import plot
-
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
     png = plot(out / REPORT_PNG, record)

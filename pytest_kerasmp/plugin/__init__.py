@@ -19,7 +19,7 @@ import pytest
 from pytest_kerasmp.errors import KerasMPError, KerasMPWarning
 from pytest_kerasmp.measure.comparison import Comparison
 from pytest_kerasmp.plugin import config as cfg
-from pytest_kerasmp.plugin import speedgate
+from pytest_kerasmp.plugin import markers, speedgate
 from pytest_kerasmp.plugin.fixtures import (  # noqa: F401  (fixtures registered with the plugin)
     kerasmp_device,
     kerasmp_inference_server,
@@ -55,21 +55,6 @@ GUARD_NAME = "kerasmp-session-guard"
 
 #: Set by the xdist controller for its workers: the plan and the controller's pid.
 PLAN_ENV = "PYTEST_KERASMP_PLAN"
-
-MARKER_HELP = (
-    "kerasmp_gpus(n): the test needs n GPUs; it is skipped when fewer exist, "
-    "or fails under --kerasmp-require-gpu"
-)
-MARKER_BAD = "@pytest.mark.kerasmp_gpus needs one positive integer, e.g. kerasmp_gpus(2); got {args!r}"
-MARKER_SKIP = (
-    "needs {gpus}, {found} found (kerasmp_gpus marker); run it on a machine with {gpus}, "
-    "or pass --kerasmp-require-gpu to fail instead of skipping"
-)
-MARKER_FAIL = (
-    "needs {gpus} but {found} found and --kerasmp-require-gpu is set (from {source}); run this "
-    "test on a machine with {gpus}"
-)
-
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("kerasmp", "multiprocess Keras: device slots, pools, servers")
@@ -189,7 +174,7 @@ def pytest_load_initial_conftests(early_config: pytest.Config) -> None:
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line("markers", MARKER_HELP)
+    config.addinivalue_line("markers", markers.MARKER_HELP)
     if config.getoption("kerasmp_ray", None) == "local" and _xdist_workers(config):
         raise pytest.UsageError(cfg.RAY_LOCAL_XDIST)
     _probe_ray_address(config)
@@ -286,9 +271,9 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
 def pytest_keyboard_interrupt(excinfo: pytest.ExceptionInfo[BaseException]) -> None:
     """Ctrl-C: end every pool and server of this process now (before fixture teardown,
     which would otherwise wait for running tasks)."""
-    from pytest_kerasmp.runtime import lifecycle
+    from pytest_kerasmp.runtime import owners
 
-    lifecycle.terminate_all("interrupted (Ctrl-C)")
+    owners.terminate_all("interrupted (Ctrl-C)")
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
@@ -359,43 +344,16 @@ def _xdist_workers(config: pytest.Config) -> int:
     return int(numprocesses or 0)
 
 
-def _marker_gpus(item: pytest.Item) -> int | None:
-    marker = item.get_closest_marker("kerasmp_gpus")
-    if marker is None:
-        return None
-    args = marker.args
-    if len(args) != 1 or not isinstance(args[0], int) or isinstance(args[0], bool) or args[0] < 1:
-        return -1
-    return int(args[0])
-
-
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Skip kerasmp_gpus-marked tests through a skip marker, so the skip points at the test,
     not here; and tell pytest-benchmark which tests time comparisons."""
     speedgate.mark_benchmark_users(config, items)
-    if cfg.session_settings(config).require_gpu:
-        return  # they fail in setup instead
-    for item in items:
-        n = _marker_gpus(item)
-        if n is None or n < 1:
-            continue
-        found = cfg.session_plan(config).gpus_found
-        if found < n:
-            item.add_marker(pytest.mark.skip(reason=MARKER_SKIP.format(gpus=plural(n, "GPU"), found=found)))
+    markers.skip_for_missing_gpus(config, items)
 
 
 def pytest_runtest_setup(item: pytest.Item) -> None:
-    n = _marker_gpus(item)
-    if n is None:
-        return
-    if n < 1:
-        marker = item.get_closest_marker("kerasmp_gpus")
-        pytest.fail(MARKER_BAD.format(args=marker.args if marker else ()), pytrace=False)
-    found = cfg.session_plan(item.config).gpus_found
-    settings = cfg.session_settings(item.config)
-    if found < n and settings.require_gpu:
-        pytest.fail(MARKER_FAIL.format(gpus=plural(n, "GPU"), found=found, source=settings.require_source), pytrace=False)
+    markers.check(item)
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, config: pytest.Config) -> None:

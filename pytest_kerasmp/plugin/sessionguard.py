@@ -2,7 +2,7 @@
 
 - **SIGTERM** (how CI cancels a job): every pytest process of the session (a lone pytest, the
   xdist controller, each xdist worker) kills the processes the plugin started at once
-  (``lifecycle.install_sigterm_handler``) and ends its session as after Ctrl-C; the controller
+  (``owners.install_sigterm_handler``) and ends its session as after Ctrl-C; the controller
   forwards the signal to its workers first. A SIGTERM handler of the suite's own is chained.
 - **A crashed xdist worker** (``os._exit``, a segfault, pytest-timeout's thread method): the
   controller records its end when xdist reports it, so the placement table shows its real
@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from pytest_kerasmp.runtime import lifecycle
+from pytest_kerasmp.runtime import owners
 from pytest_kerasmp.slots import placement
 
 #: The session pool, once the kerasmp_pool fixture made it (fixtures.py stores it here).
@@ -53,13 +53,13 @@ class SessionGuard:
     def __init__(self, config: pytest.Config) -> None:
         self.config = config
         self.worker_pids: dict[str, int] = {}
-        lifecycle.install_sigterm_handler(interrupt=who_am_i(config))
-        lifecycle.on_sigterm.append(self.forward_sigterm)
+        owners.install_sigterm_handler(interrupt=who_am_i(config))
+        owners.on_sigterm.append(self.forward_sigterm)
 
     def unconfigure(self) -> None:
-        if self.forward_sigterm in lifecycle.on_sigterm:
-            lifecycle.on_sigterm.remove(self.forward_sigterm)
-        lifecycle.uninstall_sigterm_handler()
+        if self.forward_sigterm in owners.on_sigterm:
+            owners.on_sigterm.remove(self.forward_sigterm)
+        owners.uninstall_sigterm_handler()
 
     # ------------------------------------------------------------ the xdist controller
 

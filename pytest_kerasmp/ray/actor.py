@@ -37,7 +37,7 @@ def local_slot(slot: DeviceSlot) -> DeviceSlot:
     return dataclasses.replace(slot, cores=tuple(sorted({avail[c % len(avail)] for c in slot.cores})))
 
 
-def start(slot_json: dict[str, Any], import_tensorflow: bool, role: str, label: str) -> tuple[DeviceSlot, str | None]:
+def start(slot_json: dict[str, Any], warm_import: bool, role: str, label: str) -> tuple[DeviceSlot, str | None]:
     """Pin, record the placement (on the session's machine), then import TensorFlow; the
     slot applied and a failure's traceback (or None)."""
     slot = DeviceSlot.from_json(slot_json)
@@ -56,8 +56,10 @@ def start(slot_json: dict[str, Any], import_tensorflow: bool, role: str, label: 
             from pytest_kerasmp.runtime.bootstrap import _import_main
 
             _import_main(main)
-        if import_tensorflow:
-            import tensorflow  # noqa: F401  (warm: imported once per actor)
+        if warm_import:  # warm: the framework under Keras imported once per actor
+            from pytest_kerasmp import frameworks
+
+            frameworks.active().warm_import()
     except BaseException:
         return slot, traceback.format_exc()
     return slot, None
@@ -99,8 +101,8 @@ def all_stacks() -> str:
 class SlotWorker:
     """A pool worker on one slot (threaded: ``stacks`` answers while a task runs)."""
 
-    def __init__(self, slot_json: dict[str, Any], init_call: bytes | None, import_tensorflow: bool, label: str = "") -> None:
-        self.slot, self.failure = start(slot_json, import_tensorflow, "pool worker", label)
+    def __init__(self, slot_json: dict[str, Any], init_call: bytes | None, warm_import: bool, label: str = "") -> None:
+        self.slot, self.failure = start(slot_json, warm_import, "pool worker", label)
         if self.failure is None and init_call is not None:
             try:
                 from pytest_kerasmp.runtime.transport import loads_call

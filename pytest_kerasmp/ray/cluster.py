@@ -28,7 +28,7 @@ from pytest_kerasmp.errors import (
 )
 from pytest_kerasmp.ray import output
 from pytest_kerasmp.ray.connect import CONNECT_TIMEOUT_S, connect_bounded
-from pytest_kerasmp.runtime import bootstrap, lifecycle
+from pytest_kerasmp.runtime import bootstrap, owners
 from pytest_kerasmp.slots.devices import DeviceSlot, plural, split_evenly
 
 #: Ray's cluster mode stays off (one machine pretending to be many is only for tests).
@@ -248,7 +248,7 @@ class LocalRayCluster:
             raise
         self._processes = {p.pid for p in me.children(recursive=True)} - before
         self.address: str = self.cluster.address
-        lifecycle.add_killer(self.kill_now)  # SIGTERM ends the nodes at once
+        owners.add_killer(self.kill_now)  # SIGTERM ends the nodes at once
 
     def kill_now(self) -> None:
         """SIGKILL every process of the cluster now (SIGTERM to its owner); no clean-up."""
@@ -301,7 +301,7 @@ class LocalRayCluster:
         """Disconnect and end every node; kill what is left after SHUTDOWN_WAIT_S and say so."""
         import psutil
 
-        lifecycle.remove_killer(self.kill_now)
+        owners.remove_killer(self.kill_now)
         ray = import_ray()
         watched = self.processes() if hasattr(self, "_processes") else []
         ray.shutdown()

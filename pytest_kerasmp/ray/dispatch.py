@@ -85,9 +85,10 @@ class RayDispatcher(TaskQueue):
 
     workers: list[RayWorker]
 
-    def __init__(self, pool: Any, workers: list[RayWorker]) -> None:
+    def __init__(self, pool: Any, backend: Any, workers: list[RayWorker]) -> None:
         super().__init__(pool, workers)
-        self.ray = pool.ray
+        self.backend = backend  # the RayBackend that starts replacements
+        self.ray = backend.ray
         self.events: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
         self.thread = threading.Thread(target=self.run, name=f"kerasmp-{self.name}-ray-dispatch", daemon=True)
 
@@ -110,6 +111,19 @@ class RayDispatcher(TaskQueue):
                     pool=self.name, why=why, task=task.id, fn=task.fn, index=w.index, slot=w.slot.describe(), pid=w.pid,
                 ))
                 self.fail(task, with_stacks(error, (stacks or {}).get(w.index)))
+
+    def kill_workers(self) -> None:
+        """Kill every actor now (terminate): the loop then fails their tasks."""
+        for w in self.workers:
+            kill_actor(w.actor)
+
+    def finish(self, why: str, stop_timeout: float) -> None:
+        """After the loop stopped: fail what is left with ``why``, kill every actor."""
+        self.fail_everything(why)
+        for w in self.workers:
+            w.state = "dead"
+            kill_actor(w.actor)
+            placement.release(w.pid)
 
     # ------------------------------------------------------------------------- the loop
 
@@ -170,7 +184,7 @@ class RayDispatcher(TaskQueue):
             if w.state != "starting":
                 return
             try:
-                self.pool.check_ready(w, None if error else future.result(), error)
+                self.backend.check_ready(self.pool, w, None if error else future.result(), error)
             except WorkerStartupError as exc:
                 self._start_failed(w, exc)
                 return
@@ -239,7 +253,7 @@ class RayDispatcher(TaskQueue):
             cause = SLOT_NODE_GONE.format(pool=self.name, slot=w.slot.describe(), node=w.slot.node[:8])
             self.give_up(w, WorkerStartupError(cause), failed_starts, cause=cause)
             return
-        new = self.pool.start_worker(w.index, w.slot, crashed_at=crashed_at, failed_starts=failed_starts)
+        new = self.backend.start_worker(self.pool, w.index, w.slot, crashed_at=crashed_at, failed_starts=failed_starts)
         new.deadline = time.monotonic() + self.pool.start_timeout_s
         self.workers[w.index] = new
         self._watch("ready", new, new.ready)
@@ -275,7 +289,7 @@ class RayDispatcher(TaskQueue):
             expired = w.deadline is not None and now >= w.deadline
             if w.state == "starting" and expired:
                 w.deadline = None
-                self._start_failed(w, WorkerStartupError(RAY_STARTUP_TIMED_OUT.format(who=self.pool.who(w), timeout=self.pool.start_timeout_s)))
+                self._start_failed(w, WorkerStartupError(RAY_STARTUP_TIMED_OUT.format(who=self.backend.who(self.pool, w), timeout=self.pool.start_timeout_s)))
             elif w.task is not None and (expired or w.task.abandoned is not None):
                 ending.append(w)
         if not ending:

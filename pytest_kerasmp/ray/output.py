@@ -5,7 +5,7 @@ Ray copies what its workers print to the process that started them, each line pr
 this package's actors the driver prints instead what a local child's relay prints
 (``lifecycle``): ``[kerasmp-pool-w0 slot0 pid 4242] line`` into ``sys.stderr`` (so, under
 pytest, into the running test's captured output), without TensorFlow's start-up chatter nor,
-on a CPU slot, its failed CUDA probe (``lifecycle.is_chatter``; ``PYTEST_KERASMP_TF_LOGS=1``
+on a CPU slot, its failed CUDA probe (``childio.is_chatter``; ``PYTEST_KERASMP_TF_LOGS=1``
 brings them back). An actor names itself to Ray's log monitor as its first act
 (:func:`announce`), so what it prints while it starts carries its name too. Other actors'
 and tasks' lines are left to Ray. Uses Ray's log protocol (``LOG_PREFIX_ACTOR_NAME``) and
@@ -18,7 +18,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from pytest_kerasmp.runtime.lifecycle import is_chatter, quiet_logs
+from pytest_kerasmp.runtime.childio import is_chatter, quiet_logs
 from pytest_kerasmp.slots.devices import DeviceSlot
 
 PREFIX = "kerasmp-"

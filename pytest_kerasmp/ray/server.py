@@ -1,8 +1,8 @@
 """The Ray backend of :class:`~pytest_kerasmp.InferenceServer`: the server is a Ray actor.
 
-``InferenceServer(model_ref, backend="ray")`` makes a :class:`RayInferenceServer`: the same
-dynamic batching (``_server._Server`` runs in the actor, fed by concurrent actor calls) and
-the same client semantics (each request answered exactly once, ids, timeouts, busy, closed,
+``InferenceServer(model_ref, backend="ray")`` runs on a :class:`RayServerBackend` (found by
+name through ``runtime.backends``): the same dynamic batching (``runtime.serving``'s loop runs
+in the actor, fed by concurrent actor calls) and the same client semantics (each request answered exactly once, ids, timeouts, busy, closed,
 died). The actor is named, so a :class:`RayInferenceClient` works in any process on any
 node that can reach the cluster: it connects to the cluster's address and looks the actor
 up by name on first use. Arrays travel through Ray's object store.
@@ -12,33 +12,27 @@ from __future__ import annotations
 
 import secrets
 import time
-import warnings
 from typing import Any
 
 from pytest_kerasmp.errors import (
     RAY_STARTUP_TIMED_OUT,
-    SERVER_CLOSE_TIMED_OUT,
     SERVER_CLOSED,
     SERVER_DIED,
     STARTUP_ADVICE_TRACEBACK,
     STARTUP_FAILED,
-    KerasMPWarning,
     RemoteTraceback,
     ServerClosedError,
     ServerDiedError,
     WorkerStartupError,
 )
-from pytest_kerasmp.modelref import ModelRef
 from pytest_kerasmp.ray import output
 from pytest_kerasmp.ray.cluster import check_feasible, connect, kill_actor, plan_ray_slots
 from pytest_kerasmp.ray.connect import CONNECT_TIMEOUT_S
 from pytest_kerasmp.ray.dispatch import ray_failure
 from pytest_kerasmp.ray.pool import actor_options
-from pytest_kerasmp.runtime import lifecycle
-from pytest_kerasmp.runtime.server import InferenceClient, InferenceServer, _clients, _closed, check_options
+from pytest_kerasmp.runtime.client import InferenceClient, _closed
 from pytest_kerasmp.runtime.wire import Answer, Busy, Closed, Failed
 from pytest_kerasmp.slots import placement
-from pytest_kerasmp.slots.devices import DeviceSlot
 
 NAMESPACE = "kerasmp"
 
@@ -72,6 +66,15 @@ class RayInferenceClient(InferenceClient):
                 return None
         return self._handle
 
+    def stats(self) -> dict[str, Any]:
+        import ray
+
+        actor = self._actor()
+        if actor is None:
+            raise ServerDiedError(self._message(SERVER_DIED, "stats", " (its Ray actor is gone)"))
+        stats: dict[str, Any] = ray.get(actor.stats.remote(), timeout=self.request_timeout_s)
+        return stats
+
     def _forget(self) -> None:
         pass  # nothing per thread: a late answer goes to its own ObjectRef, never to another call
 
@@ -99,48 +102,47 @@ class RayInferenceClient(InferenceClient):
         return Answer(req_id, specs, False), list(reply)
 
 
-class RayInferenceServer(InferenceServer):
-    """:class:`InferenceServer` as a Ray actor on a Ray slot (default: the cluster's first)."""
+class RayServerBackend:
+    """The server as a named Ray actor on a Ray slot (default: the cluster's first).
+
+    Args: ``ray_address``, ``ray_reserve``, ``ray_timeout_s`` as for the pool's RayBackend.
+    """
+
+    name = "ray"
 
     def __init__(
-        self,
-        model_ref: ModelRef,
-        slot: DeviceSlot | None = None,
-        *,
-        max_batch_size: int = 64,
-        max_delay_ms: float = 2.0,
-        max_queue: int = 1024,
-        request_timeout_s: float = 60.0,
-        busy_timeout_s: float = 10.0,
-        start_timeout_s: float = 120.0,
-        start_method: str = "spawn",
-        name: str = "server",
-        backend: str = "ray",
-        ray_address: str | None = None,
-        ray_reserve: bool = True,
-        ray_timeout_s: float = CONNECT_TIMEOUT_S,
+        self, ray_address: str | None = None, ray_reserve: bool = True, ray_timeout_s: float | None = None,
+        **_other_backends_options: Any,
     ) -> None:
-        from pytest_kerasmp.ray.actor import ServerWorker
+        self.address, self.reserve = ray_address, ray_reserve
+        self.timeout_s = CONNECT_TIMEOUT_S if ray_timeout_s is None else ray_timeout_s
 
-        check_options(model_ref, max_batch_size, max_queue, max_delay_ms)
-        self.ray = ray = connect(ray_address, timeout_s=ray_timeout_s)
-        slot = slot or plan_ray_slots()[0]
-        check_feasible([slot], f"inference server {name!r}")
-        self.name, self.slot, self.model_ref = name, slot, model_ref
-        self.request_timeout_s, self.busy_timeout_s, self.max_queue = request_timeout_s, busy_timeout_s, max_queue
-        self.actor_name = f"kerasmp-{name}-{secrets.token_hex(6)}"
-        self.address = f"ray:{self.actor_name}".encode()
-        self.cluster = ray.get_runtime_context().gcs_address
-        self._closed = False
-        self.pid = 0
+    def start(self, server: Any, start_timeout_s: float) -> RayServer:
+        ray = connect(self.address, timeout_s=self.timeout_s)
+        server.slot = server.slot or plan_ray_slots()[0]
+        check_feasible([server.slot], f"inference server {server.name!r}")
         # Each waiting request holds one of the actor's threads: the queue is capped to what
         # the threads allow, so that a full queue answers Busy and close() still gets a thread.
-        self.max_queue = max_queue = min(max_queue, RAY_MAX_QUEUE)
-        options = {"max_batch_size": max_batch_size, "max_delay_ms": max_delay_ms, "max_queue": max_queue}
-        ray_options = actor_options(slot, self.actor_name, ray_reserve)
-        ray_options.update(name=self.actor_name, namespace=NAMESPACE, max_concurrency=max_queue + 8)
-        output.register(name, slot)
-        self.actor = ray.remote(ServerWorker).options(**ray_options).remote(slot.to_json(), model_ref, options, name)
+        server.max_queue = server.options["max_queue"] = min(server.max_queue, RAY_MAX_QUEUE)
+        return RayServer(ray, server, self.reserve, start_timeout_s)
+
+
+class RayServer:
+    """A started Ray server actor."""
+
+    def __init__(self, ray: Any, server: Any, reserve: bool, start_timeout_s: float) -> None:
+        from pytest_kerasmp.ray.actor import ServerWorker
+
+        self.ray = ray
+        self.name, self.slot, self.max_queue = server.name, server.slot, server.max_queue
+        self.actor_name = f"kerasmp-{server.name}-{secrets.token_hex(6)}"
+        self.address = f"ray:{self.actor_name}".encode()
+        self.cluster = ray.get_runtime_context().gcs_address
+        self.pid = 0
+        ray_options = actor_options(self.slot, self.actor_name, reserve)
+        ray_options.update(name=self.actor_name, namespace=NAMESPACE, max_concurrency=self.max_queue + 8)
+        output.register(server.name, self.slot)
+        self.actor = ray.remote(ServerWorker).options(**ray_options).remote(self.slot.to_json(), server.model_ref, server.options, server.name)
         try:
             info = self._wait_ready(start_timeout_s)
         except BaseException:
@@ -148,8 +150,6 @@ class RayInferenceServer(InferenceServer):
             raise
         self.pid = info["pid"]
         self.inputs, self.outputs = info["specs"]
-        lifecycle.register_owner(self)
-        self._client = self.client()
 
     def _who(self) -> str:
         return f"inference server {self.name!r} ({self.slot.describe()}{f', pid {self.pid}' if self.pid else ''})"
@@ -171,18 +171,12 @@ class RayInferenceServer(InferenceServer):
             raise error
         return info
 
-    def client(self, *, request_timeout_s: float | None = None, busy_timeout_s: float | None = None) -> RayInferenceClient:
-        """A picklable client for this server, for any process that can reach the cluster."""
+    def client(self, server: Any, request_timeout_s: float, busy_timeout_s: float) -> RayInferenceClient:
+        """A picklable client, for any process that can reach the cluster."""
         return RayInferenceClient(
-            self.actor_name, self.cluster, self.address, self.name, self.pid, self.slot.describe(), self.inputs, self.outputs,
-            self.request_timeout_s if request_timeout_s is None else request_timeout_s,
-            self.busy_timeout_s if busy_timeout_s is None else busy_timeout_s,
-            self.max_queue,
+            self.actor_name, self.cluster, self.address, self.name, self.pid, self.slot.describe(), self.inputs,
+            self.outputs, request_timeout_s, busy_timeout_s, self.max_queue,
         )
-
-    def stats(self) -> dict[str, Any]:
-        stats: dict[str, Any] = self.ray.get(self.actor.stats.remote(), timeout=self.request_timeout_s)
-        return stats
 
     def is_alive(self) -> bool:
         try:
@@ -191,43 +185,25 @@ class RayInferenceServer(InferenceServer):
             return False
         return True
 
-    def close(self, timeout: float = 30.0) -> None:
-        """Answer every accepted request, then stop; kill past ``timeout`` (with a warning
-        that carries the actor's stacks)."""
-        if self._closed:
-            return
-        deadline = time.monotonic() + timeout
-        for client in list(_clients.get(self.address, ())):
-            client._drain(deadline)
-        self._closed = True
-        _closed.add(self.address)
-        self._client.close()
+    def stop(self, timeout: float) -> str | None:
+        """Answer what it accepted, then end; past ``timeout``, its stacks and the kill."""
         ray = self.ray
         left = None
         try:
-            remaining = max(0.0, deadline - time.monotonic())
-            left = ray.get(self.actor.drain.remote(remaining), timeout=remaining + 2.0)
+            left = ray.get(self.actor.drain.remote(timeout), timeout=timeout + 2.0)
         except ray.exceptions.RayActorError:
             left = 0  # already gone: its requests failed with ServerDiedError
         except Exception:
             left = -1
+        stacks = None
         if left:
             try:
-                stacks = ray.get(self.actor.stacks.remote(), timeout=1.0)
+                stacks = ray.get(self.actor.stacks.remote(), timeout=1.0) or "(none)"
             except Exception:
-                stacks = None
-            warnings.warn(SERVER_CLOSE_TIMED_OUT.format(
-                name=self.name, pid=self.pid, slot=self.slot.describe(), timeout=timeout, stacks=stacks or "(none)",
-            ), KerasMPWarning, stacklevel=2)
-        kill_actor(self.actor)
-        placement.release(self.pid or None)
-        lifecycle.unregister_owner(self)
+                stacks = "(none)"
+        self.kill()
+        return stacks
 
-    def terminate(self, why: str = "terminated") -> None:
-        if self._closed:
-            return
-        self._closed = True
-        _closed.add(self.address)
+    def kill(self) -> None:
         kill_actor(self.actor)
         placement.release(self.pid or None)
-        lifecycle.unregister_owner(self)

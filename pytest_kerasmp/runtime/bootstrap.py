@@ -108,8 +108,10 @@ def _prepare(boot: dict[str, Any], stack_fd: int) -> None:
     placement.record(boot["role"].replace("-", " "), slot, label=boot["label"])  # as seen from inside
     if boot.get("main_path"):
         _import_main(boot["main_path"])
-    if boot["import_tensorflow"]:
-        import tensorflow  # noqa: F401  (warm: pay the import once, before any task)
+    if boot["warm_import"]:  # warm: pay the framework's import once, before any task
+        from pytest_kerasmp import frameworks
+
+        frameworks.active().warm_import()
 
 
 def _import_main(path: str) -> None:

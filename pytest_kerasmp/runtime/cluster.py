@@ -22,6 +22,7 @@ from concurrent.futures import FIRST_EXCEPTION, Future
 from concurrent.futures import wait as wait_futures
 from typing import Any
 
+from pytest_kerasmp import frameworks
 from pytest_kerasmp.errors import (
     CLUSTER_BUSY,
     CLUSTER_CLOSED,
@@ -40,9 +41,9 @@ from pytest_kerasmp.errors import (
     WorkerCrashedError,
     WorkerStartupError,
 )
-from pytest_kerasmp.runtime import lifecycle, ports
+from pytest_kerasmp.runtime import childio, owners, ports
+from pytest_kerasmp.runtime.clustertasks import TaskPool
 from pytest_kerasmp.runtime.lifecycle import Child, describe_exit
-from pytest_kerasmp.runtime.pool import WorkerPool
 from pytest_kerasmp.slots.devices import DeviceSlot
 
 HOST = ports.HOST
@@ -53,7 +54,7 @@ OUTPUT_LINES = 20
 FAILURE_GRACE_S = 0.5
 
 
-class TFCluster(lifecycle.Owned):
+class TFCluster(owners.Owned):
     """A TensorFlow cluster of ``workers`` tasks (and a chief if asked) on this machine.
 
     Each task is a warm process pinned to its own slot, with ``TF_CONFIG`` naming the cluster
@@ -110,12 +111,12 @@ class TFCluster(lifecycle.Owned):
         self.start_method = start_method
         #: How many times the tasks were started (a restart after a failure adds one).
         self.starts = 0
-        self._pool: _TaskPool | None = None
+        self._pool: TaskPool | None = None
         self._starting: list[Child] = []  # the children of the start in progress
         self._closed = False
         self._running: str | None = None
         self._lock = threading.Lock()
-        lifecycle.register_owner(self)
+        owners.register_owner(self)
         if start:
             self.start()
 
@@ -149,7 +150,7 @@ class TFCluster(lifecycle.Owned):
         self._starting = []
         try:
             self._claim_ports()
-            self._pool = _TaskPool(self)
+            self._pool = TaskPool(self)
         except ClusterStartError:  # a port taken or none free: said as it is
             self._release_ports()
             raise
@@ -199,20 +200,20 @@ class TFCluster(lifecycle.Owned):
             self._pool.close(timeout, cancel_pending=True)
             self._pool = None
         self._release_ports()
-        lifecycle.unregister_owner(self)
+        owners.unregister_owner(self)
 
     def terminate(self, why: str = "terminated") -> None:
         """End every task now (Ctrl-C, interpreter exit)."""
         self._closed = True
         self._teardown(why)
-        lifecycle.unregister_owner(self)
+        owners.unregister_owner(self)
 
     def close_after_with(self, failed: bool) -> None:
         self.close()
 
     # ---------------------------------------------------------------------------- private
 
-    def _run(self, pool: _TaskPool, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],
+    def _run(self, pool: TaskPool, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],
              name: str, timeout: float) -> list[Any]:
         __tracebackhide__ = True
         self._check_alive(pool, name)
@@ -250,7 +251,7 @@ class TFCluster(lifecycle.Owned):
         self._teardown(f"a task failed during run({name})")
         raise error
 
-    def _check_alive(self, pool: _TaskPool, fn: str) -> None:
+    def _check_alive(self, pool: TaskPool, fn: str) -> None:
         """A task that died between runs (the OOM killer, say) ends the cluster: say so."""
         workers = pool.workers()
         dead = next((i for i, w in enumerate(workers) if w.state == "dead" or w.child.exitcode is not None), None)
@@ -266,11 +267,11 @@ class TFCluster(lifecycle.Owned):
         self._teardown(f"task {self.task_names[dead]} died between runs")
         raise error
 
-    def _failure(self, pool: _TaskPool, futures: list[Future[Any]], failed: list[int], fn: str, timeout: float) -> ClusterTaskError:
+    def _failure(self, pool: TaskPool, futures: list[Future[Any]], failed: list[int], fn: str, timeout: float) -> ClusterTaskError:
         """The one error of a failed run: the first task that failed, or those still running."""
         stuck = [i for i, f in enumerate(futures) if not f.done()]
         workers = pool.workers()
-        stacks = lifecycle.dump_stacks_of([workers[i].child for i in stuck]) if stuck else {}
+        stacks = childio.dump_stacks_of([workers[i].child for i in stuck]) if stuck else {}
         if failed:
             i = failed[0]
             child, cause = workers[i].child, futures[i].exception()
@@ -369,69 +370,9 @@ class TFCluster(lifecycle.Owned):
         self.ports = []
 
     def tf_config(self, index: int) -> str:
+        """Task ``index``'s ``TF_CONFIG`` (the TensorFlow adapter's cluster environment)."""
         kind, number = self.tasks[index]
-        return json.dumps({"cluster": self.cluster_spec, "task": {"type": kind, "index": number}})
-
-
-class _TaskPool(WorkerPool):
-    """The cluster's processes: a pool whose worker i is task i (``TF_CONFIG`` set before
-    TensorFlow is imported), never replaced (the cluster restarts all of them together)."""
-
-    replace_workers = False
-
-    def __init__(self, cluster: TFCluster) -> None:
-        self.cluster = cluster
-        super().__init__(
-            cluster.slots, start_method=cluster.start_method, start_timeout_s=cluster.start_timeout_s,
-            name=cluster.name, initializer=_task_setup, initargs=(cluster.collective_timeout_s,),
-        )
-
-    def start_child(self, index: int, slot: DeviceSlot) -> Child:
-        cluster = self.cluster
-        task = cluster.task_names[index]
-        child = Child(
-            "cluster-task",
-            f"kerasmp-{cluster.name}-{task.replace(':', '')}",
-            slot,
-            (self._init_call,),
-            start_method=self.start_method,
-            who=f"task {task} ({{slot}}, pid {{pid}}) of cluster {cluster.name!r}",
-            label=f"{cluster.name} {task}",
-            env={"TF_CONFIG": cluster.tf_config(index)},
-        )
-        cluster._starting.append(child)
-        return child
-
-    def submit_to(self, index: int, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Future[Any]:
-        return self._submit(fn, args, kwargs, None, index)
-
-    def workers(self) -> list[Any]:
-        return list(self._dispatcher.workers)
-
-
-# ------------------------------------------------------------------------------ in the tasks
-
-
-def _task_setup(collective_timeout_s: float | None) -> None:
-    """Run in each task after TensorFlow is imported, before any op: strategies created
-    without a collective timeout get the cluster's."""
-    if collective_timeout_s is None:
-        return
-    import tensorflow as tf
-    from tensorflow.python.distribute import collective_all_reduce_strategy as module
-
-    strategy = module.CollectiveAllReduceStrategy
-    original = strategy.__init__
-
-    def __init__(self: Any, cluster_resolver: Any = None, communication_options: Any = None) -> None:
-        default = tf.distribute.experimental.CommunicationOptions(timeout_seconds=collective_timeout_s)
-        if communication_options is None:
-            communication_options = default
-        elif communication_options.timeout_seconds is None:
-            communication_options = communication_options.merge(default)
-        original(self, cluster_resolver=cluster_resolver, communication_options=communication_options)
-
-    strategy.__init__ = __init__
+        return frameworks.get("tensorflow").cluster_environ(self.cluster_spec, kind, number)["TF_CONFIG"]
 
 
 def task_info() -> tuple[str, int] | None:

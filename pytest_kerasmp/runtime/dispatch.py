@@ -34,7 +34,8 @@ from pytest_kerasmp.errors import (
     unpack_exception,
     with_stacks,
 )
-from pytest_kerasmp.runtime.lifecycle import Child, dump_stacks_of
+from pytest_kerasmp.runtime.childio import dump_stacks_of
+from pytest_kerasmp.runtime.lifecycle import Child
 from pytest_kerasmp.runtime.taskqueue import MAX_START_ATTEMPTS, QueuedTask, TaskQueue, resolve
 from pytest_kerasmp.runtime.transport import Arena
 from pytest_kerasmp.runtime.wire import Done, Failed, Ready, Started, Stop, Task
@@ -84,8 +85,9 @@ class Dispatcher(TaskQueue):
 
     workers: list[Worker]
 
-    def __init__(self, pool: Any, workers: list[Worker]) -> None:
+    def __init__(self, pool: Any, backend: Any, workers: list[Worker]) -> None:
         super().__init__(pool, workers)
+        self.backend = backend  # the LocalBackend that starts replacements (a cluster's own)
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_w, False)
         self.thread = threading.Thread(target=self.run, name=f"kerasmp-{self.name}-dispatch", daemon=True)
@@ -111,6 +113,18 @@ class Dispatcher(TaskQueue):
                 task, w.task = w.task, None
                 w.child.kill()
                 self.fail(task, with_stacks(self._closed_running(w, task, why), (stacks or {}).get(w.child.pid)))
+
+    def kill_workers(self) -> None:
+        """SIGKILL every worker now (terminate): the loop then fails their tasks."""
+        for w in self.workers:
+            w.child.kill()
+
+    def finish(self, why: str, stop_timeout: float) -> None:
+        """After the loop stopped (or is stuck): fail what is left with ``why``, end every
+        worker within ``stop_timeout`` (idle ones are asked first), close the wake-up pipe."""
+        self.fail_everything(why)
+        self.stop_workers(stop_timeout)
+        self.close_fds()
 
     def close_fds(self) -> None:
         with self.lock:
@@ -290,7 +304,7 @@ class Dispatcher(TaskQueue):
     def _restart(self, w: Worker, crashed_at: float | None, failed_starts: int = 0) -> None:
         while True:
             try:
-                child = self.pool.start_child(w.index, w.slot)
+                child = self.backend.start_child(self.pool, w.index, w.slot)
                 break
             except Exception as exc:  # e.g. out of file descriptors: counts as a failed start
                 failed_starts += 1

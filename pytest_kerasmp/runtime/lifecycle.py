@@ -6,19 +6,16 @@ each line it prints with a prefix that says who printed it (role, slot, pid) int
 owner's ``sys.stderr`` (so it lands in the captured output of the running test), waits for
 its ``Ready`` together with its exit, describes any exit (any code, any signal, named or
 not), dumps the Python stacks of every thread before it kills a stuck child, and ends it:
-terminate, then kill its process group. Owners (pools, servers) register here so that an
-interrupt or the interpreter's exit ends all of them within seconds.
+terminate, then kill its process group. The owners of children (pools, servers, clusters)
+register in ``owners``, which ends them all on an interrupt, SIGTERM or the interpreter's exit.
 """
 
 from __future__ import annotations
 
-import atexit
 import collections
 import multiprocessing
 import os
 import pickle
-import re
-import select
 import signal
 import socket
 import subprocess
@@ -28,8 +25,9 @@ import time
 import weakref
 from multiprocessing.connection import Connection, wait
 from pathlib import Path
-from typing import Any, Protocol, Self
+from typing import Any
 
+from pytest_kerasmp import frameworks
 from pytest_kerasmp.errors import (
     MAIN_NOT_GUARDED,
     NOT_STARTED_TERMINATING,
@@ -37,51 +35,25 @@ from pytest_kerasmp.errors import (
     STARTUP_ADVICE_TRACEBACK,
     STARTUP_FAILED,
     STARTUP_TIMED_OUT,
-    TERMINATED,
     RemoteTraceback,
-    Terminated,
     WorkerStartupError,
     with_stacks,
 )
 from pytest_kerasmp.runtime import bootstrap
+from pytest_kerasmp.runtime.childio import STACK_DUMP_S, dump_stacks_of, is_chatter, quiet_logs, read_lines
 from pytest_kerasmp.runtime.wire import Ready, StartupError
 from pytest_kerasmp.slots.devices import DeviceSlot
 
 START_METHODS = ("spawn", "forkserver")
-#: Brings TensorFlow's C++ start-up messages back in the plugin's processes ("1").
-TF_LOGS_ENV = "PYTEST_KERASMP_TF_LOGS"
 #: Lines of each child's output kept for error messages.
 OUTPUT_TAIL = 200
-STACK_DUMP_S = 1.0
-#: TensorFlow's start-up chatter that TF_CPP_MIN_LOG_LEVEL does not silence (absl's banner,
-#: info lines in glog format): kept in the output tail for error messages, not printed.
-_CHATTER = re.compile(r"^(WARNING: All log messages before absl::InitializeLog\(\)|I\d{4} [\d:.]+ )")
-#: TensorFlow's failed probe for CUDA: chatter on a CPU slot, which hides every GPU on purpose.
-_NO_CUDA = re.compile(r"^E\d{4} .*failed call to cuInit")
 
 _PACKAGE_ROOT = str(Path(__file__).resolve().parent.parent)
 _children: weakref.WeakSet[Child] = weakref.WeakSet()
 
 
-class Owner(Protocol):
-    def terminate(self, why: str) -> None: ...
-
-
-_owners: weakref.WeakSet[Any] = weakref.WeakSet()
-_killers: set[Any] = set()
-#: Why this process is ending (SIGTERM), once it is: no child is started after that.
+#: Why this process is ending (SIGTERM, see ``owners``), once it is: no child starts after that.
 terminating: str | None = None
-
-
-def quiet_logs() -> bool:
-    """Whether TensorFlow's start-up chatter is kept out of the plugin's processes' output."""
-    return os.environ.get(TF_LOGS_ENV, "") in ("", "0")
-
-
-def is_chatter(line: str, slot_kind: str) -> bool:
-    """TensorFlow's start-up chatter; on a CPU slot also its failed probe for CUDA (on a GPU
-    slot that line says why TensorFlow found no GPU, so it is shown)."""
-    return bool(_CHATTER.match(line)) or (slot_kind == "CPU" and bool(_NO_CUDA.match(line)))
 
 
 def describe_exit(code: int | None) -> tuple[str, str]:
@@ -113,7 +85,7 @@ class Child:
         slot: The slot it pins itself to before anything imports TensorFlow.
         args: Arguments of the role's entry point (pickled; unpickled after pinning).
         start_method: ``"spawn"`` or ``"forkserver"``.
-        import_tensorflow: Import TensorFlow before the entry point (warm).
+        warm_import: Import the framework under Keras before the entry point (warm).
         who: How messages name it: a template with ``{slot}`` and ``{pid}``, e.g.
             ``"worker 0 ({slot}, pid {pid}) of pool 'x'"``.
         label: How the session's placement table names it (default: ``name``).
@@ -128,7 +100,7 @@ class Child:
         args: tuple[Any, ...],
         *,
         start_method: str = "spawn",
-        import_tensorflow: bool = True,
+        warm_import: bool = True,
         who: str = "",
         label: str = "",
         env: dict[str, str] | None = None,
@@ -147,7 +119,7 @@ class Child:
         env = {**(env or {}), "PYTEST_KERASMP_ROLE": role}
         self._quiet = quiet_logs()
         if self._quiet:
-            env["TF_CPP_MIN_LOG_LEVEL"] = os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2")
+            env.update(frameworks.active().quiet_environ())
         boot = {
             "role": role,
             "name": name,
@@ -157,7 +129,7 @@ class Child:
             "env": env,
             "sys_path": list(sys.path),
             "main_path": main_script(),
-            "import_tensorflow": import_tensorflow,
+            "warm_import": warm_import,
             "args": pickle.dumps(args, protocol=5),
         }
         self._stack_r, stack_w = os.pipe()
@@ -201,7 +173,7 @@ class Child:
 
     def _start_forked(self, boot: dict[str, Any], stack_w: int) -> None:
         ctx = multiprocessing.get_context("forkserver")
-        ctx.set_forkserver_preload(["pytest_kerasmp.runtime.bootstrap", "tensorflow"])
+        ctx.set_forkserver_preload(["pytest_kerasmp.runtime.bootstrap", frameworks.active().module])
         self.conn, theirs = ctx.Pipe(duplex=True)
         out_r, out_w = os.pipe()
         output, stacks = Connection(out_w, readable=False), Connection(stack_w, readable=False)
@@ -294,6 +266,11 @@ class Child:
         """The Python stacks of every thread of the (stuck) child, or None if it gave none."""
         return dump_stacks_of([self], timeout).get(self.pid)
 
+    @property
+    def stack_fd(self) -> int:
+        """Where the child's faulthandler writes its stacks (SIGUSR1)."""
+        return self._stack_r
+
     def kill(self) -> None:
         """SIGKILL the child and whatever its tasks started (its process group), now.
         Nothing once it was stopped (its group was killed then; the pid may be reused)."""
@@ -348,6 +325,25 @@ class Child:
             self.sentinel = -1
         _children.discard(self)
 
+    def _relay(self) -> None:
+        """Copy the child's output, line by line with its prefix, to the owner's stderr."""
+        try:
+            read_lines(self._out_fd, self._emit)
+        finally:
+            if self._popen is None:
+                os.close(self._out_fd)
+            elif self._popen.stdout is not None:
+                self._popen.stdout.close()
+
+    def _emit(self, line: str) -> None:
+        self.output.append(line)
+        if self._quiet and self._chatter(line):
+            return
+        try:
+            sys.stderr.write(self.prefix + line + "\n")
+        except (ValueError, OSError):
+            pass  # the owner's stderr is closed (interpreter exit)
+
     def wait(self, timeout: float) -> bool:
         """Wait up to ``timeout`` for the child to exit by itself; whether it has."""
         self._reap(timeout)
@@ -361,39 +357,6 @@ class Child:
                 pass
         else:
             self._process.join(timeout)
-
-    def _relay(self) -> None:
-        """Copy the child's output, line by line with its prefix, to the owner's stderr."""
-        pending = b""
-        fd = self._out_fd
-        try:
-            while True:
-                try:
-                    data = os.read(fd, 65536)
-                except OSError:
-                    break
-                if not data:
-                    break
-                *lines, pending = (pending + data).split(b"\n")
-                for line in lines:
-                    self._emit(line.decode(errors="replace"))
-            if pending:
-                self._emit(pending.decode(errors="replace"))
-        finally:
-            if self._popen is None:
-                os.close(fd)
-            elif self._popen.stdout is not None:
-                self._popen.stdout.close()
-
-    def _emit(self, line: str) -> None:
-        self.output.append(line)
-        if self._quiet and self._chatter(line):
-            return
-        try:
-            sys.stderr.write(self.prefix + line + "\n")
-        except (ValueError, OSError):
-            pass  # the owner's stderr is closed (interpreter exit)
-
 
 def wait_all_ready(
     children: list[Child], timeout: float, died_error: type[Exception] = WorkerStartupError
@@ -416,41 +379,6 @@ def wait_all_ready(
     return [ready[i] for i in range(len(children))]
 
 
-def dump_stacks_of(children: list[Child], timeout: float = STACK_DUMP_S) -> dict[int, str | None]:
-    """The Python stacks of every thread of each (stuck) child, by pid: all are asked at
-    once (faulthandler on SIGUSR1), then all answers read within one ``timeout``."""
-    asked = []
-    for child in children:
-        if child.is_alive():
-            try:
-                os.kill(child.pid, signal.SIGUSR1)
-                asked.append(child)
-            except ProcessLookupError:
-                pass
-    chunks: dict[int, list[bytes]] = {c._stack_r: [] for c in asked}
-    by_fd = {c._stack_r: c for c in asked}
-    deadline, quiet = time.monotonic() + timeout, 0.15
-    open_fds = set(by_fd)
-    while open_fds and time.monotonic() < deadline:
-        waiting = [fd for fd in open_fds if not chunks[fd]]
-        pause = deadline - time.monotonic() if waiting else quiet
-        ready, _, _ = select.select(list(open_fds), [], [], max(0.0, pause))
-        if not ready:
-            if not waiting:
-                break  # every child answered and has been quiet for a moment
-            continue
-        for fd in ready:
-            try:
-                data = os.read(fd, 65536)
-            except OSError:
-                data = b""
-            if data:
-                chunks[fd].append(data)
-            else:
-                open_fds.discard(fd)
-    return {by_fd[fd].pid: (b"".join(parts).decode(errors="replace") or None) for fd, parts in chunks.items()}
-
-
 def main_script() -> str | None:
     """The owner's ``__main__`` script, if children should import it (a ``.py`` file run as
     ``python script.py``; not ``python -m``, a console script or an interactive session)."""
@@ -469,130 +397,13 @@ def _kill_group(pid: int) -> None:
         pass
 
 
-# -------------------------------------------------------------------------------- owners
-
-
-class Owned:
-    """The ``with`` statement of an owner (pool, server, cluster): on Ctrl-C or SystemExit in
-    the block it is terminated now; otherwise closed by ``close_after_with``."""
-
-    def terminate(self, why: str = "terminated") -> None:
-        raise NotImplementedError
-
-    def close_after_with(self, failed: bool) -> None:
-        """Close after the block; ``failed``: the block raised an ordinary exception."""
-        raise NotImplementedError
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(self, exc_type: type[BaseException] | None, *_: object) -> None:
-        if exc_type is not None and not issubclass(exc_type, Exception):
-            self.terminate(f"{exc_type.__name__} in the with block")
-        else:
-            self.close_after_with(exc_type is not None)
-
-
-def register_owner(owner: Owner) -> None:
-    _owners.add(owner)
-    install_sigterm_handler()  # a script that owns processes: SIGTERM ends them too
-
-
-def add_killer(kill: Any) -> None:
-    """Have ``kill()`` (lock-free, quick) run when the process is terminated: for processes
-    started outside ``Child`` (a local Ray cluster's daemons)."""
-    _killers.add(kill)
-
-
-def remove_killer(kill: Any) -> None:
-    _killers.discard(kill)
-
-
-def kill_now(why: str) -> None:
-    """SIGKILL every child's process group now, without taking any lock (from a signal
-    handler): the owners' orderly ``terminate`` may run later; no child starts after this."""
-    global terminating
-    terminating = why
-    for child in list(_children):
-        child.kill()
-    for kill in list(_killers):
-        try:
-            kill()
-        except Exception:
-            pass
-
-
-# ------------------------------------------------------------------------------ SIGTERM
-
-#: The installed SIGTERM handler's state: the handler it replaced, and what to do after.
-_sigterm: dict[str, Any] = {}
-#: Called by the SIGTERM handler after the kill (the xdist controller forwards it to its workers).
-on_sigterm: list[Any] = []
-
-
-def install_sigterm_handler(*, interrupt: str | None = None) -> None:
-    """End this process's children within milliseconds when it gets SIGTERM, then chain to the
-    handler that was there: a Python handler is called; the default then ends the process as
-    SIGTERM does. With ``interrupt`` (a pytest process: who it is), raise :class:`Terminated`
-    after the chain instead, so the session ends as after Ctrl-C. Main thread only; a SIGTERM
-    that is ignored stays ignored; a second SIGTERM ends the process at once."""
-    if threading.current_thread() is not threading.main_thread():
-        return
-    current = signal.getsignal(signal.SIGTERM)
-    if current is _on_sigterm:
-        if interrupt is not None:
-            _sigterm["interrupt"] = interrupt
-        return
-    if current == signal.SIG_IGN or current is None:
-        return
-    _sigterm.update(previous=current, interrupt=interrupt, received=0)
-    signal.signal(signal.SIGTERM, _on_sigterm)
-
-
-def uninstall_sigterm_handler() -> None:
-    """Put back the handler :func:`install_sigterm_handler` replaced."""
-    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) is _on_sigterm:
-        signal.signal(signal.SIGTERM, _sigterm.get("previous", signal.SIG_DFL))
-
-
-def _on_sigterm(signum: int, frame: Any) -> None:
-    _sigterm["received"] += 1
-    kill_now(f"SIGTERM to pid {os.getpid()}")
-    previous, interrupt = _sigterm["previous"], _sigterm["interrupt"]
-    if _sigterm["received"] > 1:  # asked twice: end now, as SIGTERM does by default
-        previous = signal.SIG_DFL
-        interrupt = None
-    else:
-        for hook in list(on_sigterm):
-            hook()
-    if callable(previous):
-        previous(signum, frame)
-    if interrupt is not None:
-        raise Terminated(TERMINATED.format(who=interrupt, pid=os.getpid()))
-    if previous == signal.SIG_DFL:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        os.kill(os.getpid(), signal.SIGTERM)
-
-
-def unregister_owner(owner: Owner) -> None:
-    _owners.discard(owner)
-
-
-def terminate_all(why: str) -> None:
-    """End every pool and server of this process now (Ctrl-C, interpreter exit): pending
-    work fails with the reason, running work is killed. Returns within seconds."""
-    for owner in list(_owners):
-        try:
-            owner.terminate(why)
-        except Exception:  # one owner's failure must not keep the others alive
-            pass
-    for child in list(_children):
-        child.kill()
-
-
 def live_children() -> list[Child]:
     """The children of this process that have not been stopped (for leak checks)."""
     return [c for c in _children if not c._stopped]
 
 
-atexit.register(terminate_all, "the interpreter exited")
+def kill_children() -> None:
+    """SIGKILL every child's process group now, without taking any lock (from a signal
+    handler, or when the owners are ended)."""
+    for child in list(_children):
+        child.kill()

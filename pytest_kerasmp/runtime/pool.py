@@ -13,11 +13,9 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future
 from concurrent.futures import wait as wait_futures
-from typing import Any, Self
+from typing import Any
 
 from pytest_kerasmp.errors import (
-    BACKEND_UNKNOWN,
-    FORK_REFUSED,
     MAP_TIMED_OUT,
     POOL_BROKEN,
     POOL_CLOSED,
@@ -25,17 +23,14 @@ from pytest_kerasmp.errors import (
     PoolClosedError,
     TaskTimeoutError,
 )
-from pytest_kerasmp.ray.connect import CONNECT_TIMEOUT_S
-from pytest_kerasmp.runtime import lifecycle
-from pytest_kerasmp.runtime.dispatch import Dispatcher, PoolStats, Worker
-from pytest_kerasmp.runtime.lifecycle import START_METHODS, Child
-from pytest_kerasmp.runtime.taskqueue import interrupted_why, is_interrupt, new_task
+from pytest_kerasmp.runtime import backends, owners
+from pytest_kerasmp.runtime.backends import PoolBackend
+from pytest_kerasmp.runtime.dispatch import PoolStats
+from pytest_kerasmp.runtime.taskqueue import TaskQueue, interrupted_why, is_interrupt, new_task
 from pytest_kerasmp.runtime.transport import dumps_call
 from pytest_kerasmp.slots.devices import DeviceSlot
 
 __all__ = ["PoolStats", "WorkerPool"]
-
-BACKENDS = ("local", "ray")
 
 
 def checked_slots(slots: Sequence[DeviceSlot]) -> tuple[DeviceSlot, ...]:
@@ -46,7 +41,7 @@ def checked_slots(slots: Sequence[DeviceSlot]) -> tuple[DeviceSlot, ...]:
     return slots
 
 
-class WorkerPool(lifecycle.Owned):
+class WorkerPool(owners.Owned):
     """Warm worker processes, one per slot (a slot given twice runs two workers on it).
 
     Each worker is pinned to its slot with :func:`~pytest_kerasmp.pin_process` before it
@@ -67,32 +62,18 @@ class WorkerPool(lifecycle.Owned):
         import_tensorflow: Import TensorFlow in each worker before it is ready (warm).
         backend: ``"local"`` (default): child processes of this one; ``"ray"``: one Ray
             actor per slot (slots from :func:`~pytest_kerasmp.plan_ray_slots`), same API and
-            errors; see README "Beyond one machine: the Ray backend".
+            errors; or an execution backend object (``pytest_kerasmp.runtime.backends``).
         ray_address: With ``backend="ray"``: the cluster to connect to (default: the one this
             process is connected to, else a new local one).
         ray_reserve: With ``backend="ray"``: reserve the slots' CPUs in Ray (default), or
             share them with other pools and servers on the same slots (as local pools do).
         ray_timeout_s: With ``backend="ray"`` and an address: the bound on connecting to it
-            (:class:`~pytest_kerasmp.RayConnectError` past it, saying what was tried).
+            (default 30 s; :class:`~pytest_kerasmp.RayConnectError` past it, saying what was
+            tried).
     """
 
     #: Whether a worker that dies is replaced (a cluster's owner restarts all of them instead).
     replace_workers = True
-    _init_args: tuple[tuple[Any, ...], dict[str, Any]]
-    #: Why the pool was closed or terminated (the first reason), for health().
-    _ended_why: str | None = None
-
-    def __new__(cls, *args: Any, backend: str = "local", **kwargs: Any) -> Self:
-        if backend not in BACKENDS:
-            raise ValueError(BACKEND_UNKNOWN.format(backend=backend))
-        if backend == "ray" and cls is WorkerPool:
-            from pytest_kerasmp.ray.pool import RayWorkerPool
-
-            pool: WorkerPool = super().__new__(RayWorkerPool)
-        else:
-            pool = super().__new__(cls)
-        pool._init_args = (args, {**kwargs, "backend": backend})  # for restart()
-        return pool  # type: ignore[return-value]
 
     def __init__(
         self,
@@ -105,59 +86,40 @@ class WorkerPool(lifecycle.Owned):
         start_timeout_s: float = 120.0,
         name: str = "pool",
         import_tensorflow: bool = True,
-        backend: str = "local",
+        backend: str | PoolBackend = "local",
         ray_address: str | None = None,
         ray_reserve: bool = True,
-        ray_timeout_s: float = CONNECT_TIMEOUT_S,
+        ray_timeout_s: float | None = None,
     ) -> None:
-        if start_method == "fork":
-            raise ValueError(FORK_REFUSED)
-        if start_method not in START_METHODS:
-            raise ValueError(f"start_method={start_method!r} is not one of {START_METHODS}")
+        self._init_args = (slots, {
+            "start_method": start_method, "initializer": initializer, "initargs": initargs,
+            "task_timeout_s": task_timeout_s, "start_timeout_s": start_timeout_s, "name": name,
+            "import_tensorflow": import_tensorflow, "backend": backend, "ray_address": ray_address,
+            "ray_reserve": ray_reserve, "ray_timeout_s": ray_timeout_s,
+        })  # for restart()
+        self.backend = backends.pool_backend(
+            backend, start_method=start_method, ray_address=ray_address, ray_reserve=ray_reserve, ray_timeout_s=ray_timeout_s,
+        )
+        self.start_method = self.backend.start_method
         self.name = name
         self.slots = checked_slots(slots)
-        self.start_method = start_method
         self.task_timeout_s = task_timeout_s
         self.start_timeout_s = start_timeout_s
         self.stats = PoolStats()
-        self._import_tf = import_tensorflow
-        self._init_call: bytes | None = None
+        #: Import the framework in each worker before it is ready (``import_tensorflow``).
+        self.warm_import = import_tensorflow
+        #: The initializer's call, pickled (run once in every worker).
+        self.init_call: bytes | None = None
         if initializer is not None:
-            self._init_call, _ = dumps_call(initializer, tuple(initargs), {}, out_of_band=False)
+            self.init_call, _ = dumps_call(initializer, tuple(initargs), {}, out_of_band=False)
         self._ids = itertools.count()
         self._closed = self._finished = False
-        self._ended_why = None
+        self._ended_why: str | None = None  # why it was closed or terminated (the first reason)
         t0 = time.monotonic()
-        children: list[Child] = []
-        try:
-            for i, slot in enumerate(self.slots):
-                children.append(self.start_child(i, slot))
-            lifecycle.wait_all_ready(children, start_timeout_s)
-        except BaseException:
-            for child in children:
-                child.kill()
-            for child in children:
-                child.stop(grace=0.0)
-            raise
+        self._dispatcher: TaskQueue = self.backend.start(self)
         self.stats.start_s = time.monotonic() - t0
-        workers = [Worker(index=i, slot=s, child=c, state="idle") for i, (s, c) in enumerate(zip(self.slots, children, strict=True))]
-        self._dispatcher = Dispatcher(self, workers)
-        lifecycle.register_owner(self)
+        owners.register_owner(self)
         self._dispatcher.thread.start()
-
-    def start_child(self, index: int, slot: DeviceSlot) -> Child:
-        """Start worker ``index`` on ``slot`` (also used to replace a dead worker)."""
-        kind = f"gpu{slot.gpu}" if slot.kind == "GPU" else f"cpu{slot.index}"
-        return Child(
-            "pool-worker",
-            f"kerasmp-{self.name}-w{index}-{kind}",
-            slot,
-            (self._init_call,),
-            start_method=self.start_method,
-            import_tensorflow=self._import_tf,
-            who=f"worker {index} ({{slot}}, pid {{pid}}) of pool {self.name!r}",
-            label=f"{self.name} w{index}",
-        )
 
     # ----------------------------------------------------------------------------- public
 
@@ -194,6 +156,10 @@ class WorkerPool(lifecycle.Owned):
         the pid on the worker's node)."""
         return [w.pid if w.state != "dead" else None for w in self._dispatcher.workers]
 
+    def nodes(self) -> list[str]:
+        """The Ray node id of each worker's slot ("" for a local slot)."""
+        return [w.slot.node for w in self._dispatcher.workers]
+
     def health(self) -> str | None:
         """None while the pool can run tasks; else why it cannot (closed, terminated, broken)."""
         if self._closed:
@@ -208,9 +174,9 @@ class WorkerPool(lifecycle.Owned):
         the same object serves again (the session pool fixture uses this)."""
         if not self._finished:
             self.terminate("restarted")
-        args, kwargs = self._init_args
+        slots, options = self._init_args
         try:
-            self.__init__(*args, **kwargs)  # type: ignore[misc]
+            self.__init__(slots, **options)  # type: ignore[misc]
         except BaseException as exc:
             self._closed = self._finished = True
             self._ended_why = f"its restart failed ({type(exc).__name__}: {exc})"
@@ -251,8 +217,7 @@ class WorkerPool(lifecycle.Owned):
             return
         d = self._begin_close(f"it was terminated ({why})")
         d.abort = why
-        for w in d.workers:
-            w.child.kill()
+        d.kill_workers()
         d.wake()
         d.thread.join(2.0)
         self._finish(why, stop_timeout=0.0)
@@ -277,7 +242,7 @@ class WorkerPool(lifecycle.Owned):
             raise PoolClosedError(POOL_CLOSED.format(pool=self.name, fn=name))
         if d.broken is not None:
             raise PoolBrokenError(POOL_BROKEN.format(pool=self.name, cause=d.broken))
-        call, buffers = dumps_call(fn, args, kwargs)
+        call, buffers = self.backend.pack(fn, args, kwargs)
         task = new_task(d, next(self._ids), call, buffers, name, timeout_s, worker)
         d.enqueue(task)
         return task.future
@@ -301,7 +266,7 @@ class WorkerPool(lifecycle.Owned):
             ))
         return [f.result() for f in futures]
 
-    def _begin_close(self, why: str) -> Dispatcher:
+    def _begin_close(self, why: str) -> TaskQueue:
         """Refuse new tasks from now on; no worker is replaced any more."""
         d = self._dispatcher
         self._ended_why = self._ended_why or why
@@ -312,9 +277,6 @@ class WorkerPool(lifecycle.Owned):
 
     def _finish(self, why: str, stop_timeout: float) -> None:
         """After the dispatcher stopped: resolve whatever is left, end every worker."""
-        d = self._dispatcher
-        d.fail_everything(why)
-        d.stop_workers(stop_timeout)
-        d.close_fds()
+        self._dispatcher.finish(why, stop_timeout)
         self._finished = True
-        lifecycle.unregister_owner(self)
+        owners.unregister_owner(self)

@@ -1,10 +1,10 @@
 """The inference server process: owns one model on one slot and batches every client's requests.
 
-Runs in a spawned child. It pins its slot, imports TensorFlow, loads the ModelRef, traces one
-forward function with a ``None`` batch axis (one trace for every batch size: no padding and
-no retracing), then serves a Unix socket in the abstract namespace (no file to clean up).
+Runs in a spawned child. It pins its slot, imports the framework under Keras, loads the
+ModelRef, compiles one forward function with the framework's adapter (``frameworks``) with a
+``None`` batch axis (one trace for every batch size: no padding and no retracing), then serves a Unix socket in the abstract namespace (no file to clean up).
 
-The messages are ``_wire``'s (arrays always in the connection's arenas, see transport); every
+The messages are ``wire``'s (arrays always in the connection's arenas, see transport); every
 answer carries its request's id. The owner's control connection gets ``Ready`` (with the
 model's input and output specs, which the owner hands to its clients so that they check
 requests with :func:`input_problem` before sending; the server checks again) and sends
@@ -83,24 +83,18 @@ class _Client:
 class _Server:
     def __init__(self, model: Any, options: dict[str, Any]) -> None:
         import numpy as np
-        import tensorflow as tf
 
-        self.np, self.tf = np, tf
+        from pytest_kerasmp import frameworks
+
+        self.np = np
         self.model = model
         self.max_batch = int(options["max_batch_size"])
         self.max_delay = float(options["max_delay_ms"]) / 1e3
         self.max_queue = int(options["max_queue"])
         self.inputs = [(tuple(t.shape[1:]), np.dtype(t.dtype).str, t.name) for t in model.inputs]
-        specs = [tf.TensorSpec((None, *shape), np.dtype(dtype)) for shape, dtype, _ in self.inputs]
-        multi = len(specs) > 1
-
-        def forward(*xs: Any) -> Any:
-            out = model(list(xs) if multi else xs[0], training=False)
-            return out if isinstance(out, (list, tuple)) else [out]
-
-        self.forward = tf.function(forward, input_signature=specs)
+        self.forward = frameworks.active().forward(model, self.inputs)  # compiled once, any batch size
         warm = [np.zeros((1, *shape), dtype) for shape, dtype, _ in self.inputs]
-        outs = [o.numpy() for o in self.forward(*warm)]
+        outs = self.forward(*warm)
         self.outputs = [(tuple(o.shape[1:]), o.dtype.str) for o in outs]
         self.pending: collections.deque[tuple[_Request, int, int]] = collections.deque()
         self.waiting = 0  # accepted requests not yet answered
@@ -186,7 +180,7 @@ class _Server:
                 np.concatenate([req.inputs[k][a:b] for req, a, b in taken]).astype(dtype, copy=False)
                 for k, (_, dtype, _) in enumerate(self.inputs)
             ]
-            outs = [o.numpy() for o in self.forward(*batch)]
+            outs = self.forward(*batch)
         except Exception as exc:  # the model failed: every request in this batch gets the error
             self.stats["errors"] += 1
             for req in {id(r): r for r, _, _ in taken}.values():
@@ -254,7 +248,7 @@ class _Server:
         stats["queue_wait_p50_s"], stats["queue_wait_p99_s"] = pct(self.queue_wait, 50), pct(self.queue_wait, 99)
         stats["compute_p50_s"], stats["compute_p99_s"] = pct(self.compute, 50), pct(self.compute, 99)
         stats["waiting"] = self.waiting
-        stats["traces"] = int(self.forward.experimental_get_tracing_count())
+        stats["traces"] = self.forward.traces()
         return stats
 
 

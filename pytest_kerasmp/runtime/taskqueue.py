@@ -133,8 +133,20 @@ class TaskQueue:
         self.broken: str | None = None  # why nothing more can run
         self.broken_cause: BaseException | None = None  # the error behind it
 
+    #: The dispatcher's loop (started by the pool).
+    thread: threading.Thread
+
     def wake(self) -> None:
         """Wake the dispatcher's loop (the backend's way)."""
+        raise NotImplementedError
+
+    def kill_workers(self) -> None:
+        """Kill every worker now (the pool is being terminated; the loop fails their tasks)."""
+        raise NotImplementedError
+
+    def finish(self, why: str, stop_timeout: float) -> None:
+        """After the loop stopped (or is stuck): fail what is left with ``why``, end every
+        worker within ``stop_timeout``, free what the dispatcher holds."""
         raise NotImplementedError
 
     def enqueue(self, task: QueuedTask) -> None:

@@ -169,10 +169,9 @@ def _live_kind(obj: Any) -> str | None:
             return "keras optimizer"
         if isinstance(obj, keras.Variable):
             return "keras.Variable"
-    tf = sys.modules.get("tensorflow")
-    if tf is not None and hasattr(tf, "Variable") and isinstance(obj, tf.Variable):
-        return "tf.Variable"
-    return None
+    from pytest_kerasmp import frameworks
+
+    return frameworks.live_kind(obj)
 
 
 def _take_buffer(buffers: list[Any], buf: pickle.PickleBuffer) -> bool:

@@ -20,6 +20,7 @@ from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Literal, TypeVar
 
+from pytest_kerasmp import frameworks
 from pytest_kerasmp.errors import KerasMPWarning
 
 #: Fake the GPU list, for tests and dry runs on machines without one: a count ("2") or
@@ -106,29 +107,21 @@ class DeviceSlot:
         return f"{self.name} cores {{{', '.join(map(str, self.cores))}}}{where}"
 
     def environ(self, *, memory_growth: bool | None = None) -> dict[str, str]:
-        """Environment variables that pin a process to this slot.
+        """Environment variables that pin a process to this slot, for the session's Keras
+        backend (its adapter adds its own: TensorFlow's thread counts and memory growth).
 
-        Set them before TensorFlow initialises its devices. ``memory_growth`` defaults to
+        Set them before the framework initialises its devices. ``memory_growth`` defaults to
         on for every GPU slot without a memory cap: a pinned process may share its GPU with
-        the process that started it or with another pool on the same slot, and TensorFlow's
+        the process that started it or with another pool on the same slot, and a framework's
         default (map nearly all of the GPU) would starve them. A cap replaces growth.
         """
+        growth = True if memory_growth is None else memory_growth
         if self.kind == "GPU":
-            growth = True if memory_growth is None else memory_growth
             env = {"CUDA_VISIBLE_DEVICES": str(self.gpu)}
-            if growth and self.memory_limit_mb is None:
-                # TensorFlow refuses growth together with a memory limit; the limit wins.
-                env["TF_FORCE_GPU_ALLOW_GROWTH"] = "true"
-            return env
-        n = str(len(self.cores))
-        return {
-            "CUDA_VISIBLE_DEVICES": "-1",
-            "TF_NUM_INTRAOP_THREADS": n,
-            "TF_NUM_INTEROP_THREADS": n,
-            "OMP_NUM_THREADS": n,
-            "MKL_NUM_THREADS": n,
-            "OPENBLAS_NUM_THREADS": n,
-        }
+        else:
+            n = str(len(self.cores))
+            env = {"CUDA_VISIBLE_DEVICES": "-1", "OMP_NUM_THREADS": n, "MKL_NUM_THREADS": n, "OPENBLAS_NUM_THREADS": n}
+        return {**env, **frameworks.active().environ(self, growth)}
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -26,6 +26,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from pytest_kerasmp import frameworks
 from pytest_kerasmp.slots.devices import DeviceSlot, plural, split_evenly
 
 SESSION_ENV = "PYTEST_KERASMP_SESSION_DIR"
@@ -152,7 +153,7 @@ def record(role: str, slot: DeviceSlot, *, label: str, part: Sequence[DeviceSlot
             "part": [s.name for s in part],
             "cores": sorted(os.sched_getaffinity(0)),
             "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
-            "memory_growth": os.environ.get("TF_FORCE_GPU_ALLOW_GROWTH") == "true",
+            "memory_growth": frameworks.active().memory_growth(dict(os.environ)),
             "memory_limit_mb": cap,
             "start": time.time(),
             "end": None,

@@ -1,5 +1,5 @@
 """Seeds and determinism for every process the plugin pins or starts. Import-light: no pytest,
-and TensorFlow or Keras are seeded when they are imported, never imported here.
+and the framework under Keras and Keras are seeded when they are imported, never imported here.
 
 ``--kerasmp-seed=N`` sets ``PYTEST_KERASMP_SEED=N`` in the controller's environment, so pytest-xdist
 workers and every child inherit it; ``--kerasmp-deterministic`` sets
@@ -16,6 +16,9 @@ import os
 import random
 import sys
 from typing import Any
+
+from pytest_kerasmp import frameworks
+from pytest_kerasmp.frameworks.hooks import after_import
 
 SEED_ENV = "PYTEST_KERASMP_SEED"
 DETERMINISTIC_ENV = "PYTEST_KERASMP_DETERMINISTIC"
@@ -74,27 +77,22 @@ def default_role() -> str:
 
 
 def seed_everything(seed: int, *, determinism: bool = False) -> None:
-    """Seed Python's ``random`` and numpy now, and TensorFlow and Keras now or the moment they
-    are imported; with ``determinism``, turn on TensorFlow's op determinism too."""
-    from pytest_kerasmp.slots.pinning import after_import  # pinning imports this module lazily
-
+    """Seed Python's ``random`` and numpy now, and the framework under Keras and Keras itself
+    now or the moment they are imported; with ``determinism``, turn on the framework's op
+    determinism too (TensorFlow: ``enable_op_determinism``)."""
     random.seed(seed)
     if "numpy" in sys.modules or _importable("numpy"):
         import numpy as np
 
         np.random.seed(seed)
-
-    def seed_tensorflow(tf: Any) -> None:
-        tf.random.set_seed(seed)
-        if determinism:
-            tf.config.experimental.enable_op_determinism()
+    framework = frameworks.active()
 
     def seed_keras(keras: Any) -> None:
         utils = getattr(keras, "utils", None)
         if utils is not None and hasattr(utils, "set_random_seed"):
             utils.set_random_seed(seed)  # Keras' own seed state, and random/numpy/backend again
 
-    after_import("tensorflow", seed_tensorflow, key="seed")
+    after_import(framework.module, lambda module: framework.seed(module, seed, determinism), key="seed")
     after_import("keras", seed_keras, key="seed")
 
 
