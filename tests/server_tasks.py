@@ -28,3 +28,8 @@ def send_then_die(client) -> None:
 
     time.sleep(0.05)  # the request is on its way, its answer is not
     os._exit(9)
+
+
+def route_of(client) -> str:
+    """How this process reaches a Ray server: 'direct' (its socket) or 'actor calls'."""
+    return "direct" if client.direct() else "actor calls"

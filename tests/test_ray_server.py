@@ -48,11 +48,18 @@ def test_a_ray_server_batches_and_answers_every_client_once(ray_cluster, no_left
         for t in threads:
             t.join(60)
         assert results == [{"answered": 30, "wrong": 0}] * 4
-        # a client pickled to a pool worker on the other node
+        # a client pickled to a pool worker on the other node (the same machine: direct)
         with WorkerPool(slots[1:], backend="ray", import_tensorflow=False, name="ray-clients") as pool:
             assert pool.submit(server_tasks.hammer, server.client(), 9, 20).result(timeout=60) == {"answered": 20, "wrong": 0}
+            assert pool.submit(server_tasks.route_of, server.client()).result(timeout=60) == "direct"
+        # a client on another machine goes through actor calls into the same loop
+        remote = server.client()
+        remote._direct = (os.getpid(), False)
+        assert server_tasks.hammer(remote, 11, 20) == {"answered": 20, "wrong": 0}
+        here = server.client()
+        assert here.direct() and here.socket_address.startswith(b"\0kerasmp-ray-")
         stats = server.stats()
-        assert stats["traces"] == 1 and stats["requests"] >= 4 * 30 + 20
+        assert stats["traces"] == 1 and stats["requests"] >= 4 * 30 + 20 + 20
         assert stats["batches"] < stats["requests"], "no request was batched with another"
     with pytest.raises(ServerClosedError, match="was closed by its owner"):
         server.predict(one)

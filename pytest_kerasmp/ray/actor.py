@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import secrets
 import sys
 import threading
 import time
@@ -149,36 +150,37 @@ class SlotWorker:
         threading.Event().wait()
 
 
-class _Waiter:
-    """A request's caller, waiting in an actor thread for the batching thread's answer."""
-
-    def __init__(self) -> None:
-        self.event = threading.Event()
-        self.alive = True
-        self.result: Any = None
-
-
 class ServerWorker:
-    """An inference server on one slot: the local server's batching (``_server._Server``),
-    fed by concurrent actor calls instead of socket connections."""
+    """An inference server on one slot: the local server's own loop (``runtime.serving.serve``)
+    in a thread, listening on a Unix socket that clients on this machine reach directly
+    (shared memory, no Ray call on the request path: ``endpoint``). Clients elsewhere call
+    :meth:`predict`, the fallback, which sends the request into the same loop."""
 
     def __init__(self, slot_json: dict[str, Any], model_ref: Any, options: dict[str, Any], label: str = "") -> None:
         self.slot, self.failure = start(slot_json, True, "server", label)
-        self.lock = threading.Condition()
-        self.closing = False
         if self.failure is not None:
             return
         try:
-            from pytest_kerasmp.runtime.serving import _Server
+            from multiprocessing import Pipe
+
+            from pytest_kerasmp.runtime.client import InferenceClient
+            from pytest_kerasmp.runtime.serving import _Server, listen, serve
 
             server = _Server(model_ref.load(), options)
+            self.address = b"\0kerasmp-ray-" + f"{os.getpid()}-{secrets.token_hex(8)}".encode()
+            listener = listen(self.address)
         except BaseException:
             self.failure = traceback.format_exc()
             return
-        server.answer = self._answer  # type: ignore[method-assign]
-        server.fail_one = self._fail_one  # type: ignore[method-assign]
         self.server = server
-        threading.Thread(target=self._batcher, name="kerasmp-batcher", daemon=True).start()
+        self.control, theirs = Pipe()
+        self.loop = threading.Thread(target=serve, args=(server, theirs, listener), name="kerasmp-serve", daemon=True)
+        self.loop.start()
+        # The fallback's way into the loop: a client of this very socket (a connection per actor thread).
+        self.client = InferenceClient(
+            self.address, label, os.getpid(), self.slot.describe(), server.inputs, server.outputs,
+            request_timeout_s=60.0, busy_timeout_s=0.0, max_queue=server.max_queue,
+        )
 
     def ready(self) -> dict[str, Any]:
         info = identity(self.slot)
@@ -186,70 +188,36 @@ class ServerWorker:
             info["specs"] = (self.server.inputs, self.server.outputs)
         return {**info, "failure": self.failure}
 
-    def predict(self, req_id: int, arrays: list[Any]) -> Any:
-        """Rows of request ``req_id``, or a ``_wire`` message: Busy, Closed or Failed."""
-        from pytest_kerasmp.errors import pack_exception
-        from pytest_kerasmp.runtime.serving import _Request, input_problem
-        from pytest_kerasmp.runtime.wire import Busy, Closed, Failed
+    def endpoint(self) -> dict[str, Any]:
+        """Where clients on this machine connect (``runtime.client.machine`` tells them apart)."""
+        from pytest_kerasmp.runtime.client import machine
 
-        s = self.server
-        problem = input_problem(arrays, s.inputs, f"request {req_id}")
-        if problem is not None:
-            exc = ValueError(problem)
-            return Failed(req_id, pack_exception(exc), f"ValueError: {problem}\n")
-        waiter = _Waiter()
-        with self.lock:
-            if self.closing:
-                return Closed(req_id)
-            if s.waiting >= s.max_queue:
-                s.stats["busy"] += 1
-                return Busy(req_id)
-            req = _Request(req_id, waiter, arrays, arrays[0].shape[0], time.perf_counter())  # type: ignore[arg-type]
-            s.waiting += 1
-            s.stats["requests"] += 1
-            for a in range(0, req.rows, s.max_batch):
-                s.pending.append((req, a, min(a + s.max_batch, req.rows)))
-            self.lock.notify()
-        waiter.event.wait()
-        return waiter.result
+        return {"address": self.address, "machine": machine()}
 
-    def _answer(self, req: Any) -> None:
-        req.client.result = req.outputs
-        req.client.event.set()
+    def predict(self, req_id: int, arrays: list[Any], timeout: float) -> Any:
+        """Rows of request ``req_id``, or a ``wire`` message: Busy, Closed or Failed."""
+        import numpy as np
 
-    def _fail_one(self, client: Any, req_id: int, exc: BaseException) -> None:
-        from pytest_kerasmp.errors import pack_exception
-        from pytest_kerasmp.runtime.wire import Failed
+        from pytest_kerasmp.runtime.wire import Answer, Closed
 
-        client.result = Failed(req_id, pack_exception(exc), "".join(traceback.format_exception(exc)))
-        client.event.set()
-
-    def _batcher(self) -> None:
-        s = self.server
-        while True:
-            with self.lock:
-                delay = s.due(self.closing)
-                while delay is None or delay > 0:
-                    self.lock.wait(1.0 if delay is None else delay)
-                    delay = s.due(self.closing)
-                s.run_batch()
+        try:
+            msg, outputs = self.client._round_trip(req_id, arrays, f"#{req_id}", time.monotonic() + timeout, timeout)
+        except ConnectionError:  # the loop stopped taking requests: the server is closing
+            return Closed(req_id)
+        if not isinstance(msg, Answer):
+            return msg
+        return [np.frombuffer(b, dtype).reshape(shape) for b, (_, _, shape, dtype) in zip(outputs, msg.specs, strict=True)]
 
     def stats(self) -> dict[str, Any]:
-        with self.lock:
-            return self.server.snapshot()
+        return self.client.stats()
 
     def drain(self, timeout: float) -> int:
         """Refuse new requests; wait up to ``timeout`` for the accepted ones; how many are left."""
-        deadline = time.monotonic() + timeout
-        with self.lock:
-            self.closing = True
-            self.lock.notify()
-        while time.monotonic() < deadline:
-            with self.lock:
-                if self.server.waiting == 0:
-                    return 0
-            time.sleep(0.01)
-        return int(self.server.waiting)
+        from pytest_kerasmp.runtime.wire import Stop
+
+        self.control.send(Stop())
+        self.loop.join(timeout)
+        return int(self.server.waiting) if self.loop.is_alive() else 0
 
     def stacks(self) -> str:
         return all_stacks()

@@ -10,6 +10,7 @@ up by name on first use. Arrays travel through Ray's object store.
 
 from __future__ import annotations
 
+import os
 import secrets
 import time
 from typing import Any
@@ -30,19 +31,26 @@ from pytest_kerasmp.ray.cluster import check_feasible, connect, kill_actor, plan
 from pytest_kerasmp.ray.connect import CONNECT_TIMEOUT_S
 from pytest_kerasmp.ray.dispatch import ray_failure
 from pytest_kerasmp.ray.pool import actor_options
-from pytest_kerasmp.runtime.client import InferenceClient, _closed
+from pytest_kerasmp.runtime.client import InferenceClient, _closed, machine
 from pytest_kerasmp.runtime.wire import Answer, Busy, Closed, Failed
 from pytest_kerasmp.slots import placement
 
 NAMESPACE = "kerasmp"
 
 
-#: At most this many requests wait in a Ray server (each holds an actor thread).
+#: At most this many requests wait in a Ray server (each fallback call holds an actor thread).
 RAY_MAX_QUEUE = 128
 
+
 class RayInferenceClient(InferenceClient):
-    """A client of a :class:`RayInferenceServer`, for any process that can reach the cluster
-    (pickle it to a pool's workers, a ``multiprocessing`` child, a Ray task...)."""
+    """A client of a Ray server, for any process that can reach the cluster (pickle it to a
+    pool's workers, a ``multiprocessing`` child, a Ray task...).
+
+    It finds the actor by name once per process and asks where its loop listens. On the
+    server's machine (same boot and network namespace) it then talks to the loop directly,
+    exactly as a local client does (its socket, shared-memory arenas: no Ray on the request
+    path); elsewhere each request is an actor call, the fallback, into the same loop.
+    """
 
     def __init__(self, actor_name: str, cluster: str, *args: Any) -> None:
         self.actor_name, self.cluster = actor_name, cluster
@@ -51,10 +59,12 @@ class RayInferenceClient(InferenceClient):
     def _setup(self) -> None:
         super()._setup()
         self._handle: Any = None
+        self._direct: tuple[int, bool] | None = None  # (pid, whether this process talks directly)
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
         state.pop("_handle", None)
+        state.pop("_direct", None)
         return state
 
     def _actor(self) -> Any:
@@ -66,29 +76,46 @@ class RayInferenceClient(InferenceClient):
                 return None
         return self._handle
 
+    def direct(self) -> bool:
+        """Whether this process reaches the server's loop directly (same machine)."""
+        import ray
+
+        if self._direct is None or self._direct[0] != os.getpid():
+            actor = self._actor()
+            if actor is None:
+                return False  # gone: the fallback says how
+            try:
+                endpoint = ray.get(actor.endpoint.remote(), timeout=self.request_timeout_s)
+            except Exception:
+                return False
+            self.socket_address = endpoint["address"]
+            self._direct = (os.getpid(), endpoint["machine"] == machine())
+        return self._direct[1]
+
     def stats(self) -> dict[str, Any]:
         import ray
 
+        if self.direct():
+            return super().stats()
         actor = self._actor()
         if actor is None:
             raise ServerDiedError(self._message(SERVER_DIED, "stats", " (its Ray actor is gone)"))
         stats: dict[str, Any] = ray.get(actor.stats.remote(), timeout=self.request_timeout_s)
         return stats
 
-    def _forget(self) -> None:
-        pass  # nothing per thread: a late answer goes to its own ObjectRef, never to another call
-
     def _round_trip(self, req_id: int, arrays: list[Any], what: str, deadline: float, timeout: float) -> tuple[Any, list[Any]]:
         import ray
 
+        if self.direct():
+            return super()._round_trip(req_id, arrays, what, deadline, timeout)
         actor = self._actor()
         if actor is None:
             if self.address in _closed:
                 raise ServerClosedError(self._message(SERVER_CLOSED, what))
             raise ServerDiedError(self._message(SERVER_DIED, what, " (its Ray actor is gone)"))
-        ref = actor.predict.remote(req_id, arrays)
+        ref = actor.predict.remote(req_id, arrays, max(0.0, deadline - time.monotonic()))
         try:
-            reply = ray.get(ref, timeout=max(0.0, deadline - time.monotonic()))
+            reply = ray.get(ref, timeout=max(0.0, deadline - time.monotonic()) + 1.0)
         except ray.exceptions.GetTimeoutError:
             raise TimeoutError(self._no_answer(what, timeout)) from None
         except ray.exceptions.RayActorError as exc:

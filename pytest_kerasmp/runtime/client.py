@@ -42,6 +42,18 @@ _clients: dict[bytes, weakref.WeakSet[InferenceClient]] = {}
 _closed: set[bytes] = set()
 
 
+def machine() -> str:
+    """This machine and network namespace, as seen from inside (``boot_id`` and the netns
+    inode): where two processes agree, a Unix socket in the abstract namespace and shared
+    memory reach from one to the other."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            boot = f.read().strip()
+        return f"{boot}:{os.stat('/proc/self/ns/net').st_ino}"
+    except OSError:
+        return f"unknown:{os.getpid()}"  # never equal to another process's
+
+
 class InferenceClient:
     """A picklable handle on an :class:`InferenceServer`; works in any process.
 
@@ -71,6 +83,8 @@ class InferenceClient:
         self.outputs: list[tuple[tuple[Any, ...], str]] = [(tuple(shape), dtype) for shape, dtype in outputs]
         self.request_timeout_s = request_timeout_s
         self.busy_timeout_s = busy_timeout_s
+        #: Where the server's socket listens (a Ray server's differs from its key, ``address``).
+        self.socket_address = address
         self._setup()
 
     def _setup(self) -> None:
@@ -208,7 +222,7 @@ class InferenceClient:
         if getattr(local, "conn", None) is None:
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             try:
-                sock.connect(self.address)
+                sock.connect(self.socket_address)
             except OSError as exc:
                 sock.close()
                 if self.address in _closed:

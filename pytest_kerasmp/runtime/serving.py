@@ -259,10 +259,7 @@ def main(control: Connection, ref: Any, options: dict[str, Any], address: bytes)
 
     try:
         server = _Server(ref.load(), options)
-        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        listener.bind(address)
-        listener.listen(256)
-        listener.setblocking(False)
+        listener = listen(address)
     except BaseException:
         send_startup_error(control)
         return
@@ -270,7 +267,22 @@ def main(control: Connection, ref: Any, options: dict[str, Any], address: bytes)
     serve(server, control, listener)
 
 
+def listen(address: bytes) -> socket.socket:
+    """A non-blocking Unix socket listening on ``address`` (abstract namespace: no file)."""
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        listener.bind(address)
+        listener.listen(256)
+        listener.setblocking(False)
+    except BaseException:
+        listener.close()
+        raise
+    return listener
+
+
 def serve(server: _Server, control: Connection, listener: socket.socket | None) -> None:
+    """The server's loop: take connections and requests, run batches when due, answer; after
+    ``control`` says stop (or closes), answer what was accepted and return."""
     from pytest_kerasmp.runtime.transport import Arena
 
     clients: dict[Any, _Client] = {}
