@@ -53,9 +53,9 @@ def test_local_a_task_submitted_right_after_an_idle_worker_died_runs(no_leftover
 
 
 def test_local_a_task_its_worker_never_started_is_requeued_once_then_fails_saying_so(no_leftovers, monkeypatch):
-    """The pool does not see the workers' Started (as if each died before sending it): the
-    task that kills its worker is put back once, then fails with the message for that."""
-    monkeypatch.setattr(_dispatch, "Started", type("NeverSent", (), {}))
+    """The pool does not see the workers' mark (as if each died before making it): the task
+    that kills its worker is put back once, then fails with the message for that."""
+    monkeypatch.setattr(_dispatch.Dispatcher, "_started", staticmethod(lambda w: False))
     with WorkerPool([CPU0], import_tensorflow=False, name="requeue") as pool:
         t0 = time.monotonic()
         with pytest.raises(WorkerCrashedError) as info:

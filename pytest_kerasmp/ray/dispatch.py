@@ -327,9 +327,9 @@ class RayDispatcher(TaskQueue):
             w.state, w.task, w.task_started = "busy", task, False
             w.deadline = time.monotonic() + task.timeout_s if task.timeout_s else None
             if w.fresh:  # it answered in this round: the task goes straight to it
-                self._send(w, w.actor.run.remote(task.call, *task.buffers))  # the buffers: ObjectRefs, read in place
+                self._send(w, w.actor.run.remote(task.call, *(task.buffers or ())))  # the buffers: ObjectRefs, read in place
             else:  # idle since earlier: it takes the task first, so that a death before is not charged to it
-                w.ref = w.actor.accept.remote(task.call, *task.buffers)
+                w.ref = w.actor.accept.remote(task.call, *(task.buffers or ()))
                 self._watch("accepted", w, w.ref)
         for w in self.workers:
             w.fresh = False

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import os
 import pickle
 import threading
 import time
@@ -35,10 +34,12 @@ from pytest_kerasmp.errors import (
     with_stacks,
 )
 from pytest_kerasmp.runtime.childio import dump_stacks_of
+from pytest_kerasmp.runtime.fastpath import CallerAssist
 from pytest_kerasmp.runtime.lifecycle import Child
 from pytest_kerasmp.runtime.taskqueue import MAX_START_ATTEMPTS, QueuedTask, TaskQueue, resolve
 from pytest_kerasmp.runtime.transport import Arena
-from pytest_kerasmp.runtime.wire import Done, Failed, Ready, Started, Stop, Task
+from pytest_kerasmp.runtime.watcher import Watcher
+from pytest_kerasmp.runtime.wire import Done, Failed, Ready, Stop, Task
 from pytest_kerasmp.slots.devices import DeviceSlot
 
 #: The dispatcher wakes at least this often even when nothing happens.
@@ -50,12 +51,12 @@ class Worker:
     child: Child
     state: str = "starting"  # starting | idle | busy | dead
     task: QueuedTask | None = None
-    task_started: bool = False  # it said Started for its task: a death now is the task's failure
+    task_started: bool = False  # it marked its task started: a death now is the task's failure
     deadline: float | None = None
     failed_starts: int = 0
     crashed_at: float | None = None  # when its predecessor died (replacement time)
     killed: bool = False  # by the pool (timeout): not a crash
-    to_worker: Arena = dataclasses.field(default_factory=Arena)
+    to_worker: Arena = dataclasses.field(default_factory=lambda: Arena(header=True))  # marked with task id + 1
     from_worker: Arena = dataclasses.field(default_factory=Arena)
 
     @property
@@ -63,24 +64,7 @@ class Worker:
         return self.child.pid
 
 
-@dataclasses.dataclass
-class PoolStats:
-    """What the pool has done.
-
-    ``start_s`` is the time from construction to every worker ready; ``replacement_ready_s``
-    the time from a worker's death to its replacement being ready, one per replacement.
-    ``crashes`` counts workers that died on their own; ``timeouts`` tasks killed for time.
-    """
-
-    start_s: float | None = None
-    tasks_done: int = 0
-    tasks_failed: int = 0
-    crashes: int = 0
-    timeouts: int = 0
-    replacement_ready_s: list[float] = dataclasses.field(default_factory=list)
-
-
-class Dispatcher(TaskQueue):
+class Dispatcher(CallerAssist, TaskQueue):
     """State and loop of one pool; ``pool.py`` is its public face (the queue: ``_queue``)."""
 
     workers: list[Worker]
@@ -88,20 +72,19 @@ class Dispatcher(TaskQueue):
     def __init__(self, pool: Any, backend: Any, workers: list[Worker]) -> None:
         super().__init__(pool, workers)
         self.backend = backend  # the LocalBackend that starts replacements (a cluster's own)
-        self._wake_r, self._wake_w = os.pipe()
-        os.set_blocking(self._wake_w, False)
+        #: Held while the workers' state changes: by the loop (not while it waits) and by a
+        #: submitting thread that hands its task to an idle worker itself.
+        self.turn = threading.RLock()
+        self.watcher = Watcher()
+        self.failed_closed = False
+        for w in workers:
+            self.watcher.add(w)
         self.thread = threading.Thread(target=self.run, name=f"kerasmp-{self.name}-dispatch", daemon=True)
 
     # ------------------------------------------------------------------ called by the pool
 
     def wake(self) -> None:
-        with self.lock:
-            if self._wake_w < 0:
-                return  # closed: nothing to wake
-            try:
-                os.write(self._wake_w, b"x")
-            except OSError:
-                pass  # already awake
+        self.watcher.wake()
 
     def fail_everything(self, why: str, stacks: dict[int, str | None] | None = None) -> None:
         """Fail what is queued and running with PoolClosedError(why), killing busy workers
@@ -127,31 +110,34 @@ class Dispatcher(TaskQueue):
         self.close_fds()
 
     def close_fds(self) -> None:
-        with self.lock:
-            fds, self._wake_r, self._wake_w = (self._wake_r, self._wake_w), -1, -1
-        for fd in fds:
-            if fd >= 0:
-                os.close(fd)
+        self.watcher.close()
 
     # -------------------------------------------------------------------------- the loop
 
     def run(self) -> None:
         try:
             self._loop()
-        except BaseException as exc:  # fail closed: every future resolved, the pool broken
-            cause = f"its dispatcher thread failed with {type(exc).__name__}: {exc}"
-            with self.lock:
-                self.broken, self.broken_cause = cause, exc
-                queued, self.pending = list(self.pending), collections.deque()
-            running = [w.task for w in self.workers if w.task is not None]
-            for w in self.workers:
-                w.task = None
-                w.child.kill()
-            for task in queued + running:
-                self.fail(task, self.broken_error())
+        except BaseException as exc:
+            self.fail_closed(exc)
+
+    def fail_closed(self, exc: BaseException) -> None:
+        """An unexpected error in the dispatcher's work (in its thread, or a caller's doing it):
+        every future is resolved with PoolBrokenError naming it, and the pool is broken."""
+        cause = f"its dispatcher thread failed with {type(exc).__name__}: {exc}"
+        self.failed_closed = True
+        with self.lock:
+            self.broken, self.broken_cause = cause, exc
+            queued, self.pending = list(self.pending), collections.deque()
+        running = [w.task for w in self.workers if w.task is not None]
+        for w in self.workers:
+            w.task = None
+            w.child.kill()
+        for task in queued + running:
+            self.fail(task, self.broken_error())
+        self.wake()  # the loop sees the pool broken and ends
 
     def _loop(self) -> None:
-        while True:
+        while not self.failed_closed:  # a caller's thread may fail it closed too
             if self.abort is not None:
                 self._abort_now(self.abort)
                 return
@@ -167,19 +153,15 @@ class Dispatcher(TaskQueue):
             timeout = IDLE_POLL_S
             if deadlines:
                 timeout = max(0.0, min(timeout, min(deadlines) - time.monotonic()))
-            by_conn = {w.child.conn: w for w in live}
-            by_sentinel = {w.child.sentinel: w for w in live}
-            ready = wait([self._wake_r, *by_conn, *by_sentinel], timeout=timeout)
-            if self._wake_r in ready:
-                os.read(self._wake_r, 4096)
-            for obj in ready:
-                if obj in by_conn:
-                    self._on_message(by_conn[obj])
-            for obj in ready:
-                if obj in by_sentinel:
-                    self._on_exit(by_sentinel[obj])
-            self._check_deadlines()
-            self._assign()
+            messages, exits = self.watcher.wait(timeout)
+            with self.turn:
+                for w in messages:  # a waiting caller may have read it meanwhile (help_wait)
+                    if w.state != "dead" and self._pending_message(w):
+                        self._on_message(w)
+                for w in exits:
+                    self._on_exit(w)
+                self._check_deadlines()
+                self._assign()
 
     def _abort_now(self, why: str) -> None:
         """Kill running work (its stacks first, when a close timed out), fail it and
@@ -201,10 +183,6 @@ class Dispatcher(TaskQueue):
                 w.from_worker.receive(w.child.conn)
         except (EOFError, OSError):
             return False  # it died; its exit says how
-        if isinstance(msg, Started):
-            if w.task is not None and w.task.id == msg.id:
-                w.task_started, w.task.buffers = True, []  # its arrays are in the worker's arena now
-            return self._on_message(w) if self._pending_message(w) else True
         if isinstance(msg, (Done, Failed)) and w.task is not None and w.task.id == msg.id:
             task, w.task, w.state, w.deadline = w.task, None, "idle", None
             if msg.retired:  # the task kept a view of its arguments' arena: leave it to the worker
@@ -251,6 +229,9 @@ class Dispatcher(TaskQueue):
             if not self._on_message(w):
                 break
         how, hint = w.child.describe_exit()
+        w.task_started = w.task_started or self._started(w)  # read before the arena is closed
+        if w.task is not None and not w.task_started and w.task.buffers is None:
+            w.task.buffers = w.to_worker.read(w.task.layout)  # it may be requeued: take its arrays back
         self._bury(w)
         if self.abort is not None:  # killed by terminate() or an expired close(): not a crash
             if w.task is not None:
@@ -261,7 +242,7 @@ class Dispatcher(TaskQueue):
             self.stats.crashes += 1
         replace = not self.closing and self.pool.replace_workers
         if w.task is not None and not w.task_started and self.requeue(w.task):
-            w.task = None  # it never said Started: the task never ran, and goes back to the queue (once)
+            w.task = None  # it never marked it started: the task never ran, and goes back to the queue (once)
         if w.task is not None:
             task, w.task = w.task, None
             fate = (
@@ -289,6 +270,12 @@ class Dispatcher(TaskQueue):
                 )) if task.worker == w.index else self.broken_error())
 
     @staticmethod
+    def _started(w: Worker) -> bool:
+        """Whether ``w`` marked its task started in the arena it got it through (it does so
+        before any of the task runs: a worker that died without it never started the task)."""
+        return w.task is not None and w.to_worker.marked() == w.task.id + 1
+
+    @staticmethod
     def _pending_message(w: Worker) -> bool:
         try:
             return w.child.conn.poll()
@@ -297,6 +284,7 @@ class Dispatcher(TaskQueue):
 
     def _bury(self, w: Worker) -> None:
         w.state = "dead"
+        self.watcher.remove(w)
         w.child.stop(grace=0.0)
         w.to_worker.close()
         w.from_worker.close()
@@ -314,6 +302,7 @@ class Dispatcher(TaskQueue):
         new = Worker(index=w.index, slot=w.slot, child=child, crashed_at=crashed_at, failed_starts=failed_starts)
         new.deadline = time.monotonic() + self.pool.start_timeout_s
         self.workers[w.index] = new
+        self.watcher.add(new)
 
     def _start_failed(self, w: Worker, error: Exception) -> None:
         self._bury(w)
@@ -369,15 +358,16 @@ class Dispatcher(TaskQueue):
                 continue
             w.state, w.task, w.task_started = "busy", task, False  # from here on a failure of any kind resolves it
             try:
-                layout = w.to_worker.write(task.buffers)
+                layout = w.to_worker.write(task.buffers or ())
             except OSError as exc:
                 w.state, w.task = "idle", None
                 self.fail(task, OSError(ARENA_FAILED.format(task=task.id, fn=task.fn, error=exc)))
                 continue
+            task.buffers, task.layout = None, layout  # in the worker's arena now (read back if requeued)
             try:
                 w.child.conn.send(Task(task.id, task.call, layout, w.to_worker.fresh))
                 w.to_worker.hand_over(w.child.conn)
-            except OSError:  # it died just now, before it could say Started: its exit requeues the task
+            except OSError:  # it died just now, before it could mark the task started: its exit requeues it
                 pass
             w.deadline = time.monotonic() + task.timeout_s if task.timeout_s else None
 
@@ -396,6 +386,7 @@ class Dispatcher(TaskQueue):
                     pass
         deadline = time.monotonic() + timeout
         for w in self.workers:
+            self.watcher.remove(w)
             w.child.stop(grace=max(0.0, deadline - time.monotonic()) if w.state == "idle" else 0.0)
             w.state = "dead"
             w.to_worker.close()

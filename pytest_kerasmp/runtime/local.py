@@ -61,4 +61,10 @@ class LocalBackend:
         )
 
     def pack(self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[bytes, list[Any]]:
-        return dumps_call(fn, args, kwargs)
+        """The call, its large buffers as views of the caller's arrays: the dispatcher copies
+        them into the worker's arena at once, or copies them aside before it returns."""
+        return dumps_call(fn, args, kwargs, copy=_view)
+
+
+def _view(buffer: Any) -> Any:
+    return buffer

@@ -25,8 +25,7 @@ from pytest_kerasmp.errors import (
 )
 from pytest_kerasmp.runtime import backends, owners
 from pytest_kerasmp.runtime.backends import PoolBackend
-from pytest_kerasmp.runtime.dispatch import PoolStats
-from pytest_kerasmp.runtime.taskqueue import TaskQueue, interrupted_why, is_interrupt, new_task
+from pytest_kerasmp.runtime.taskqueue import PoolStats, TaskQueue, interrupted_why, is_interrupt, new_task
 from pytest_kerasmp.runtime.transport import dumps_call
 from pytest_kerasmp.slots.devices import DeviceSlot
 

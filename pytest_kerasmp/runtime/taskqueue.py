@@ -38,14 +38,35 @@ MAX_START_ATTEMPTS = 3
 class QueuedTask:
     id: int
     call: bytes
-    buffers: list[Any]  # out-of-band buffers of the call, copied at submit
+    #: Out-of-band buffers of the call: copies (or, for the moment of a submit that hands the
+    #: task to a worker at once, views of the caller's arrays); None once they are in its
+    #: worker's arena, at ``layout``.
+    buffers: list[Any] | None
     future: Future[Any]
     fn: str
     timeout_s: float | None
     worker: int | None = None  # run on this worker only (broadcast)
+    layout: list[tuple[int, int]] = dataclasses.field(default_factory=list)
     abandoned: str | None = None  # why its caller stopped waiting: not run, or its worker killed
     claimed: bool = False  # its future is running (taken for a worker once)
     requeued: bool = False  # put back once: its first worker died before it started
+
+
+@dataclasses.dataclass
+class PoolStats:
+    """What the pool has done.
+
+    ``start_s`` is the time from construction to every worker ready; ``replacement_ready_s``
+    the time from a worker's death to its replacement being ready, one per replacement.
+    ``crashes`` counts workers that died on their own; ``timeouts`` tasks killed for time.
+    """
+
+    start_s: float | None = None
+    tasks_done: int = 0
+    tasks_failed: int = 0
+    crashes: int = 0
+    timeouts: int = 0
+    replacement_ready_s: list[float] = dataclasses.field(default_factory=list)
 
 
 def new_task(owner: TaskQueue, id: int, call: bytes, buffers: list[Any], fn: str, timeout_s: float | None,
@@ -84,6 +105,8 @@ class TaskFuture(Future[Any]):
     def result(self, timeout: float | None = None) -> Any:
         t0 = time.monotonic()
         try:
+            if self.owner is not None and not self.done():
+                self.owner.help_wait(self)
             return super().result(timeout)
         except BaseException as exc:
             self._interrupted(exc, timeout, t0, "Future.result()")
@@ -150,6 +173,11 @@ class TaskQueue:
         raise NotImplementedError
 
     def enqueue(self, task: QueuedTask) -> None:
+        self.append(task)
+        self.dispatch_now(task)
+
+    def append(self, task: QueuedTask) -> None:
+        """Queue ``task``, or refuse it: the pool is closing or broken, or its worker is dead."""
         with self.lock:
             if self.closing:  # a submit that raced close(): refused, never left unread
                 raise PoolClosedError(POOL_CLOSED.format(pool=self.name, fn=task.fn))
@@ -158,6 +186,14 @@ class TaskQueue:
             if task.worker is not None and self.workers[task.worker].state == "dead":
                 raise self.broken_error(f"worker {task.worker} is dead")
             self.pending.append(task)
+
+    def help_wait(self, future: TaskFuture) -> None:
+        """The caller is about to wait for ``future``: a backend may let it fetch the answer
+        itself for a moment (fewer thread switches); the default does nothing."""
+
+    def dispatch_now(self, task: QueuedTask) -> None:
+        """Get ``task`` under way: the backend's loop is woken to assign it (a backend may
+        assign it from the caller's thread instead, when it can do so safely)."""
         self.wake()
 
     def abandon(self, futures: list[Future[Any]], why: str) -> None:

@@ -51,10 +51,12 @@ class Arena:
     beyond that: the mapping alone holds the memory, so dropping an arena frees it.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, *, header: bool = False) -> None:
         self.map: mmap.mmap | None = None
         self._fd: int | None = None  # a new file not yet handed over
         self._refs = 0
+        #: Bytes kept at the start of the file for :meth:`mark` (a control word both sides see).
+        self._start = _ALIGN if header else 0
 
     @property
     def capacity(self) -> int:
@@ -67,7 +69,7 @@ class Arena:
 
     def write(self, buffers: Sequence[Any]) -> list[tuple[int, int]]:
         """Copy ``buffers`` in; returns their ``(offset, size)`` layout."""
-        layout, end = [], 0
+        layout, end = [], self._start
         for buf in buffers:
             size = memoryview(buf).nbytes
             layout.append((end, size))
@@ -88,6 +90,15 @@ class Arena:
                 with memoryview(buf) as view, view.cast("B") as flat:
                     self.map[offset : offset + size] = flat
         return layout
+
+    def mark(self, value: int) -> None:
+        """Write ``value`` to the header word (an arena made with ``header=True``)."""
+        assert self.map is not None and self._start
+        self.map[:8] = value.to_bytes(8, "little")
+
+    def marked(self) -> int:
+        """The header word (0 when nothing was marked, or before the first write)."""
+        return int.from_bytes(self.map[:8], "little") if self.map is not None and self._start else 0
 
     def hand_over(self, conn: Any) -> None:
         """Send a new file to the reader (after the message that says ``fresh``)."""
@@ -232,21 +243,23 @@ def dumps_call(
     check_runnable_in_worker(fn)
     buffers: list[Any] | None = [] if out_of_band else None
     name = _name(fn)
-    items = [(f"function {fn!r}", fn)]
-    items += [(f"argument {i} of {name}", a) for i, a in enumerate(args)]
-    items += [(f"argument {k!r} of {name}", v) for k, v in kwargs.items()]
-    parts = [dumps(value, what, buffers) for what, value in items]
-    data = pickle.dumps((parts, list(kwargs)), protocol=5)
+    try:  # one pickle for the whole call: the common case costs one pickler
+        data = dumps((fn, args, kwargs), f"the call of {name}", buffers)
+    except TypeError:  # again item by item, so that the error names what cannot travel
+        if buffers is not None:
+            buffers.clear()
+        items = [(f"function {fn!r}", fn)]
+        items += [(f"argument {i} of {name}", a) for i, a in enumerate(args)]
+        items += [(f"argument {k!r} of {name}", v) for k, v in kwargs.items()]
+        for what, value in items:
+            dumps(value, what, buffers)
+        raise  # every item pickles alone but not together (a shared unpicklable part)
     return data, [copy(b) for b in buffers or ()]
 
 
 def loads_call(data: bytes, buffers: Sequence[Any] = ()) -> tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any]]:
-    parts, keys = pickle.loads(data)
-    it = iter(buffers)
-    values = [pickle.loads(p, buffers=it) for p in parts]
-    fn, values = values[0], values[1:]
-    n_args = len(values) - len(keys)
-    return fn, tuple(values[:n_args]), dict(zip(keys, values[n_args:], strict=True))
+    fn, args, kwargs = pickle.loads(data, buffers=buffers)
+    return fn, args, kwargs
 
 
 def _name(fn: Callable[..., Any]) -> str:

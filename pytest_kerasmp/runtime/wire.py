@@ -9,7 +9,7 @@ Child start-up (any child, over its control connection):
     child -> parent: Ready | StartupError
 Pool worker:
     parent -> child: Task | Stop
-    child -> parent: Started, then Done | Failed
+    child -> parent: Done | Failed (it marks a task started in its arena, see transport.Arena.mark)
 Inference server, per client connection:
     client -> server: Predict | StatsRequest
     server -> client: Answer | Failed | Busy | Closed | Stats
@@ -46,13 +46,6 @@ class Task(NamedTuple):
     call: bytes
     layout: Layout
     grew: bool
-
-
-class Started(NamedTuple):
-    """The worker took task ``id`` and runs it now: sent before any of the task runs, so a
-    worker that dies without having sent it never started the task."""
-
-    id: int
 
 
 class Done(NamedTuple):

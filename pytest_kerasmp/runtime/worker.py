@@ -13,7 +13,7 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 from pytest_kerasmp.runtime.bootstrap import exit_with_group, send_startup_error
-from pytest_kerasmp.runtime.wire import Done, Failed, Ready, Started, Stop, Task
+from pytest_kerasmp.runtime.wire import Done, Failed, Ready, Stop, Task
 
 
 def main(conn: Connection, initializer: bytes | None) -> None:
@@ -35,7 +35,7 @@ def _serve(conn: Connection) -> None:
     from pytest_kerasmp.errors import pack_exception
     from pytest_kerasmp.runtime.transport import Arena, dumps, loads_call
 
-    inbox, outbox = Arena(), Arena()
+    inbox, outbox = Arena(header=True), Arena()
     while True:
         try:
             msg = conn.recv()
@@ -45,7 +45,7 @@ def _serve(conn: Connection) -> None:
             assert isinstance(msg, Task), f"unexpected message {type(msg).__name__}"
             if msg.grew:
                 inbox.receive(conn)
-            conn.send(Started(msg.id))  # before the task runs: the pool knows what a death interrupts
+            inbox.mark(msg.id + 1)  # before the task runs: the pool knows what a death interrupts
         except (EOFError, OSError):
             exit_with_group()  # the pool went away
         reply: Done | Failed
