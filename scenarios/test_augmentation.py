@@ -10,7 +10,13 @@ Asserted: every sample's randomness comes from (seed, sample index), never from 
 so the output is bitwise identical for 1, 2 and 4 workers, for tf.data, for both PyDatasets,
 and to serial.
 Measured: serial vs each parallel form, side by side. The in-process forms (tf.data and
-PyDataset) get only the cores of the slot their process is pinned to.
+PyDataset) get only the cores of the slot their process is pinned to. And the pool with one
+worker per slot against what a user would pick instead for the same job (``peers.py``:
+joblib/loky, ``ProcessPoolExecutor`` and ``multiprocessing.Pool`` on spawn), each warm, with
+as many workers, side by side in one run. The images cross to the pool's workers, and the
+augmented batches back, through shared memory; the executor and the multiprocessing pool
+pickle them through pipes both ways, loky memory-maps what it sends and pickles what comes
+back.
 Known hazard: a process pool started per call, or one that pickles whole batches through
 its pipes, is slower than serial (0.78x measured with multiprocessing.Pool).
 ``PyDataset(use_multiprocessing=True)`` forks a process that has run TensorFlow: it is safe
@@ -26,6 +32,7 @@ import multiprocessing
 
 import numpy as np
 import pytest
+from peers import PEERS, Peer
 
 SEED = 1234
 SIZE = 96
@@ -170,3 +177,20 @@ def test_augmentation_in_a_pydataset_feeding_a_model(kerasmp_speedup, kerasmp_po
         lambda: augment_batch(images, SEED, 0), parallel, workers=PYDATASET_WORKERS, rounds=3,
         variant=f"pydataset-{'fork' if use_multiprocessing else 'threads'}-{PYDATASET_WORKERS}w", check=same,
     )
+
+
+@pytest.mark.parametrize("peer", PEERS)
+def test_augmentation_pool_against_peers(kerasmp_speedup, kerasmp_pool_factory, kerasmp_slots, images, serial_result, peer):
+    if peer == "loky":
+        pytest.importorskip("joblib", reason="the loky row needs joblib (the peers extra)")
+    workers = len(kerasmp_slots)
+    pool = kerasmp_pool_factory(list(kerasmp_slots), import_tensorflow=False, name=f"augment-vs-{peer}")
+    other = Peer(peer, workers)
+    try:
+        same(serial_result, in_pool(other, images, 4 * workers))
+        kerasmp_speedup(
+            lambda: in_pool(other, images, 4 * workers), lambda: in_pool(pool, images, 4 * workers),
+            workers=workers, rounds=3, variant=f"pool-{workers}w-vs-{peer}", check=same,
+        )
+    finally:
+        other.close()
