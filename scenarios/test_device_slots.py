@@ -18,7 +18,6 @@ import pytest
 from pytest_kerasmp import current_slot, seed_everything
 
 
-
 def test_this_process_is_pinned_before_tensorflow(kerasmp_slots):
     kerasmp_device = current_slot()  # the fixture fails unpinned; this scenario skips then
     if kerasmp_device is None:

@@ -26,8 +26,8 @@ from collections.abc import Callable
 
 import numpy as np
 import pytest
-
 from peers import PEERS, Peer
+
 from pytest_kerasmp import ModelRef, seed_everything
 
 
