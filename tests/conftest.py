@@ -183,7 +183,7 @@ def _held_arena_maps() -> int:
     for owner in list(owners._owners):
         if isinstance(owner, WorkerPool) and owner.start_method != "ray":
             for w in owner._dispatcher.workers:
-                held += (w.to_worker.map is not None) + (w.from_worker.map is not None)
+                held += (w.to_worker.map is not None) + sum(a.map is not None for a in w.from_worker.arenas)
     return held
 
 

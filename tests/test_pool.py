@@ -111,7 +111,26 @@ def test_large_arrays_travel_through_shared_memory_and_leave_nothing(no_leftover
     assert pool.submit(pool_tasks.keep, twos).result(timeout=30) == 2e5
     assert pool.submit(pool_tasks.kept_sums).result(timeout=30) == [1e5, 2e5]  # not overwritten
     pool.close()
-    assert not set(arena_maps()) - held, "a shared-memory arena outlived its pool"
+    del future, results, parts  # a large result is a view of its arena: the arena goes with it
+    assert not set(arena_maps()) - held, "a shared-memory arena outlived its pool and its results"
+
+
+def test_results_come_as_views_of_the_workers_arenas_never_overwritten(no_leftovers, kerasmp_pool_factory):
+    pool = kerasmp_pool_factory([CPU0], import_tensorflow=False)
+    arenas = pool._dispatcher.workers[0].from_worker.arenas
+    kept = [pool.submit(pool_tasks.scale, np.full(200_000, float(i)), 1.0).result(timeout=30) for i in range(10)]
+    for i, result in enumerate(kept):  # more results alive than the worker has arenas
+        assert (result == i).all(), f"result {i} was overwritten by a later task's"
+    assert any(np.shares_memory(kept[-1], np.frombuffer(a.map, np.uint8)) for a in arenas if a.map is not None)
+    kept[0][:] = -1  # the caller's own, writable
+    del kept
+    maps = [id(a.map) for a in arenas]  # (a reference would count as a view)
+    for _ in range(5):  # results dropped at once: the same arena again, no new file
+        assert (pool.submit(pool_tasks.scale, np.ones(200_000), 1.0).result(timeout=30) == 1).all()
+    assert [id(a.map) for a in arenas] == maps
+    last = pool.submit(pool_tasks.scale, np.full(200_000, 7.0), 1.0).result(timeout=30)
+    pool.close()
+    assert (last == 7).all(), "a result outlives its pool"
 
 
 def test_modelref_loads_once_per_worker_and_reloads_a_changed_file(kerasmp_pool, tmp_path):

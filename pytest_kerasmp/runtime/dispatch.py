@@ -37,7 +37,7 @@ from pytest_kerasmp.runtime.childio import dump_stacks_of
 from pytest_kerasmp.runtime.fastpath import CallerAssist
 from pytest_kerasmp.runtime.lifecycle import Child
 from pytest_kerasmp.runtime.taskqueue import MAX_START_ATTEMPTS, QueuedTask, TaskQueue, resolve
-from pytest_kerasmp.runtime.transport import Arena
+from pytest_kerasmp.runtime.transport import Arena, ResultArenas
 from pytest_kerasmp.runtime.watcher import Watcher
 from pytest_kerasmp.runtime.wire import Done, Failed, Ready, Stop, Task
 from pytest_kerasmp.slots.devices import DeviceSlot
@@ -57,7 +57,7 @@ class Worker:
     crashed_at: float | None = None  # when its predecessor died (replacement time)
     killed: bool = False  # by the pool (timeout): not a crash
     to_worker: Arena = dataclasses.field(default_factory=lambda: Arena(header=True))  # marked with task id + 1
-    from_worker: Arena = dataclasses.field(default_factory=Arena)
+    from_worker: ResultArenas = dataclasses.field(default_factory=ResultArenas)  # results: views, no copy
 
     @property
     def pid(self) -> int:
@@ -188,7 +188,7 @@ class Dispatcher(CallerAssist, TaskQueue):
             if msg.retired:  # the task kept a view of its arguments' arena: leave it to the worker
                 w.to_worker.close()
             if isinstance(msg, Done):
-                self._resolve(task, msg.data, w.from_worker.read(msg.layout))
+                self._resolve(task, msg.data, w.from_worker.take(msg.layout))
             else:
                 self.fail(task, unpack_exception(msg.exc, msg.text))
         return True
@@ -205,7 +205,7 @@ class Dispatcher(CallerAssist, TaskQueue):
                 self.stats.replacement_ready_s.append(time.monotonic() - w.crashed_at)
         return True
 
-    def _resolve(self, task: QueuedTask, data: bytes, buffers: list[bytearray]) -> None:
+    def _resolve(self, task: QueuedTask, data: bytes, buffers: list[Any]) -> None:
         try:
             result = pickle.loads(data, buffers=buffers)
         except Exception as exc:
@@ -364,8 +364,9 @@ class Dispatcher(CallerAssist, TaskQueue):
                 self.fail(task, OSError(ARENA_FAILED.format(task=task.id, fn=task.fn, error=exc)))
                 continue
             task.buffers, task.layout = None, layout  # in the worker's arena now (read back if requeued)
+            out, fresh_out = w.from_worker.choose()
             try:
-                w.child.conn.send(Task(task.id, task.call, layout, w.to_worker.fresh))
+                w.child.conn.send(Task(task.id, task.call, layout, w.to_worker.fresh, out, fresh_out))
                 w.to_worker.hand_over(w.child.conn)
             except OSError:  # it died just now, before it could mark the task started: its exit requeues it
                 pass

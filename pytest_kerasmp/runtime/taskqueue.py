@@ -137,6 +137,8 @@ def resolve(future: Future[Any], *, result: Any = None, error: BaseException | N
             future.set_result(result)
     except InvalidStateError:
         pass
+    if isinstance(future, TaskFuture):  # no cycle with its task: a result (maybe a view of a
+        future.task = None  # worker's arena) goes when its caller drops it, not at the next GC
 
 
 class TaskQueue:

@@ -24,6 +24,9 @@ from typing import Any
 
 #: Buffers of at least this many bytes go out of band, through shared memory.
 SHM_MIN_BYTES = 64 * 1024
+#: Results at least this large are handed over as views of their arena, smaller ones copied:
+#: each result kept alive as a view holds a mapping, and a process has some 65k of them.
+VIEW_MIN_BYTES = 1024 * 1024
 _ALIGN = 64
 
 LIVE_OBJECT = (
@@ -164,6 +167,41 @@ class Arena:
     def __del__(self) -> None:
         if self._fd is not None:
             os.close(self._fd)
+
+
+class ResultArenas:
+    """The reader's side of the arenas a worker writes its results into, one per result still
+    alive: a large result is handed over as views of its arena (no copy), so that arena is
+    reused only when no view of it is left. Past ``size`` arenas in use, one is left to its views and
+    a new file takes its place (the worker is told: ``Task.fresh_out``)."""
+
+    def __init__(self, size: int = 4) -> None:
+        self.arenas = [Arena() for _ in range(size)]
+        self.current = 0
+        self._evict = 0
+
+    def choose(self) -> tuple[int, bool]:
+        """The arena the next result goes to, and whether the worker must make it anew."""
+        for i, arena in enumerate(self.arenas):
+            if not arena.in_use():
+                self.current = i
+                return i, False
+        i = self.current = self._evict
+        self._evict = (i + 1) % len(self.arenas)
+        self.arenas[i].abandon()
+        return i, True
+
+    def receive(self, conn: Any) -> None:
+        self.arenas[self.current].receive(conn)
+
+    def take(self, layout: Sequence[tuple[int, int]]) -> list[Any]:
+        """The result's buffers: views of the arena when large (see VIEW_MIN_BYTES), else copies."""
+        arena = self.arenas[self.current]
+        return arena.views(layout) if sum(size for _, size in layout) >= VIEW_MIN_BYTES else arena.read(layout)
+
+    def close(self) -> None:
+        for arena in self.arenas:
+            arena.close()
 
 
 def _live_kind(obj: Any) -> str | None:

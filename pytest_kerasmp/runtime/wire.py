@@ -46,6 +46,10 @@ class Task(NamedTuple):
     call: bytes
     layout: Layout
     grew: bool
+    #: Which of the worker's result arenas the result goes to (the pool's reader still holds
+    #: views of the others); ``fresh_out``: that arena was left to its views, make a new file.
+    out: int = 0
+    fresh_out: bool = False
 
 
 class Done(NamedTuple):

@@ -2,11 +2,13 @@
 
 It runs the pool's initializer, says ``Ready``, then runs one ``Task`` at a time until
 ``Stop`` (messages in ``_wire``). A task's array arguments are views of the worker's inbox
-arena; its result's arrays go through its outbox arena (see transport).
+arena; its result's arrays go through one of its outbox arenas, the one the pool names in the
+task (the pool hands results over as views of them: see transport.ResultArenas).
 """
 
 from __future__ import annotations
 
+import collections
 import os
 import traceback
 from multiprocessing.connection import Connection
@@ -35,7 +37,8 @@ def _serve(conn: Connection) -> None:
     from pytest_kerasmp.errors import pack_exception
     from pytest_kerasmp.runtime.transport import Arena, dumps, loads_call
 
-    inbox, outbox = Arena(header=True), Arena()
+    inbox = Arena(header=True)
+    outboxes: collections.defaultdict[int, Arena] = collections.defaultdict(Arena)
     while True:
         try:
             msg = conn.recv()
@@ -45,6 +48,9 @@ def _serve(conn: Connection) -> None:
             assert isinstance(msg, Task), f"unexpected message {type(msg).__name__}"
             if msg.grew:
                 inbox.receive(conn)
+            outbox = outboxes[msg.out]  # the pool still reads results in the others
+            if msg.fresh_out:  # the pool left this one to results still in use: a new file
+                outbox.close()
             inbox.mark(msg.id + 1)  # before the task runs: the pool knows what a death interrupts
         except (EOFError, OSError):
             exit_with_group()  # the pool went away
