@@ -42,6 +42,23 @@ def test_single_sample_batch_and_oversize_requests_match_the_model(server):
     assert stats["requests"] >= 6 and stats["errors"] == 0
 
 
+def test_the_delay_is_for_an_idle_server_not_for_requests_that_came_while_a_batch_ran(kerasmp_inference_server):
+    slow = ModelRef.from_builder("server_models:linear", delay_s=0.3)  # each batch takes 0.3 s
+    server = kerasmp_inference_server(slow, CPU0, max_batch_size=16, max_delay_ms=1500)
+    client = server.client()
+    full = client.submit(np.ones((16, 4), np.float32))  # a full batch: runs at once
+    time.sleep(0.1)
+    t0 = time.monotonic()
+    late = client.submit(np.ones((1, 4), np.float32))  # came while that batch ran
+    late.result(timeout=10)
+    assert time.monotonic() - t0 < 1.2, "a request that waited for a running batch also waited max_delay_ms"
+    full.result(timeout=10)
+    t0 = time.monotonic()
+    client.submit(np.ones((1, 4), np.float32)).result(timeout=10)  # an idle server waits for company
+    assert time.monotonic() - t0 >= 1.4
+    client.close()
+
+
 def test_bad_requests_get_a_clear_error_and_lose_nothing_else(server):
     with pytest.raises(ValueError, match=r"^the request has shape \(2, 5\) for the model's input 0 \('x'\), which takes one sample of shape \(4,\) or a batch of shape \(n, 4\), dtype float32; reshape"):
         server.predict(np.ones((2, 5), np.float32))

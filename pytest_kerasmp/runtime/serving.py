@@ -24,6 +24,8 @@ from multiprocessing.connection import Connection, wait
 from typing import Any
 
 STATS_WINDOW = 100_000
+#: At most this many messages of one client are taken per look (the others' turn comes).
+DRAIN = 64
 
 #: A model input: per-sample shape (None for any size), dtype string, name.
 InputSpec = tuple[tuple[Any, ...], str, str]
@@ -67,6 +69,8 @@ class _Request:
     inputs: list[Any]
     rows: int
     arrived: float
+    #: It waited for a running batch: due at once (max_delay is for a server that was idle).
+    waited: bool = False
     outputs: list[Any] | None = None
     done_rows: int = 0
     failed: bool = False
@@ -97,6 +101,7 @@ class _Server:
         outs = self.forward(*warm)
         self.outputs = [(tuple(o.shape[1:]), o.dtype.str) for o in outs]
         self.pending: collections.deque[tuple[_Request, int, int]] = collections.deque()
+        self.batch_ran = False  # since the last look for requests
         self.waiting = 0  # accepted requests not yet answered
         self.stats: dict[str, Any] = {"requests": 0, "batches": 0, "rows": 0, "errors": 0, "busy": 0}
         self.queue_wait: collections.deque[float] = collections.deque(maxlen=STATS_WINDOW)
@@ -104,7 +109,8 @@ class _Server:
 
     # --------------------------------------------------------------------------- requests
 
-    def on_message(self, client: _Client, closing: bool) -> None:
+    def on_message(self, client: _Client, closing: bool, waited: bool = False) -> None:
+        """Take one message of ``client``; ``waited``: it came while a batch ran."""
         from pytest_kerasmp.runtime.wire import Busy, Closed, Predict, Stats, StatsRequest
 
         msg = client.conn.recv()
@@ -130,7 +136,7 @@ class _Server:
         if problem is not None:
             self.fail_one(client, msg.id, ValueError(problem))
             return
-        req = _Request(msg.id, client, arrays, arrays[0].shape[0], time.perf_counter())
+        req = _Request(msg.id, client, arrays, arrays[0].shape[0], time.perf_counter(), waited)
         self.waiting += 1
         self.stats["requests"] += 1
         if req.rows == 0:  # nothing to compute: answered at once, with 0 rows
@@ -150,10 +156,10 @@ class _Server:
             rows += stop - start
             if rows >= self.max_batch:
                 return 0.0
-        if closing:
+        oldest = self.pending[0][0]
+        if closing or oldest.waited:
             return 0.0
-        oldest = self.pending[0][0].arrived
-        return max(0.0, oldest + self.max_delay - time.perf_counter())
+        return max(0.0, oldest.arrived + self.max_delay - time.perf_counter())
 
     def run_batch(self) -> None:
         np = self.np
@@ -172,6 +178,7 @@ class _Server:
         if not taken:
             return
         now = time.perf_counter()
+        self.batch_ran = True
         for req, start, _ in taken:
             if start == 0:
                 self.queue_wait.append(now - req.arrived)
@@ -288,13 +295,23 @@ def serve(server: _Server, control: Connection, listener: socket.socket | None) 
     clients: dict[Any, _Client] = {}
     closing = False
     while True:
+        # What a batch left, and what is ready the moment it ends, came while it ran: it has
+        # waited a whole batch already, so the next batch takes it without waiting for more
+        # (the delay is for a server that was idle, not for one that was busy).
+        waited, server.batch_ran = server.batch_ran, False
+        if waited:
+            for req, _, _ in server.pending:
+                req.waited = True
         delay = server.due(closing)
         if closing and delay is None and server.waiting == 0:
             break
         waitables: list[Any] = [*clients, *([control] if not closing else [])]
         if listener is not None:
             waitables.append(listener)
-        ready = wait(waitables, timeout=1.0 if delay is None else delay)
+        ready = wait(waitables, timeout=0) if waited else []
+        if not ready:
+            waited = False
+            ready = wait(waitables, timeout=1.0 if delay is None else delay)
         if listener is not None and listener in ready:  # take every waiting connection now
             ready.remove(listener)
             while True:
@@ -320,7 +337,10 @@ def serve(server: _Server, control: Connection, listener: socket.socket | None) 
             else:
                 client = clients[obj]
                 try:
-                    server.on_message(client, closing)
+                    for _ in range(DRAIN):  # every request it has sent so far, not one per look
+                        server.on_message(client, closing, waited)
+                        if not client.alive or not client.conn.poll(0):
+                            break
                 except (EOFError, OSError):
                     client.alive = False
                 if not client.alive:
