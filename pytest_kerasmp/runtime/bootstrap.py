@@ -71,6 +71,24 @@ def run(conn: Any, boot: dict[str, Any], stack_fd: int) -> None:
         send_startup_error(conn)
         return
     entry(conn, *args)
+    quick_exit()
+
+
+def quick_exit() -> None:
+    """End as multiprocessing's forked children do: the atexit handlers run and the standard
+    streams are flushed, the interpreter's teardown is skipped (0.4 s with TensorFlow
+    loaded, measured here: it would make every close() that much slower)."""
+    import atexit
+
+    try:
+        atexit._run_exitfuncs()
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except Exception:
+                pass
+        os._exit(0)
 
 
 def send_startup_error(conn: Any) -> None:
