@@ -85,5 +85,5 @@ def evaluate_python(example: Example) -> object:
 
 pytest_collect_file = Sybil(
     parsers=[CodeBlockParser("python", evaluate_python), SkipParser()],
-    patterns=["README.md", "docs/*.md"],
+    patterns=["README.md", "docs/*.md", "docs/*/*.md"],
 ).pytest()
