@@ -1,11 +1,12 @@
 #!/usr/bin/env python3
-"""Set-up and entry point for the README's two commands; needs only Python 3.11+.
+"""Set-up and entry point for the README's two commands (and the docs); needs only Python 3.11+.
 
     python3 dev.py harness [pytest args]   # the scenarios, with their report (./kerasmp-report/)
-    python3 dev.py test    [pytest args]   # the test suite
+    python3 dev.py test    [pytest args]   # the test suite and the examples of README.md and docs/
+    python3 dev.py docs    [mkdocs args]   # the documentation site, into ./site/ (warnings are errors)
 
-Each creates ./.venv and installs the project into it (editable, with the test, plot, ray and peers extras) when
-missing or when pyproject.toml changed, then runs pytest from it.
+Each creates ./.venv and installs the project into it (editable, with the test, plot, ray, peers and
+docs extras) when missing or when pyproject.toml changed, then runs pytest (or mkdocs) from it.
 """
 
 from __future__ import annotations
@@ -21,11 +22,13 @@ ROOT = Path(__file__).resolve().parent
 VENV = ROOT / ".venv"
 PYTHON = VENV / "bin" / "python"
 STAMP = VENV / ".kerasmp-installed"
-EXTRAS = "test,plot,ray,peers"
+EXTRAS = "test,plot,ray,peers,docs"
 
 COMMANDS = {
-    "test": ["-m", "pytest", "tests"],
+    # README.md and docs/: every Python block there is a test (Sybil, see conftest.py).
+    "test": ["-m", "pytest", "tests", "README.md", "docs"],
     "harness": ["-m", "pytest", "scenarios", "--kerasmp-gpus=auto", "--kerasmp-report=kerasmp-report"],
+    "docs": ["-m", "mkdocs", "build", "--strict", "-d", "site"],
 }
 
 
@@ -50,7 +53,7 @@ def main(argv: list[str]) -> int:
     ensure_venv()
     cmd = [str(PYTHON), *COMMANDS[argv[0]], *argv[1:]]
     print("dev.py: " + " ".join(cmd[1:]), flush=True)
-    return subprocess.call(cmd, cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    return subprocess.call(cmd, cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1", "NO_MKDOCS_2_WARNING": "1"})
 
 
 if __name__ == "__main__":
