@@ -10,11 +10,14 @@ Measured: serial vs the pool, side by side; and the pool against what a user wou
 instead of it for the same job (``peers.py``: joblib/loky, ``ProcessPoolExecutor`` on spawn
 with an initializer that loads every model once, ``multiprocessing.Pool`` on spawn), each
 warm, doing the same work with the same check, side by side with the pool in one run.
-Where the pool is ahead, it is for three reasons: the data crosses through shared memory
-once per worker instead of through a pipe per task (loky memory-maps it, which is why it is
-the closest peer); each worker's TensorFlow runs on its own slot's cores instead of every
-worker's thread pools fighting for all of them; the tasks go to idle workers one by one
-instead of in pre-dispatched chunks.
+Where the pool is ahead, it is for two reasons: the data crosses through shared memory
+instead of being pickled through a pipe per task, and each worker's TensorFlow runs on its
+own slot's cores instead of every worker's thread pools contending for all of them (which
+costs most when the machine is busy). Where it is not: on a quiet 2-core machine loky is
+level with the pool here (1.02x [0.93, 1.17] in one run, against 1.17-1.19x for the
+executor and multiprocessing.Pool): the work is TensorFlow's ``evaluate`` on a few models,
+compute-bound, and loky memory-maps the large arrays instead of pickling them, so neither
+has much to save on this job.
 Known hazard: sending the live model to a child process either hangs (fork after
 TensorFlow started) or silently pickles and rebuilds it with ``safe_mode=False`` (spawn);
 the pool refuses it with a TypeError that names ModelRef.
