@@ -173,7 +173,10 @@ class Child:
 
     def _start_forked(self, boot: dict[str, Any], stack_w: int) -> None:
         ctx = multiprocessing.get_context("forkserver")
-        ctx.set_forkserver_preload(["pytest_kerasmp.runtime.bootstrap", frameworks.active().module])
+        framework = frameworks.active()
+        for key, value in framework.preload_environ().items():  # the forkserver inherits them
+            os.environ.setdefault(key, value)
+        ctx.set_forkserver_preload(["pytest_kerasmp.runtime.bootstrap", framework.module])
         self.conn, theirs = ctx.Pipe(duplex=True)
         out_r, out_w = os.pipe()
         output, stacks = Connection(out_w, readable=False), Connection(stack_w, readable=False)
