@@ -78,28 +78,67 @@ def save_linear(path: str) -> str:
     return path
 
 
-def all_reduce_sum(value: float) -> float:
-    """In a cluster task: join the others, sum ``value`` across every task."""
+def all_reduce_sum() -> float:
+    """In a cluster task: join the others, sum (task rank + 1) across every task."""
     import keras
 
     import pytest_kerasmp
 
     pytest_kerasmp.init_distributed()
+    _, index = pytest_kerasmp.task_info()
+    value = float(index + 1)
     backend = keras.backend.backend()
     if backend == "jax":
         import jax.numpy as jnp
         from jax.experimental import multihost_utils
 
-        total = multihost_utils.process_allgather(jnp.asarray([value]), tiled=True).sum()
-        return float(total)
-    if backend == "torch":
+        return float(multihost_utils.process_allgather(jnp.asarray([value]), tiled=True).sum())
+    import torch
+    import torch.distributed as dist
+
+    t = torch.tensor([value])
+    dist.all_reduce(t)
+    return float(t.item())
+
+
+def _data(rank: int, rows: int = 64):
+    rng = np.random.default_rng(100 + rank)  # each task its own shard
+    x = rng.random((rows, 4), dtype=np.float32)
+    return x, expected(x)
+
+
+def train_data_parallel() -> dict:
+    """In a cluster task: a few steps of data-parallel training of ``linear``'s shape from one
+    seed; each task reports its weights, which must agree across tasks."""
+    import keras
+
+    import pytest_kerasmp
+
+    pytest_kerasmp.init_distributed()
+    _, rank = pytest_kerasmp.task_info()
+    keras.utils.set_random_seed(7)
+    x, y = _data(rank)
+    backend = keras.backend.backend()
+    if backend == "jax":
+        distribution = keras.distribution.DataParallel(devices=keras.distribution.list_devices())
+        distribution.auto_shard_dataset = False  # NumPy inputs, already one shard per task
+        with distribution.scope():
+            model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)])
+            model.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse")
+            history = model.fit(x, y, batch_size=16, epochs=1, verbose=0, shuffle=False)
+        loss = float(history.history["loss"][-1])
+    else:
         import torch
-        import torch.distributed as dist
+        from torch.nn.parallel import DistributedDataParallel
 
-        t = torch.tensor([value])
-        dist.all_reduce(t)
-        return float(t.item())
-    import tensorflow as tf
-
-    strategy = tf.distribute.MultiWorkerMirroredStrategy()
-    return float(strategy.reduce("SUM", strategy.run(lambda: tf.constant(value)), axis=None))
+        model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)])
+        ddp = DistributedDataParallel(model)
+        opt = torch.optim.SGD(ddp.parameters(), lr=0.1)
+        for start in range(0, len(x), 16):
+            opt.zero_grad()
+            out = ddp(torch.from_numpy(x[start:start + 16]))
+            loss_t = torch.nn.functional.mse_loss(out, torch.from_numpy(y[start:start + 16]))
+            loss_t.backward()
+            opt.step()
+        loss = float(loss_t.item())
+    return {"rank": rank, "kernel": np.asarray(model.layers[-1].get_weights()[0]).tolist(), "loss": loss}

@@ -10,6 +10,7 @@ the memory cap go through torch's own API right after ``import torch``.
 from __future__ import annotations
 
 import json
+import re
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -25,6 +26,14 @@ class Adapter(Framework):
     name = "torch"
     module = "torch"
     title = "PyTorch"
+    #: Keras imports TensorFlow when it is installed (saving, seeding): its absl banner and
+    #: glog-format info lines are chatter here too.
+    chatter = re.compile(r"^(WARNING: All log messages before absl::InitializeLog\(\)|I\d{4} [\d:.]+ )")
+
+    def quiet_environ(self) -> dict[str, str]:
+        import os
+
+        return {"TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2")}
 
     def environ(self, slot: SlotLike, growth: bool) -> dict[str, str]:
         # Only the pinned GPU is visible, as cuda:0; growth is torch's own way (it reserves
