@@ -4,7 +4,7 @@
     python3 dev.py harness [pytest args]   # the scenarios, with their report (./kerasmp-report/)
     python3 dev.py test    [pytest args]   # the test suite
 
-Each creates ./.venv and installs the project into it (editable, with the test, plot and ray extras) when
+Each creates ./.venv and installs the project into it (editable, with the test, plot, ray, jax and torch extras) when
 missing or when pyproject.toml changed, then runs pytest from it.
 """
 
@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parent
 VENV = ROOT / ".venv"
 PYTHON = VENV / "bin" / "python"
 STAMP = VENV / ".kerasmp-installed"
-EXTRAS = "test,plot,ray"
+EXTRAS = "test,plot,ray,jax,torch"
 
 COMMANDS = {
     "test": ["-m", "pytest", "tests"],
