@@ -93,6 +93,12 @@ def all_reduce_sum() -> float:
         from jax.experimental import multihost_utils
 
         return float(multihost_utils.process_allgather(jnp.asarray([value]), tiled=True).sum())
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        strategy = tf.distribute.MultiWorkerMirroredStrategy()
+        per_replica = strategy.run(lambda: tf.constant(value))
+        return float(strategy.reduce("SUM", per_replica, axis=None))
     import torch
     import torch.distributed as dist
 
