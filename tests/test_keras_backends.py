@@ -224,3 +224,27 @@ def test_keras_cluster_all_reduce_and_data_parallel_training(other_backend):
     assert [r["rank"] for r in results] == [0, 1]
     np.testing.assert_allclose(results[0]["kernel"], results[1]["kernel"], rtol=1e-6, atol=1e-7)
     assert np.isfinite(results[0]["loss"])
+
+
+def test_compiled_forward_survives_keras_own_steps_in_the_same_process(other_backend, run_python):
+    """The server's forward function keeps working after model.predict/fit ran in the same
+    process (Keras' jitted JAX steps replace the variables' arrays and delete the old ones)."""
+    done = run_python(f"""
+import sys
+sys.path.insert(0, {os.path.dirname(backend_tasks.__file__)!r})
+import numpy as np, keras, backend_tasks
+from pytest_kerasmp import frameworks
+model = backend_tasks.linear()
+forward = frameworks.active().forward(model, [((4,), "float32", "x")])
+x = np.random.default_rng(0).random((5, 4), dtype=np.float32)
+first = forward(x)[0]
+model.predict(x, verbose=0)
+model.compile(optimizer="sgd", loss="mse")
+model.fit(x, np.zeros((5, 3), np.float32), verbose=0)
+after = forward(x)[0]
+assert first.shape == (5, 3) and np.allclose(first, backend_tasks.expected(x), atol=1e-5)
+assert np.allclose(after, model.predict(x, verbose=0), atol=1e-5) and not np.allclose(after, first)
+print("ok", frameworks.active().name)
+""")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split()[-1] == other_backend

@@ -86,16 +86,14 @@ class Adapter(Framework):
             module.config.update("jax_platforms", "cpu")
 
     def forward(self, model: Any, inputs: Sequence[tuple[tuple[Any, ...], str, str]]) -> Forward:
-        """``jax.jit`` over the model's stateless call, its variables passed in (not baked into
-        the executable); batches are padded to the next power of two, so batch sizes up to
+        """``jax.jit`` over the model's stateless call, its variables passed in at every call
+        (not baked into the executable); batches are padded to the next power of two, so batch sizes up to
         ``2**k`` compile at most ``k + 1`` times."""
         import jax
         import numpy as np
 
         count = [0]
         multi = len(inputs) > 1
-        trainable = [v.value for v in model.trainable_variables]
-        non_trainable = [v.value for v in model.non_trainable_variables]
 
         def call(tv: Any, ntv: Any, *xs: Any) -> Any:
             count[0] += 1  # runs once per trace
@@ -109,6 +107,10 @@ class Adapter(Framework):
             size = 1 << max(rows - 1, 0).bit_length()
             if size != rows:
                 xs = tuple(np.concatenate([x, np.zeros((size - rows, *x.shape[1:]), x.dtype)]) for x in xs)
+            # The variables' current arrays at every call: Keras' own jitted steps (predict,
+            # fit in the same process) replace them and delete the old ones.
+            trainable = [v.value for v in model.trainable_variables]
+            non_trainable = [v.value for v in model.non_trainable_variables]
             return [np.asarray(o)[:rows] for o in compiled(trainable, non_trainable, *xs)]
 
         return CompiledForward(run, lambda: count[0])
