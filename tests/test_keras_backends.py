@@ -248,3 +248,22 @@ print("ok", frameworks.active().name)
 """)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.split()[-1] == other_backend
+
+
+def test_forkserver_workers_on_each_backend(other_backend, run_python):
+    """A forkserver that imported the framework (never ran it) forks workers on the session's
+    backend; under torch it got PYTORCH_NVML_BASED_CUDA_CHECK=1 before that import."""
+    done = run_python(f"""
+import json, sys
+sys.path.insert(0, {os.path.dirname(backend_tasks.__file__)!r})
+import numpy as np, backend_tasks
+from pytest_kerasmp import WorkerPool, plan_slots
+if __name__ == "__main__":
+    with WorkerPool(plan_slots(1), start_method="forkserver", name="fs", start_timeout_s=60) as pool:
+        print(json.dumps(pool.submit(backend_tasks.whoami, np.ones((2, 4), np.float32)).result(timeout=60)))
+""")
+    assert done.returncode == 0, done.stderr[-3000:]
+    info = json.loads(done.stdout.strip().splitlines()[-1])
+    assert info["backend"] == other_backend and info["predict_ok"]
+    if other_backend == "torch":
+        assert info["env"]["PYTORCH_NVML_BASED_CUDA_CHECK"] == "1"

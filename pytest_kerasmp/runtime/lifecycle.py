@@ -116,7 +116,9 @@ class Child:
         self.output: collections.deque[str] = collections.deque(maxlen=OUTPUT_TAIL)
         self.started_at = time.monotonic()
         self._stopped = False
-        env = {**(env or {}), "PYTEST_KERASMP_ROLE": role}
+        # The session's Keras backend travels with the child's own environment: a forkserver
+        # started earlier keeps the environment it started with.
+        env = {**(env or {}), "PYTEST_KERASMP_ROLE": role, "KERAS_BACKEND": frameworks.backend_name()[0]}
         self._quiet = quiet_logs()
         if self._quiet:
             env.update(frameworks.active().quiet_environ())
