@@ -75,6 +75,32 @@ def test_bad_backend_is_refused_at_session_start(pytester, run_pytest):
     result.stderr.fnmatch_lines([f"*{cfg.BACKEND_OPTION}='theano' (from the command line) is invalid: {cfg.BACKEND_VALID}*"])
 
 
+def test_a_backend_that_is_not_installed_is_refused(monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "torch" else real(name, *a))
+    with pytest.raises(pytest.UsageError) as info:
+        cfg.resolve_backend({"kerasmp_keras_backend": "torch"}, {}, lambda name: "")
+    assert str(info.value) == cfg.BACKEND_NOT_INSTALLED.format(
+        name="torch", source="the command line", module="torch", extra="torch", option=cfg.BACKEND_OPTION,
+    )
+
+
+def test_keras_imported_on_another_backend_is_refused(run_python):
+    done = run_python("""
+import os
+os.environ["KERAS_BACKEND"] = "tensorflow"
+import keras
+from pytest_kerasmp.plugin import config as cfg
+try:
+    cfg.apply_backend(cfg.Settings(keras_backend="jax", keras_backend_source="the command line"))
+except Exception as exc:
+    print(type(exc).__name__, exc)
+""")
+    assert done.stdout.strip().splitlines()[-1] == "UsageError " + cfg.BACKEND_TOO_LATE.format(
+        imported="tensorflow", name="jax", source="the command line",
+    )
+
+
 def test_keras_backend_from_the_environment_is_the_default(pytester, run_pytest, monkeypatch):
     monkeypatch.setenv("KERAS_BACKEND", INSTALLED[-1])
     pytester.makepyfile("def test_x(): pass\n")
