@@ -237,7 +237,7 @@ def resolve_backend(cli: Mapping[str, Any], env: Mapping[str, str], ini: Callabl
     if name not in BACKEND_CHOICES:
         raise _fail(option, name, source, BACKEND_VALID)
     module = frameworks.get(name).module
-    if importlib.util.find_spec(module) is None:
+    if source != "the default" and importlib.util.find_spec(module) is None:  # chosen, not assumed
         raise pytest.UsageError(BACKEND_NOT_INSTALLED.format(
             name=name, source=source, module=module, extra=name, option=BACKEND_OPTION,
         ))
