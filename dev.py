@@ -5,8 +5,8 @@
     python3 dev.py test    [pytest args]   # the test suite and the examples of README.md and docs/
     python3 dev.py docs    [mkdocs args]   # the documentation site, into ./site/ (warnings are errors)
 
-Each creates ./.venv and installs the project into it (editable, with the test, plot, ray, peers and
-docs extras) when missing or when pyproject.toml changed, then runs pytest (or mkdocs) from it.
+Each creates ./.venv and installs the project into it (editable, with the test, plot, ray,
+peers, docs, jax and torch extras) when missing or when pyproject.toml changed, then runs pytest (or mkdocs) from it.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parent
 VENV = ROOT / ".venv"
 PYTHON = VENV / "bin" / "python"
 STAMP = VENV / ".kerasmp-installed"
-EXTRAS = "test,plot,ray,peers,docs"
+EXTRAS = "test,plot,ray,peers,docs,jax,torch"
 
 COMMANDS = {
     # README.md and docs/: every Python block there is a test (Sybil, see conftest.py).

@@ -45,6 +45,8 @@ _WHERE = {
     "detect_gpus": "slots.devices",
     "plan_slots": "slots.devices",
     "TFCluster": "runtime.cluster",
+    "KerasCluster": "runtime.kerascluster",
+    "init_distributed": "runtime.kerascluster",
     "task_info": "runtime.cluster",
     "ClusterClosedError": "errors",
     "ClusterStartError": "errors",
@@ -122,6 +124,8 @@ if TYPE_CHECKING:
     from pytest_kerasmp.runtime.client import InferenceClient as InferenceClient
     from pytest_kerasmp.runtime.cluster import TFCluster as TFCluster
     from pytest_kerasmp.runtime.cluster import task_info as task_info
+    from pytest_kerasmp.runtime.kerascluster import KerasCluster as KerasCluster
+    from pytest_kerasmp.runtime.kerascluster import init_distributed as init_distributed
     from pytest_kerasmp.runtime.pool import WorkerPool as WorkerPool
     from pytest_kerasmp.runtime.server import InferenceServer as InferenceServer
     from pytest_kerasmp.slots.devices import GPU as GPU

@@ -161,9 +161,10 @@ def with_stacks(error: KerasMPError, stacks: str | None) -> KerasMPError:
 
 
 FORK_REFUSED = (
-    "start_method='fork' is not supported: a worker forked after its parent ran TensorFlow "
-    "(model.predict, fit, a tf.function) deadlocks in its first TensorFlow call; use 'spawn' "
-    "(default) or 'forkserver' (forks from a server that imported but never ran TensorFlow)"
+    "start_method='fork' is not supported: a worker forked after its parent ran TensorFlow or "
+    "JAX (model.predict, fit, building a model) deadlocks in its first op, and one forked after "
+    "PyTorch initialised CUDA cannot use the GPU; use 'spawn' (default) or 'forkserver' (forks "
+    "from a server that imported but never ran the framework under Keras)"
 )
 STARTUP_FAILED = "{who} failed to start: {reason}; {advice}"
 #: What a startup error advises, by what is known of the failure.

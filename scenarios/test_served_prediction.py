@@ -94,8 +94,10 @@ def send_requests(client, raw: np.ndarray, in_flight: int) -> dict:
 
 def predict_own_copy(ref: ModelRef, raw: np.ndarray) -> np.ndarray:
     """The usual alternative: this process loads its own model and predicts sample by sample."""
+    import keras
+
     model = ref.load()
-    return np.stack([np.asarray(model(preprocess(x)[None], training=False))[0] for x in raw])
+    return np.stack([keras.ops.convert_to_numpy(model(preprocess(x)[None], training=False))[0] for x in raw])
 
 
 # ------------------------------------------------------------------------- fixtures
@@ -210,14 +212,16 @@ def rss_mb(pids) -> float:
 def test_served_throughput_vs_in_process_full_batches(kerasmp_speedup, benchmark, served, clients, model_name, m):
     setup = served[model_name]
     model, server, xs, raw = setup["model"], setup["server"], setup["xs"], setup["raw"]
-    import tensorflow as tf
+    from pytest_kerasmp import frameworks
 
-    forward = tf.function(lambda x: model(x, training=False), input_signature=[tf.TensorSpec((None, *xs.shape[1:]), tf.float32)])
+    # The backend's own compiled forward function, the same the server uses (tf.function,
+    # jax.jit, torch.inference_mode), so the limit is the model alone on every backend.
+    forward = frameworks.active().forward(model, [(tuple(xs.shape[1:]), "float32", "x")])
     reference = model.predict(xs, batch_size=MAX_BATCH, verbose=0)
     runs: list[dict] = []
 
     def limit() -> np.ndarray:  # the model alone, in full batches, in one process
-        return np.concatenate([forward(xs[i : i + MAX_BATCH]).numpy() for i in range(0, len(xs), MAX_BATCH)])
+        return np.concatenate([forward(xs[i : i + MAX_BATCH])[0] for i in range(0, len(xs), MAX_BATCH)])
 
     def serve() -> np.ndarray:
         runs.append(serve_from(clients, server, raw, m))

@@ -24,7 +24,11 @@ from typing import Any
 from pytest_kerasmp.frameworks.base import Framework
 
 #: Keras backend name -> the module of its adapter (a class named ``Adapter`` there).
-ADAPTERS = {"tensorflow": "pytest_kerasmp.frameworks.tensorflow"}
+ADAPTERS = {
+    "tensorflow": "pytest_kerasmp.frameworks.tensorflow",
+    "jax": "pytest_kerasmp.frameworks.jax",
+    "torch": "pytest_kerasmp.frameworks.torch",
+}
 DEFAULT = "tensorflow"
 UNSUPPORTED = (
     "KERAS_BACKEND={name!r} (from {source}) is not a backend pytest-kerasmp supports; "

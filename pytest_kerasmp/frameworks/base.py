@@ -64,6 +64,11 @@ class Framework:
         memory growth or the slot's cap), set before it is imported."""
         return {}
 
+    def preload_environ(self) -> dict[str, str]:
+        """Environment variables a forkserver needs before it imports this framework (so that
+        the children it forks can still initialise their devices)."""
+        return {}
+
     def quiet_environ(self) -> dict[str, str]:
         """Environment variables that keep its start-up messages quiet in a child."""
         return {}
@@ -112,6 +117,10 @@ class Framework:
     def cluster_environ(self, spec: dict[str, list[str]], task_type: str, index: int) -> dict[str, str]:
         """The environment of task ``(task_type, index)`` of a local cluster ``spec``."""
         raise NotImplementedError(f"{self.name}: no multi-process cluster")
+
+    def init_distributed(self) -> None:
+        """In a cluster task: join the other tasks, from the environment of
+        :meth:`cluster_environ` (nothing for a framework whose strategy reads it itself)."""
 
     def is_chatter(self, line: str, slot_kind: str) -> bool:
         """Whether ``line`` a child printed is start-up chatter on a slot of ``slot_kind``."""

@@ -125,7 +125,7 @@ def run_record(
             "cores_of_this_process": sorted(os.sched_getaffinity(0)),  # after pinning, if pinned
             "xdist_workers": xdist_workers,
             "keras_backend": frameworks.backend_name()[0],
-            **{name: _version(name) for name in ("tensorflow", "keras", "numpy", "pytest", "pytest-xdist", "pytest-benchmark")},
+            **{name: _version(name) for name in ("tensorflow", "jax", "torch", "keras", "numpy", "pytest", "pytest-xdist", "pytest-benchmark")},
         },
         "slots": [{**s.to_json(), "describe": s.describe()} for s in slots],
         "gpus": sorted({s.gpu_name for s in slots if s.gpu_name}),

@@ -23,6 +23,7 @@ from pytest_kerasmp.plugin import markers, speedgate
 from pytest_kerasmp.plugin.fixtures import (  # noqa: F401  (fixtures registered with the plugin)
     kerasmp_device,
     kerasmp_inference_server,
+    kerasmp_keras_cluster,
     kerasmp_pool,
     kerasmp_pool_factory,
     kerasmp_ray,
@@ -73,6 +74,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         help="Scale the scenarios' workloads by F (e.g. 0.25 for a quick CI pass, 4 on a GPU "
         "machine); the kerasmp_scale fixture. Default: 1",
     )
+    group.addoption(cfg.BACKEND_OPTION, dest="kerasmp_keras_backend", metavar="NAME", help=cfg.BACKEND_HELP)
+    parser.addini(cfg.BACKEND_INI, cfg.BACKEND_HELP, type="string", default="")
     parser.addini(cfg.GPUS_INI, cfg.GPUS_HELP, type="string", default="")
     parser.addini(cfg.MEMORY_INI, cfg.MEMORY_HELP, type="string", default="")
     parser.addini(cfg.REQUIRE_INI, cfg.REQUIRE_HELP, type="string", default="")
@@ -136,6 +139,7 @@ def pytest_load_initial_conftests(early_config: pytest.Config) -> None:
         vars(early_config.known_args_namespace), os.environ, early_config.getini
     )
     early_config.stash[cfg.SETTINGS_KEY] = settings
+    cfg.apply_backend(settings)  # before any conftest imports keras, and before pinning
     speedgate.export_seed(early_config)  # before pinning: pin_process seeds from it
     if not settings.requested:
         seeding.seed_process(None)
@@ -329,7 +333,7 @@ def describe_plan(settings: cfg.Settings, plan: cfg.SessionPlan, workers: int = 
 
 
 def pytest_report_header(config: pytest.Config) -> list[str]:
-    lines = []
+    lines = [cfg.backend_header(cfg.session_settings(config))]
     plan = config.stash.get(cfg.PLAN_KEY, None)
     if plan is not None:
         lines.append(describe_plan(cfg.session_settings(config), plan, _xdist_workers(config)))

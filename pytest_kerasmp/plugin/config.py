@@ -56,6 +56,30 @@ RAY_HEADER = (
     "cluster's nodes when a fixture first needs them"
 )
 
+BACKEND_OPTION, BACKEND_INI, BACKEND_ENV = (
+    "--kerasmp-keras-backend",
+    "kerasmp_keras_backend",
+    "PYTEST_KERASMP_KERAS_BACKEND",
+)
+BACKEND_CHOICES = ("tensorflow", "jax", "torch")
+BACKEND_HELP = (
+    "Keras backend of the session and of every process it starts: tensorflow, jax or torch "
+    "(sets KERAS_BACKEND before Keras is imported). "
+    f"Also ini {BACKEND_INI}, env {BACKEND_ENV}. Default: Keras's own choice (KERAS_BACKEND, "
+    "else ~/.keras/keras.json, else tensorflow)"
+)
+BACKEND_VALID = "use one of " + ", ".join(BACKEND_CHOICES)
+BACKEND_NOT_INSTALLED = (
+    "the Keras backend {name!r} (from {source}) is not installed: {module!r} cannot be imported; "
+    "pip install 'pytest-kerasmp[{extra}]' or choose another with {option}"
+)
+BACKEND_TOO_LATE = (
+    "Keras was imported on backend {imported!r} before kerasmp could set {name!r} (from "
+    "{source}); a plugin or conftest imported keras first: set KERAS_BACKEND={name} in the "
+    "environment instead"
+)
+BACKEND_HEADER = "kerasmp: Keras backend {name} {version} (from {source}), keras {keras}"
+
 GPUS_HELP = (
     "Number of device slots for this session: N or 'auto' (one per GPU, or one per usable "
     "core when there is no GPU); 'off' (or 0) turns slots off whatever ini or env say. "
@@ -101,6 +125,8 @@ class Settings:
     require_source: str = "the default"
     ray_timeout_s: float = CONNECT_TIMEOUT_S
     ray_timeout_source: str = "the default"
+    keras_backend: str = "tensorflow"
+    keras_backend_source: str = "the default"
 
     def command_line(self) -> str:
         """The options that reproduce this plan, each with where it came from."""
@@ -187,8 +213,69 @@ def resolve_settings(
             ray_timeout = float("nan")
         if not 0 < ray_timeout < float("inf"):
             raise _fail(RAY_TIMEOUT_OPTION, value, ray_timeout_source, RAY_TIMEOUT_VALID)
+    backend, backend_source = resolve_backend(cli, env, ini)
     return Settings(
         gpus, gpus_source, requested, memory, require, memory_source, require_source, ray_timeout, ray_timeout_source,
+        backend, backend_source,
+    )
+
+
+def resolve_backend(cli: Mapping[str, Any], env: Mapping[str, str], ini: Callable[[str], Any]) -> tuple[str, str]:
+    """The session's Keras backend and where it came from: the option (CLI, env, ini), else
+    Keras's own choice; refused when not one kerasmp supports or not installed."""
+    import importlib.util
+
+    from pytest_kerasmp import frameworks
+
+    picked = _pick(cli.get("kerasmp_keras_backend"), env, BACKEND_ENV, ini(BACKEND_INI), BACKEND_INI)
+    if picked is not None:
+        name, source = str(picked[0]).strip().lower(), picked[1]
+        option = BACKEND_OPTION
+    else:
+        name, source = frameworks.backend_name(dict(env))
+        option = "KERAS_BACKEND"
+    if name not in BACKEND_CHOICES:
+        raise _fail(option, name, source, BACKEND_VALID)
+    module = frameworks.get(name).module
+    if source != "the default" and importlib.util.find_spec(module) is None:  # chosen, not assumed
+        raise pytest.UsageError(BACKEND_NOT_INSTALLED.format(
+            name=name, source=source, module=module, extra=name, option=BACKEND_OPTION,
+        ))
+    return name, source
+
+
+def apply_backend(settings: Settings) -> None:
+    """Set ``KERAS_BACKEND`` for this process and every process it starts, before Keras is
+    imported; a Keras already imported on another backend stops the session."""
+    import os
+    import sys
+
+    keras = sys.modules.get("keras")
+    backend = getattr(keras, "backend", None)
+    imported = backend.backend() if backend is not None and hasattr(backend, "backend") else None
+    if imported is not None and imported != settings.keras_backend:
+        raise pytest.UsageError(BACKEND_TOO_LATE.format(
+            imported=imported, name=settings.keras_backend, source=settings.keras_backend_source,
+        ))
+    os.environ["KERAS_BACKEND"] = settings.keras_backend
+
+
+def backend_header(settings: Settings) -> str:
+    """The header line naming the backend and its version, and Keras's."""
+    from pytest_kerasmp import frameworks
+
+    def version(name: str) -> str:
+        import importlib.metadata
+
+        try:
+            return importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            return "?"
+
+    framework = frameworks.get(settings.keras_backend)
+    return BACKEND_HEADER.format(
+        name=settings.keras_backend, version=framework.version() or "?",
+        source=settings.keras_backend_source, keras=version("keras"),
     )
 
 

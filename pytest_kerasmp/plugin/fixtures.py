@@ -165,6 +165,28 @@ def kerasmp_tf_cluster(
     test's ``run`` calls; for one warm cluster across a module, make a module-scoped fixture
     that yields ``TFCluster(...)`` as a context manager.
     """
+    yield from _clusters(TFCluster, kerasmp_slots, pytestconfig)
+
+
+@pytest.fixture
+def kerasmp_keras_cluster(
+    kerasmp_slots: tuple[DeviceSlot, ...], pytestconfig: pytest.Config,
+) -> Iterator[Callable[..., TFCluster]]:
+    """Factory: make(workers=2, **options) -> KerasCluster for the session's Keras backend,
+    closed at test end (function).
+
+    As kerasmp_tf_cluster, with each task's environment from the backend (TF_CONFIG; JAX's
+    coordinator on 127.0.0.1; torch's MASTER_ADDR/RANK/WORLD_SIZE); in a task,
+    pytest_kerasmp.init_distributed() joins the others. --kerasmp-keras-backend picks it.
+    """
+    from pytest_kerasmp.runtime.kerascluster import KerasCluster
+
+    yield from _clusters(KerasCluster, kerasmp_slots, pytestconfig)
+
+
+def _clusters(
+    cls: type[TFCluster], kerasmp_slots: tuple[DeviceSlot, ...], pytestconfig: pytest.Config,
+) -> Iterator[Callable[..., TFCluster]]:
     clusters: list[TFCluster] = []
 
     def make(workers: int = 2, **options: Any) -> TFCluster:
@@ -172,7 +194,7 @@ def kerasmp_tf_cluster(
         if "slots" not in options and isinstance(workers, int) and workers > 0:
             _check_worker_part(pytestconfig, kerasmp_slots, workers, bool(options.get("chief")), options["name"])
         options.setdefault("slots", kerasmp_slots)  # the first ones, one per task
-        cluster = TFCluster(workers, **options)
+        cluster = cls(workers, **options)
         clusters.append(cluster)
         return cluster
 

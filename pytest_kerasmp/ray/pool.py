@@ -48,6 +48,7 @@ def actor_options(slot: DeviceSlot, name: str, reserve: bool = True) -> dict[str
     env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if isinstance(p, str) and p and os.path.isdir(p))
     if childio.quiet_logs():  # as for local children: the framework's start-up logs off
         env.update(frameworks.active().quiet_environ())
+    env["KERAS_BACKEND"] = frameworks.backend_name()[0]  # the session's, on every node
     for key in (SESSION_ENV, "PYTEST_XDIST_WORKER"):  # so that the actor records its placement
         if os.environ.get(key):
             env[key] = os.environ[key]

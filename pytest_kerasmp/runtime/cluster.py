@@ -369,16 +369,35 @@ class TFCluster(owners.Owned):
                 ports.release(port)
         self.ports = []
 
+    def framework(self) -> frameworks.Framework:
+        """The framework whose cluster environment the tasks get (TensorFlow's here)."""
+        return frameworks.get("tensorflow")
+
+    def task_environ(self, index: int) -> dict[str, str]:
+        """Task ``index``'s environment: its framework's cluster environment, and its name."""
+        kind, number = self.tasks[index]
+        return {**self.framework().cluster_environ(self.cluster_spec, kind, number), TASK_ENV: f"{kind}:{number}"}
+
     def tf_config(self, index: int) -> str:
         """Task ``index``'s ``TF_CONFIG`` (the TensorFlow adapter's cluster environment)."""
         kind, number = self.tasks[index]
         return frameworks.get("tensorflow").cluster_environ(self.cluster_spec, kind, number)["TF_CONFIG"]
 
 
+#: Set in every cluster task: its ``type:index``.
+TASK_ENV = "PYTEST_KERASMP_TASK"
+
+
 def task_info() -> tuple[str, int] | None:
-    """In a cluster task: its ``(type, index)`` from ``TF_CONFIG``; elsewhere ``None``."""
+    """In a cluster task: its ``(type, index)``; elsewhere ``None``."""
+    if os.environ.get("PYTEST_KERASMP_ROLE") != "cluster-task":
+        return None
+    named = os.environ.get(TASK_ENV)
+    if named:
+        kind, _, number = named.partition(":")
+        return kind, int(number)
     raw = os.environ.get("TF_CONFIG")
-    if not raw or os.environ.get("PYTEST_KERASMP_ROLE") != "cluster-task":
+    if not raw:
         return None
     task = json.loads(raw)["task"]
     return task["type"], int(task["index"])

@@ -58,7 +58,7 @@ class TaskBackend(LocalBackend):
             start_method=self.start_method,
             who=f"task {task} ({{slot}}, pid {{pid}}) of cluster {cluster.name!r}",
             label=f"{cluster.name} {task}",
-            env={"TF_CONFIG": cluster.tf_config(index)},
+            env=cluster.task_environ(index),
         )
         cluster._starting.append(child)
         return child

@@ -116,7 +116,9 @@ class Child:
         self.output: collections.deque[str] = collections.deque(maxlen=OUTPUT_TAIL)
         self.started_at = time.monotonic()
         self._stopped = False
-        env = {**(env or {}), "PYTEST_KERASMP_ROLE": role}
+        # The session's Keras backend travels with the child's own environment: a forkserver
+        # started earlier keeps the environment it started with.
+        env = {**(env or {}), "PYTEST_KERASMP_ROLE": role, "KERAS_BACKEND": frameworks.backend_name()[0]}
         self._quiet = quiet_logs()
         if self._quiet:
             env.update(frameworks.active().quiet_environ())
@@ -173,7 +175,10 @@ class Child:
 
     def _start_forked(self, boot: dict[str, Any], stack_w: int) -> None:
         ctx = multiprocessing.get_context("forkserver")
-        ctx.set_forkserver_preload(["pytest_kerasmp.runtime.bootstrap", frameworks.active().module])
+        framework = frameworks.active()
+        for key, value in framework.preload_environ().items():  # the forkserver inherits them
+            os.environ.setdefault(key, value)
+        ctx.set_forkserver_preload(["pytest_kerasmp.runtime.bootstrap", framework.module])
         self.conn, theirs = ctx.Pipe(duplex=True)
         out_r, out_w = os.pipe()
         output, stacks = Connection(out_w, readable=False), Connection(stack_w, readable=False)

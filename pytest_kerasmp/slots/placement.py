@@ -154,6 +154,7 @@ def record(role: str, slot: DeviceSlot, *, label: str, part: Sequence[DeviceSlot
             "cores": sorted(os.sched_getaffinity(0)),
             "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
             "memory_growth": frameworks.active().memory_growth(dict(os.environ)),
+            "keras_backend": frameworks.backend_name()[0],
             "memory_limit_mb": cap,
             "start": time.time(),
             "end": None,
@@ -243,7 +244,7 @@ def table_lines(
         return []
     by_resources = {frozenset(resources_of([s])): s.name for s in session_slots}
     origin = min(r["start"] for r in records) if origin is None else origin
-    header = ("process", "role", "slot", "cores/GPU", "pid", "lifetime", "GPU memory", "shared")
+    header = ("process", "role", "backend", "slot", "cores/GPU", "pid", "lifetime", "GPU memory", "shared")
     rows = [header]
     for r in annotate(records):
         where = (
@@ -257,7 +258,7 @@ def table_lines(
         elif r["shared_with"]:
             shared = "own: " + ", ".join(r["shared_with"])
         rows.append(
-            (name_of(r), r["role"], by_resources.get(frozenset(resources(r)), f"(slot{r['slot']['index']})"),
+            (name_of(r), r["role"], r.get("keras_backend", "?"), by_resources.get(frozenset(resources(r)), f"(slot{r['slot']['index']})"),
              where, str(r["pid"]),
              f"{r['start'] - origin:.1f} s-{end}", _memory(r), shared)
         )
@@ -270,5 +271,6 @@ def to_json(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [
         {k: r[k] for k in ("role", "owner", "label", "pid", "slot", "part", "cores", "cuda_visible_devices",
                            "memory_growth", "memory_limit_mb", "start", "end", "shared_with", "competed_with")}
+        | {"keras_backend": r.get("keras_backend")}
         for r in annotate(records)
     ]
