@@ -90,9 +90,18 @@ class Framework:
     def configure(self, module: Any, slot: SlotLike) -> None:
         """Apply the slot through the framework's own API, right after its import."""
 
+    #: Whether a warm child imports Keras too (it does not start the devices on this backend).
+    warm_keras = False
+    #: The framework's own live object type (an attribute of its module), refused by the
+    #: transport, and what an error calls it: e.g. ("Variable", "tf.Variable").
+    live_type: tuple[str, str] | None = None
+
     def warm_import(self) -> None:
-        """Import it (a warm child pays the import once, before any task)."""
+        """Import it (a warm child pays the import once, before any task), and Keras with it
+        where that is safe (``warm_keras``)."""
         importlib.import_module(self.module)
+        if self.warm_keras:
+            importlib.import_module("keras")
 
     def seed(self, module: Any, seed: int, determinism: bool) -> None:
         """Seed it (and turn on its op determinism), right after its import."""
@@ -111,8 +120,13 @@ class Framework:
         raise NotImplementedError(f"{self.name}: no compiled forward function")
 
     def live_kind(self, obj: Any) -> str | None:
-        """What kind of live framework object ``obj`` is (refused by the transport), or None."""
-        return None
+        """What kind of live framework object ``obj`` is (refused by the transport), or None;
+        never imports the framework (a module still being imported has no type yet)."""
+        if self.live_type is None:
+            return None
+        attribute, label = self.live_type
+        kind = getattr(sys.modules.get(self.module), attribute, None)
+        return label if isinstance(kind, type) and isinstance(obj, kind) else None
 
     def cluster_environ(self, spec: dict[str, list[str]], task_type: str, index: int) -> dict[str, str]:
         """The environment of task ``(task_type, index)`` of a local cluster ``spec``."""

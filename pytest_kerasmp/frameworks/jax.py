@@ -44,6 +44,8 @@ class Adapter(Framework):
     name = "jax"
     module = "jax"
     title = "JAX"
+    live_type = ("Array", "jax.Array")
+    warm_keras = True
     #: Absl's banner and glog-format info lines (the CUDA plugin's and gloo's among them).
     chatter = re.compile(r"^(WARNING: All log messages before absl::InitializeLog\(\)|I\d{4} [\d:.]+ )")
     #: A CPU slot hides every GPU on purpose: JAX's note that it found none is chatter there.
@@ -115,18 +117,7 @@ class Adapter(Framework):
 
         return CompiledForward(run, lambda: count[0])
 
-    def warm_import(self) -> None:
-        """Import it and Keras (which does not start its devices): the worker's whole import."""
-        import importlib
 
-        importlib.import_module(self.module)
-        importlib.import_module("keras")
-
-    def live_kind(self, obj: Any) -> str | None:
-        jax = sys.modules.get("jax")
-        if jax is not None and hasattr(jax, "Array") and isinstance(obj, jax.Array):
-            return "jax.Array"
-        return None
 
     def cluster_environ(self, spec: dict[str, list[str]], task_type: str, index: int) -> dict[str, str]:
         """``jax.distributed``'s coordinator (task 0's address, bound to 127.0.0.1 only), and

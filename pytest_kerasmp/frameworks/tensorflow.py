@@ -15,6 +15,7 @@ class Adapter(Framework):
     name = "tensorflow"
     module = "tensorflow"
     title = "TensorFlow"
+    live_type = ("Variable", "tf.Variable")
     #: What TF_CPP_MIN_LOG_LEVEL does not silence: absl's banner and info lines in glog format.
     chatter = re.compile(r"^(WARNING: All log messages before absl::InitializeLog\(\)|I\d{4} [\d:.]+ )")
     #: Its failed probe for CUDA: chatter on a CPU slot, which hides every GPU on purpose.
@@ -84,11 +85,6 @@ class Adapter(Framework):
             lambda *xs: [o.numpy() for o in compiled(*xs)], lambda: int(compiled.experimental_get_tracing_count())
         )
 
-    def live_kind(self, obj: Any) -> str | None:
-        tf = sys.modules.get("tensorflow")
-        if tf is not None and hasattr(tf, "Variable") and isinstance(obj, tf.Variable):
-            return "tf.Variable"
-        return None
 
     def cluster_environ(self, spec: dict[str, list[str]], task_type: str, index: int) -> dict[str, str]:
         """``TF_CONFIG``, as ``MultiWorkerMirroredStrategy`` reads it."""

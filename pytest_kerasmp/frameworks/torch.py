@@ -26,6 +26,8 @@ class Adapter(Framework):
     name = "torch"
     module = "torch"
     title = "PyTorch"
+    live_type = ("Tensor", "torch.Tensor")
+    warm_keras = True
     #: Keras imports TensorFlow when it is installed (saving, seeding): its absl banner and
     #: glog-format info lines are chatter here too.
     chatter = re.compile(r"^(WARNING: All log messages before absl::InitializeLog\(\)|I\d{4} [\d:.]+ )")
@@ -95,18 +97,7 @@ class Adapter(Framework):
 
         return CompiledForward(run, lambda: 0)
 
-    def warm_import(self) -> None:
-        """Import it and Keras (which does not start its devices): the worker's whole import."""
-        import importlib
 
-        importlib.import_module(self.module)
-        importlib.import_module("keras")
-
-    def live_kind(self, obj: Any) -> str | None:
-        torch = sys.modules.get("torch")
-        if torch is not None and hasattr(torch, "Tensor") and isinstance(obj, torch.Tensor):
-            return "torch.Tensor"
-        return None
 
     def cluster_environ(self, spec: dict[str, list[str]], task_type: str, index: int) -> dict[str, str]:
         """``torch.distributed``'s ``env://`` rendezvous: task 0's address and port."""
