@@ -104,7 +104,7 @@ except Exception as exc:
 def test_keras_backend_from_the_environment_is_the_default(pytester, run_pytest, monkeypatch):
     monkeypatch.setenv("KERAS_BACKEND", INSTALLED[-1])
     pytester.makepyfile("def test_x(): pass\n")
-    run_pytest().stdout.fnmatch_lines([f"kerasmp: Keras backend {INSTALLED[-1]} * (from env KERAS_BACKEND)*"])
+    run_pytest("--kerasmp-gpus=1").stdout.fnmatch_lines([f"kerasmp: Keras backend {INSTALLED[-1]} * (from env KERAS_BACKEND)*"])
 
 
 # ------------------------------------------------------------------ pinning, no process

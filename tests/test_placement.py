@@ -175,7 +175,7 @@ def test_xdist_workers_pools_and_servers_stay_on_their_own_part(placed, pytester
     result.stdout.fnmatch_lines(["*kerasmp: placement of the * processes pinned in this session*"])
     # Each row names the session slot its process sits on, also for a pool planned in a worker.
     rows = [line.split() for line in result.stdout.lines if re.match(r"gw\d/planned w\d ", line)]
-    assert len(rows) == 4 and all(r[4] == f"slot{r[0][2]}" for r in rows), rows
+    assert len(rows) == 4 and all(r[5] == f"slot{r[0][2]}" for r in rows), rows  # process, role (2 words), backend, slot
 
 
 @pytest.mark.parametrize("memory", [None, "1024"], ids=["growth", "cap"])

@@ -333,10 +333,11 @@ def describe_plan(settings: cfg.Settings, plan: cfg.SessionPlan, workers: int = 
 
 
 def pytest_report_header(config: pytest.Config) -> list[str]:
-    lines = [cfg.backend_header(cfg.session_settings(config))]
+    settings = cfg.session_settings(config)
     plan = config.stash.get(cfg.PLAN_KEY, None)
+    lines = [cfg.backend_header(settings)] if plan is not None or cfg.backend_chosen(settings) else []
     if plan is not None:
-        lines.append(describe_plan(cfg.session_settings(config), plan, _xdist_workers(config)))
+        lines.append(describe_plan(settings, plan, _xdist_workers(config)))
     if config.getoption("kerasmp_ray", None):
         lines.append(cfg.RAY_HEADER.format(option=cfg.RAY_OPTION, address=config.getoption("kerasmp_ray")))
     seed = speedgate.header(config)

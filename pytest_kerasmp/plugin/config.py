@@ -244,12 +244,22 @@ def resolve_backend(cli: Mapping[str, Any], env: Mapping[str, str], ini: Callabl
     return name, source
 
 
+def backend_chosen(settings: Settings) -> bool:
+    """Whether the session's backend was chosen through kerasmp's option (CLI, env, ini);
+    otherwise it is Keras's own choice, which every process makes alike by itself."""
+    return settings.keras_backend_source in ("the command line", f"env {BACKEND_ENV}", f"ini {BACKEND_INI}")
+
+
 def apply_backend(settings: Settings) -> None:
     """Set ``KERAS_BACKEND`` for this process and every process it starts, before Keras is
-    imported; a Keras already imported on another backend stops the session."""
+    imported, when kerasmp's option chose it (Keras's own choice is left alone: a suite that
+    asks nothing of the plugin is untouched); a Keras already imported on another backend
+    stops the session."""
     import os
     import sys
 
+    if not backend_chosen(settings):
+        return
     keras = sys.modules.get("keras")
     backend = getattr(keras, "backend", None)
     imported = backend.backend() if backend is not None and hasattr(backend, "backend") else None
