@@ -25,8 +25,11 @@ STAMP = VENV / ".kerasmp-installed"
 EXTRAS = "test,plot,ray,peers,docs,jax,torch"
 
 COMMANDS = {
-    # README.md and docs/: every Python block there is a test (Sybil, see conftest.py).
-    "test": ["-m", "pytest", "tests", "README.md", "docs"],
+    # README.md and docs/: every Python block there is a test (Sybil, see conftest.py). Two
+    # xdist workers: most tests wait on processes they start (10.4 -> 7.2 min on 2 cores), and
+    # the suite runs under -n as its users' suites do. Not -n auto: each test starts several
+    # TensorFlow processes, and the fault tests' bounds are set for a 2-core machine's load.
+    "test": ["-m", "pytest", "-n", "2", "tests", "README.md", "docs"],
     "harness": ["-m", "pytest", "scenarios", "--kerasmp-gpus=auto", "--kerasmp-report=kerasmp-report"],
     "docs": ["-m", "mkdocs", "build", "--strict", "-d", "site"],
 }

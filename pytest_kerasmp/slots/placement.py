@@ -242,7 +242,16 @@ def table_lines(
     numbers its own slots); one on part of a slot shows its own plan's index in brackets."""
     if not records:
         return []
-    by_resources = {frozenset(resources_of([s])): s.name for s in session_slots}
+    by_resources: dict[frozenset[str], list[DeviceSlot]] = {}
+    for s in session_slots:
+        by_resources.setdefault(frozenset(resources_of([s])), []).append(s)
+
+    def slot_name(r: dict[str, Any]) -> str:
+        # Slots that share a GPU occupy the same resources: the one the process was told wins.
+        same = by_resources.get(frozenset(resources(r)), [])
+        told = [s for s in same if s.index == r["slot"]["index"]]
+        return (told or same)[0].name if same else f"(slot{r['slot']['index']})"
+
     origin = min(r["start"] for r in records) if origin is None else origin
     header = ("process", "role", "backend", "slot", "cores/GPU", "pid", "lifetime", "GPU memory", "shared")
     rows = [header]
@@ -258,7 +267,7 @@ def table_lines(
         elif r["shared_with"]:
             shared = "own: " + ", ".join(r["shared_with"])
         rows.append(
-            (name_of(r), r["role"], r.get("keras_backend", "?"), by_resources.get(frozenset(resources(r)), f"(slot{r['slot']['index']})"),
+            (name_of(r), r["role"], r.get("keras_backend", "?"), slot_name(r),
              where, str(r["pid"]),
              f"{r['start'] - origin:.1f} s-{end}", _memory(r), shared)
         )
