@@ -248,3 +248,34 @@ def test_without_xdist_plan_slots_spreads_over_the_sessions_gpus(placed, monkeyp
     assert sorted(r["cuda"] for n, r in procs.items() if "-factory-" in n) == ["0", "1", "2", "3"]
     assert all(r["growth"] == "true" for r in procs.values() if "growth" in r)
     _check_no_cross_worker_sharing(table)
+
+
+def test_a_killed_sessions_registry_is_removed_by_the_next_session_and_a_live_ones_kept(pytester, monkeypatch, tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    monkeypatch.setenv("TMPDIR", str(tmp))
+    pytester.makepyfile(test_long="import time\n\ndef test_long():\n    time.sleep(120)\n", test_quick="def test_quick():\n    pass\n")
+    cmd = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "--kerasmp-gpus=1"]
+    proc = subprocess.Popen([*cmd, "test_long.py"], cwd=pytester.path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while not list(tmp.glob(f"{placement.SESSION_PREFIX}*/{placement.OWNER_FILE}")):
+            assert time.monotonic() < deadline and proc.poll() is None, "the session did not make its registry"
+            time.sleep(0.05)
+    finally:
+        proc.send_signal(signal.SIGKILL)  # as the OOM killer does: nothing of ours runs after it
+        proc.wait()
+    (orphan,) = tmp.glob(f"{placement.SESSION_PREFIX}*")
+    live = tmp / f"{placement.SESSION_PREFIX}live"  # another session, still running (this one)
+    live.mkdir()
+    (live / placement.OWNER_FILE).write_text(f"{os.getpid()} {placement._start_time(os.getpid())}")
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "--kerasmp-gpus=1", "test_quick.py")
+    result.assert_outcomes(passed=1)
+    assert not orphan.exists(), "the killed session's registry was left in the temporary directory"
+    assert live.exists(), "a running session's registry was removed"
+    assert sorted(p.name for p in tmp.glob(f"{placement.SESSION_PREFIX}*")) == [live.name]  # the new one is gone too

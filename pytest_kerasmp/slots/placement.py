@@ -103,11 +103,47 @@ def resources_of(slots: Iterable[DeviceSlot]) -> set[str]:
 # ----------------------------------------------------------------------------- registry
 
 
+SESSION_PREFIX = "pytest-kerasmp-session-"
+OWNER_FILE = "owner"  # "PID START_TIME" of the process that made the directory
+
+
 def open_session() -> Path:
-    """Make this session's registry directory and name it for every process started later."""
-    path = Path(tempfile.mkdtemp(prefix="pytest-kerasmp-session-"))
+    """Make this session's registry directory and name it for every process started later
+    (first removing those of sessions whose process was killed before it could: SIGKILL,
+    the OOM killer)."""
+    remove_orphaned_sessions()
+    path = Path(tempfile.mkdtemp(prefix=SESSION_PREFIX))
+    (path / OWNER_FILE).write_text(f"{os.getpid()} {_start_time(os.getpid())}")
     os.environ[SESSION_ENV] = str(path)
     return path
+
+
+def _start_time(pid: int) -> float | None:
+    import psutil
+
+    try:
+        return float(psutil.Process(pid).create_time())
+    except psutil.Error:
+        return None
+
+
+def remove_orphaned_sessions(directory: str | None = None) -> list[Path]:
+    """Remove this user's session directories whose owner is no longer running (a pid that
+    runs again belongs to another process when its start time differs); returns them."""
+    removed = []
+    for path in Path(directory or tempfile.gettempdir()).glob(SESSION_PREFIX + "*"):
+        try:
+            if path.stat().st_uid != os.getuid():
+                continue
+            pid, started = (path / OWNER_FILE).read_text().split()
+        except (OSError, ValueError):  # not ours, still being made, or made before owner files
+            continue
+        now = _start_time(int(pid))
+        alive = now is not None and (started == "None" or abs(now - float(started)) <= 1.0)
+        if not alive:
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
 
 
 def close_session(path: Path) -> None:
