@@ -148,3 +148,21 @@ def train_data_parallel() -> dict:
             opt.step()
         loss = float(loss_t.item())
     return {"rank": rank, "kernel": np.asarray(model.layers[-1].get_weights()[0]).tolist(), "loss": loss}
+
+
+def jax_after_a_warm_tensorflow_import() -> dict:
+    """In a warm TensorFlow worker: was JAX imported at start, and does it work when used?"""
+    imported = "jax" in sys.modules
+    from tensorflow.lite.python import util  # what imported JAX at TensorFlow's import
+
+    import jax
+    import keras
+
+    doubled = util._jit(lambda v: v * 2)(3)  # the stand-in's jit: the real one, on first use
+    return {
+        "jax_imported_at_start": imported,
+        "jax_is_real": jax.__name__ == "jax" and hasattr(jax, "numpy") and type(jax.jit(lambda v: v)).__module__ != __name__,
+        "doubled": int(doubled),
+        "sum": float(jax.numpy.add(1.0, 2.0)),
+        "keras_backend": keras.backend.backend(),
+    }

@@ -237,6 +237,14 @@ def test_pool_model_file_and_server_on_each_backend(backend, tmp_path):
     assert traces <= 6, "JAX retraced for more than the power-of-two batch sizes up to 16"
 
 
+@pytest.mark.skipif("jax" not in INSTALLED, reason="JAX is not installed")
+def test_a_tensorflow_worker_imports_jax_only_when_a_task_uses_it(monkeypatch):
+    monkeypatch.setenv("KERAS_BACKEND", "tensorflow")
+    with WorkerPool(plan_slots(1), name="tf-defers-jax", start_timeout_s=60) as pool:
+        got = pool.submit(backend_tasks.jax_after_a_warm_tensorflow_import).result(timeout=120)
+    assert got == {"jax_imported_at_start": False, "jax_is_real": True, "doubled": 6, "sum": 3.0, "keras_backend": "tensorflow"}
+
+
 # ------------------------------------------------------------------------------ clusters
 
 

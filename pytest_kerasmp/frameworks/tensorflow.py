@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import importlib
+import importlib.util
 import json
 import re
 import sys
-from collections.abc import Sequence
+import types
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from pytest_kerasmp.frameworks.base import CompiledForward, Forward, Framework, SlotLike
@@ -35,6 +39,10 @@ class Adapter(Framework):
 
     def memory_growth(self, environ: dict[str, str]) -> bool:
         return environ.get("TF_FORCE_GPU_ALLOW_GROWTH") == "true"
+
+    def warm_import(self) -> None:
+        with jax_deferred():
+            super().warm_import()
 
     def imported(self) -> Any:
         tf = sys.modules.get("tensorflow")
@@ -111,3 +119,54 @@ def set_collective_timeout(collective_timeout_s: float | None) -> None:
         original(self, cluster_resolver=cluster_resolver, communication_options=communication_options)
 
     strategy.__init__ = __init__
+
+
+@contextlib.contextmanager
+def jax_deferred() -> Iterator[None]:
+    """While TensorFlow (and the Keras it loads) is imported, ``jax`` is a stand-in that
+    imports the real JAX only when used.
+
+    With JAX installed, ``import tensorflow`` imports it for ``tf.lite``'s ``from jax import
+    jit`` (used only by ``TFLiteConverter.experimental_from_jax``) and Keras for a check of
+    ``jax.monitoring.record_scalar``: 0.3 s of every TensorFlow worker's start here. The
+    stand-in has those two, as functions that import JAX when called; any other attribute
+    imports JAX at once. After the import, ``import jax`` is JAX itself.
+    """
+    if "jax" in sys.modules or "tensorflow" in sys.modules or importlib.util.find_spec("jax") is None:
+        yield
+        return
+
+    def real() -> Any:
+        if sys.modules.get("jax") is stand_in:
+            del sys.modules["jax"]
+        return importlib.import_module("jax")
+
+    monitoring = _forwarding("jax.monitoring", lambda: real().monitoring, "record_scalar")
+    stand_in = _forwarding("jax", real, "jit", monitoring=monitoring)
+    sys.modules["jax"] = stand_in
+    try:
+        yield
+    finally:
+        if sys.modules.get("jax") is stand_in:
+            del sys.modules["jax"]
+
+
+def _forwarding(name: str, target: Callable[[], Any], *functions: str, **attributes: Any) -> types.ModuleType:
+    """A module whose ``functions`` call ``target()``'s when called, and whose other attributes
+    are ``target()``'s (dunder names excepted: the import system asks for them)."""
+    module = types.ModuleType(name, f"Stands in for {name} while TensorFlow imports (pytest-kerasmp).")
+
+    def forward(attr: str) -> Callable[..., Any]:
+        return lambda *args, **kwargs: getattr(target(), attr)(*args, **kwargs)
+
+    def module_getattr(attr: str) -> Any:
+        if attr.startswith("__"):
+            raise AttributeError(attr)
+        return getattr(target(), attr)
+
+    for attr in functions:
+        setattr(module, attr, forward(attr))
+    for attr, value in attributes.items():
+        setattr(module, attr, value)
+    module.__getattr__ = module_getattr  # type: ignore[method-assign]
+    return module
