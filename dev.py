@@ -29,7 +29,9 @@ COMMANDS = {
     # xdist workers: most tests wait on processes they start (10.4 -> 7.2 min on 2 cores), and
     # the suite runs under -n as its users' suites do. Not -n auto: each test starts several
     # TensorFlow processes, and the fault tests' bounds are set for a 2-core machine's load.
-    "test": ["-m", "pytest", "-n", "2", "tests", "README.md", "docs"],
+    # loadfile: a document's examples run in order in one worker (a Sybil "skip: next" is
+    # state carried from one example of a document to the next).
+    "test": ["-m", "pytest", "-n", "2", "--dist", "loadfile", "tests", "README.md", "docs"],
     "harness": ["-m", "pytest", "scenarios", "--kerasmp-gpus=auto", "--kerasmp-report=kerasmp-report"],
     "docs": ["-m", "mkdocs", "build", "--strict", "-d", "site"],
 }

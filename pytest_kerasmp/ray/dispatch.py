@@ -235,6 +235,8 @@ class RayDispatcher(TaskQueue):
 
     def _crashed(self, w: RayWorker, error: BaseException) -> None:
         """``w`` died holding a task: charged to it if it may have started, else requeued (once)."""
+        if self.abort is not None:  # killed by terminate() or an expired close(): not a crash;
+            return  # the loop fails its task as closed, right after this round's events
         task, w.task, w.deadline = w.task, None, None
         if task is not None and (w.task_started or not self.requeue(task)):
             how, hint = ray_failure(error, w.slot.node)
