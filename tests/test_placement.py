@@ -264,7 +264,7 @@ def test_a_killed_sessions_registry_is_removed_by_the_next_session_and_a_live_on
     proc = subprocess.Popen([*cmd, "test_long.py"], cwd=pytester.path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 60
-        while not list(tmp.glob(f"{placement.SESSION_PREFIX}*/{placement.OWNER_FILE}")):
+        while not list(tmp.glob(f"{placement.SESSION_PREFIX}*/{placement.OWNER_FILE}")):  # written whole
             assert time.monotonic() < deadline and proc.poll() is None, "the session did not make its registry"
             time.sleep(0.05)
     finally:
@@ -273,9 +273,16 @@ def test_a_killed_sessions_registry_is_removed_by_the_next_session_and_a_live_on
     (orphan,) = tmp.glob(f"{placement.SESSION_PREFIX}*")
     live = tmp / f"{placement.SESSION_PREFIX}live"  # another session, still running (this one)
     live.mkdir()
-    (live / placement.OWNER_FILE).write_text(f"{os.getpid()} {placement._start_time(os.getpid())}")
+    (live / placement.OWNER_FILE).write_text(f"{os.getpid()} {placement._start_time(os.getpid())} {' '.join(placement._machine())}")
+    elsewhere = tmp / f"{placement.SESSION_PREFIX}elsewhere"  # a dead pid, but another host's
+    elsewhere.mkdir()
+    (elsewhere / placement.OWNER_FILE).write_text(f"{proc.pid} 1.0 another-host 1")
+    garbled = tmp / f"{placement.SESSION_PREFIX}garbled"
+    garbled.mkdir()
+    (garbled / placement.OWNER_FILE).write_text("not-a-pid x")
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "--kerasmp-gpus=1", "test_quick.py")
     result.assert_outcomes(passed=1)
     assert not orphan.exists(), "the killed session's registry was left in the temporary directory"
     assert live.exists(), "a running session's registry was removed"
-    assert sorted(p.name for p in tmp.glob(f"{placement.SESSION_PREFIX}*")) == [live.name]  # the new one is gone too
+    left = sorted(p.name for p in tmp.glob(f"{placement.SESSION_PREFIX}*"))
+    assert left == sorted([live.name, elsewhere.name, garbled.name])  # and the new session's own is gone too

@@ -6,6 +6,7 @@ import contextlib
 import importlib
 import importlib.util
 import json
+import os
 import re
 import sys
 import types
@@ -33,8 +34,6 @@ class Adapter(Framework):
         return {"TF_NUM_INTRAOP_THREADS": n, "TF_NUM_INTEROP_THREADS": n}
 
     def quiet_environ(self) -> dict[str, str]:
-        import os
-
         return {"TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2")}
 
     def memory_growth(self, environ: dict[str, str]) -> bool:
@@ -121,6 +120,9 @@ def set_collective_timeout(collective_timeout_s: float | None) -> None:
     strategy.__init__ = __init__
 
 
+DEFER_JAX_ENV = "PYTEST_KERASMP_DEFER_JAX"
+
+
 @contextlib.contextmanager
 def jax_deferred() -> Iterator[None]:
     """While TensorFlow (and the Keras it loads) is imported, ``jax`` is a stand-in that
@@ -130,15 +132,22 @@ def jax_deferred() -> Iterator[None]:
     jit`` (used only by ``TFLiteConverter.experimental_from_jax``) and Keras for a check of
     ``jax.monitoring.record_scalar``: 0.3 s of every TensorFlow worker's start here. The
     stand-in has those two, as functions that import JAX when called; any other attribute
-    imports JAX at once. After the import, ``import jax`` is JAX itself.
+    imports JAX at once. After the import, ``import jax`` is JAX itself. While it stands in,
+    ``import jax.<submodule>`` fails (the stand-in is no package: ``from jax import jit``
+    asks for ``__path__``); ``PYTEST_KERASMP_DEFER_JAX=0`` turns it off.
     """
-    if "jax" in sys.modules or "tensorflow" in sys.modules or importlib.util.find_spec("jax") is None:
+    if (
+        os.environ.get(DEFER_JAX_ENV) == "0"
+        or "jax" in sys.modules
+        or "tensorflow" in sys.modules
+        or importlib.util.find_spec("jax") is None
+    ):
         yield
         return
 
     def real() -> Any:
         if sys.modules.get("jax") is stand_in:
-            del sys.modules["jax"]
+            sys.modules.pop("jax", None)  # another thread may have been first
         return importlib.import_module("jax")
 
     monitoring = _forwarding("jax.monitoring", lambda: real().monitoring, "record_scalar")
@@ -148,7 +157,7 @@ def jax_deferred() -> Iterator[None]:
         yield
     finally:
         if sys.modules.get("jax") is stand_in:
-            del sys.modules["jax"]
+            sys.modules.pop("jax", None)
 
 
 def _forwarding(name: str, target: Callable[[], Any], *functions: str, **attributes: Any) -> types.ModuleType:
@@ -160,7 +169,7 @@ def _forwarding(name: str, target: Callable[[], Any], *functions: str, **attribu
         return lambda *args, **kwargs: getattr(target(), attr)(*args, **kwargs)
 
     def module_getattr(attr: str) -> Any:
-        if attr.startswith("__"):
+        if attr.startswith("__") and attr != "__version__":  # the import system's questions
             raise AttributeError(attr)
         return getattr(target(), attr)
 

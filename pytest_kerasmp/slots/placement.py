@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import tempfile
 import time
 from collections.abc import Iterable, Sequence
@@ -104,7 +105,10 @@ def resources_of(slots: Iterable[DeviceSlot]) -> set[str]:
 
 
 SESSION_PREFIX = "pytest-kerasmp-session-"
-OWNER_FILE = "owner"  # "PID START_TIME" of the process that made the directory
+#: "PID START_TIME HOST PID_NAMESPACE" of the process that made the directory.
+OWNER_FILE = "owner"
+#: A directory without an owner file (made by a version before owner files) this old is left over.
+UNOWNED_MAX_AGE_S = 7 * 24 * 3600
 
 
 def open_session() -> Path:
@@ -113,7 +117,9 @@ def open_session() -> Path:
     the OOM killer)."""
     remove_orphaned_sessions()
     path = Path(tempfile.mkdtemp(prefix=SESSION_PREFIX))
-    (path / OWNER_FILE).write_text(f"{os.getpid()} {_start_time(os.getpid())}")
+    tmp = path / f".{OWNER_FILE}.tmp"
+    tmp.write_text(" ".join(map(str, (os.getpid(), _start_time(os.getpid()), *_machine()))))
+    os.replace(tmp, path / OWNER_FILE)  # whole or absent, never half-written
     os.environ[SESSION_ENV] = str(path)
     return path
 
@@ -123,26 +129,46 @@ def _start_time(pid: int) -> float | None:
 
     try:
         return float(psutil.Process(pid).create_time())
-    except psutil.Error:
+    except (psutil.Error, ValueError):
         return None
 
 
+def _machine() -> tuple[str, str]:
+    """Where pids mean what they say: this host, and this pid namespace (a container's own)."""
+    try:
+        namespace = str(os.stat("/proc/self/ns/pid").st_ino)
+    except OSError:
+        namespace = "-"
+    return socket.gethostname() or "-", namespace
+
+
 def remove_orphaned_sessions(directory: str | None = None) -> list[Path]:
-    """Remove this user's session directories whose owner is no longer running (a pid that
-    runs again belongs to another process when its start time differs); returns them."""
+    """Remove this user's session directories whose owner no longer runs (a pid that runs
+    again belongs to another process when its start time differs); returns them. Those
+    made on another host or in another pid namespace (a shared temporary directory) are
+    left alone: their pids cannot be checked from here."""
     removed = []
+    here = _machine()
     for path in Path(directory or tempfile.gettempdir()).glob(SESSION_PREFIX + "*"):
         try:
             if path.stat().st_uid != os.getuid():
                 continue
-            pid, started = (path / OWNER_FILE).read_text().split()
-        except (OSError, ValueError):  # not ours, still being made, or made before owner files
+            owner = path / OWNER_FILE
+            if not owner.exists():  # still being made, or made before owner files
+                if time.time() - path.stat().st_mtime > UNOWNED_MAX_AGE_S:
+                    shutil.rmtree(path, ignore_errors=True)
+                    removed.append(path)
+                continue
+            pid, started, *machine = owner.read_text().split()
+            if tuple(machine) != here:
+                continue
+            now = _start_time(int(pid))
+            if now is not None and (started == "None" or abs(now - float(started)) <= 1.0):
+                continue  # its owner still runs
+        except (OSError, ValueError):  # unreadable, or not an owner file of ours: left alone
             continue
-        now = _start_time(int(pid))
-        alive = now is not None and (started == "None" or abs(now - float(started)) <= 1.0)
-        if not alive:
-            shutil.rmtree(path, ignore_errors=True)
-            removed.append(path)
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path)
     return removed
 
 
