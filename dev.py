@@ -26,7 +26,7 @@ EXTRAS = "test,plot,ray,peers,docs,jax,torch"
 
 COMMANDS = {
     # README.md and docs/: every Python block there is a test (Sybil, see conftest.py). Two
-    # xdist workers: most tests wait on processes they start (10.4 -> 7.2 min on 2 cores), and
+    # xdist workers: most tests wait on processes they start (10.4 -> 6.5 min on 2 cores), and
     # the suite runs under -n as its users' suites do. Not -n auto: each test starts several
     # TensorFlow processes, and the fault tests' bounds are set for a 2-core machine's load.
     # loadfile: a document's examples run in order in one worker (a Sybil "skip: next" is

@@ -117,8 +117,6 @@ class Adapter(Framework):
 
         return CompiledForward(run, lambda: count[0])
 
-
-
     def cluster_environ(self, spec: dict[str, list[str]], task_type: str, index: int) -> dict[str, str]:
         """``jax.distributed``'s coordinator (task 0's address, bound to 127.0.0.1 only), and
         the same as Keras reads it (``keras.distribution.initialize()`` without arguments);

@@ -92,7 +92,6 @@ class Adapter(Framework):
             lambda *xs: [o.numpy() for o in compiled(*xs)], lambda: int(compiled.experimental_get_tracing_count())
         )
 
-
     def cluster_environ(self, spec: dict[str, list[str]], task_type: str, index: int) -> dict[str, str]:
         """``TF_CONFIG``, as ``MultiWorkerMirroredStrategy`` reads it."""
         return {"TF_CONFIG": json.dumps({"cluster": spec, "task": {"type": task_type, "index": index}})}

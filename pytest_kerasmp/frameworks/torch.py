@@ -97,8 +97,6 @@ class Adapter(Framework):
 
         return CompiledForward(run, lambda: 0)
 
-
-
     def cluster_environ(self, spec: dict[str, list[str]], task_type: str, index: int) -> dict[str, str]:
         """``torch.distributed``'s ``env://`` rendezvous: task 0's address and port."""
         addresses, rank = ranks(spec, task_type, index)

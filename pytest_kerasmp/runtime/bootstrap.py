@@ -161,21 +161,13 @@ def _set_name(name: str) -> None:
 
 def _watch_owner(owner_pid: int) -> None:
     """Exit, with everything this child's tasks started, when the owner is gone."""
+    from pytest_kerasmp.slots.placement import process_alive
+
     ppid = os.getppid()
     while True:
         time.sleep(PARENT_POLL_S)
-        if os.getppid() != ppid or not _alive(owner_pid):
+        if os.getppid() != ppid or not process_alive(owner_pid):
             exit_with_group()
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass
-    return True
 
 
 def exit_with_group() -> None:

@@ -17,6 +17,8 @@ import socket
 import tempfile
 from pathlib import Path
 
+from pytest_kerasmp.slots import placement
+
 HOST = "127.0.0.1"
 PORTS_DIR = Path(tempfile.gettempdir()) / f"pytest-kerasmp-ports-{os.getuid()}"
 TRIES = 200
@@ -73,15 +75,9 @@ def release(port: int, directory: Path | None = None) -> None:
 def claim_alive(path: Path) -> bool:
     """Whether the process that wrote the claim ``path`` still runs."""
     try:
-        pid = int(path.read_text())
-        if pid <= 0:
-            return False
-        os.kill(pid, 0)
-    except PermissionError:
-        return True  # it runs, as another user
+        return placement.process_alive(int(path.read_text()))
     except (OSError, ValueError):
         return False
-    return True
 
 
 def bindable(port: int) -> bool:

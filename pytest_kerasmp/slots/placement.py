@@ -133,6 +133,23 @@ def _start_time(pid: int) -> float | None:
         return None
 
 
+def process_alive(pid: int, started: float | None = None) -> bool:
+    """Whether process ``pid`` runs (another user's counts) and, given its start time
+    ``started``, is still that process (not a later one that got its pid)."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except PermissionError:
+        pass
+    except OSError:
+        return False
+    if started is None:
+        return True
+    now = _start_time(pid)
+    return now is None or abs(now - started) <= 1.0
+
+
 def _machine() -> tuple[str, str]:
     """Where pids mean what they say: this host, and this pid namespace (a container's own)."""
     try:
@@ -162,8 +179,7 @@ def remove_orphaned_sessions(directory: str | None = None) -> list[Path]:
             pid, started, *machine = owner.read_text().split()
             if tuple(machine) != here:
                 continue
-            now = _start_time(int(pid))
-            if now is not None and (started == "None" or abs(now - float(started)) <= 1.0):
+            if process_alive(int(pid), None if started == "None" else float(started)):
                 continue  # its owner still runs
         except (OSError, ValueError):  # unreadable, or not an owner file of ours: left alone
             continue
