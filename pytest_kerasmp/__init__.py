@@ -71,6 +71,7 @@ _WHERE = {
     "current_slot": "slots.pinning",
     "pin_process": "slots.pinning",
     "WorkerPool": "runtime.pool",
+    "shared_empty": "runtime.shared",
     "LocalRayCluster": "ray.cluster",
     "plan_ray_slots": "ray.cluster",
     "assert_same": "measure.results",
@@ -128,6 +129,7 @@ if TYPE_CHECKING:
     from pytest_kerasmp.runtime.kerascluster import init_distributed as init_distributed
     from pytest_kerasmp.runtime.pool import WorkerPool as WorkerPool
     from pytest_kerasmp.runtime.server import InferenceServer as InferenceServer
+    from pytest_kerasmp.runtime.shared import shared_empty as shared_empty
     from pytest_kerasmp.slots.devices import GPU as GPU
     from pytest_kerasmp.slots.devices import DeviceSlot as DeviceSlot
     from pytest_kerasmp.slots.devices import detect_gpus as detect_gpus

@@ -255,6 +255,15 @@ ARENA_FAILED = (
     "task {task} ({fn}) was not run: its arrays could not be copied into the worker's shared "
     "memory ({error}); free memory or send smaller arrays"
 )
+INTO_MISMATCH = (
+    "{where} returned an array of shape {shape} and dtype {dtype}, but its destination in "
+    "into= has shape {want_shape} and dtype {want_dtype}; make the function return arrays of "
+    "its destination's shape (and a dtype that casts to it)"
+)
+INTO_BAD = (
+    "map(into=...) needs one writable numpy array per task ({tasks} tasks), got {got}; pass "
+    "a list of arrays (views of one shared_empty array are written by the workers directly)"
+)
 SERVER_DIED = (
     "inference server {name!r} (pid {pid}, {slot}) is gone{how}; request {what} was not "
     "answered; start a new server, and check its output for the reason (SIGKILL is usually "

@@ -15,6 +15,7 @@ import pickle
 import threading
 import time
 from multiprocessing.connection import wait
+from multiprocessing.reduction import send_handle
 from typing import Any
 
 from pytest_kerasmp.errors import (
@@ -36,6 +37,7 @@ from pytest_kerasmp.errors import (
 from pytest_kerasmp.runtime.childio import dump_stacks_of
 from pytest_kerasmp.runtime.fastpath import CallerAssist
 from pytest_kerasmp.runtime.lifecycle import Child
+from pytest_kerasmp.runtime.shared import SentRegions
 from pytest_kerasmp.runtime.taskqueue import MAX_START_ATTEMPTS, QueuedTask, TaskQueue, resolve
 from pytest_kerasmp.runtime.transport import Arena, ResultArenas
 from pytest_kerasmp.runtime.watcher import Watcher
@@ -58,6 +60,7 @@ class Worker:
     killed: bool = False  # by the pool (timeout): not a crash
     to_worker: Arena = dataclasses.field(default_factory=lambda: Arena(header=True))  # marked with task id + 1
     from_worker: ResultArenas = dataclasses.field(default_factory=ResultArenas)  # results: views, no copy
+    regions: SentRegions = dataclasses.field(default_factory=SentRegions)  # shared arrays it has mapped
 
     @property
     def pid(self) -> int:
@@ -187,7 +190,10 @@ class Dispatcher(CallerAssist, TaskQueue):
             task, w.task, w.state, w.deadline = w.task, None, "idle", None
             if msg.retired:  # the task kept a view of its arguments' arena: leave it to the worker
                 w.to_worker.close()
-            if isinstance(msg, Done):
+            if isinstance(msg, Done) and task.wrote_into:
+                self.stats.tasks_done += 1
+                resolve(task.future, result=task.into)
+            elif isinstance(msg, Done):
                 self._resolve(task, msg.data, w.from_worker.take(msg.layout))
             else:
                 self.fail(task, unpack_exception(msg.exc, msg.text))
@@ -365,9 +371,15 @@ class Dispatcher(CallerAssist, TaskQueue):
                 continue
             task.buffers, task.layout = None, layout  # in the worker's arena now (read back if requeued)
             out, fresh_out = w.from_worker.choose()
+            into, drop, new = w.regions.route(task.into)
+            task.wrote_into = into is not None
             try:
-                w.child.conn.send(Task(task.id, task.call, layout, w.to_worker.fresh, out, fresh_out))
+                w.child.conn.send(Task(
+                    task.id, task.call, layout, w.to_worker.fresh, out, fresh_out, into, drop, tuple(r.id for r in new),
+                ))
                 w.to_worker.hand_over(w.child.conn)
+                for region in new:
+                    send_handle(w.child.conn, region.fd, 0)
             except OSError:  # it died just now, before it could mark the task started: its exit requeues it
                 pass
             w.deadline = time.monotonic() + task.timeout_s if task.timeout_s else None

@@ -16,6 +16,7 @@ from concurrent.futures import wait as wait_futures
 from typing import Any
 
 from pytest_kerasmp.errors import (
+    INTO_BAD,
     MAP_TIMED_OUT,
     POOL_BROKEN,
     POOL_CLOSED,
@@ -134,15 +135,34 @@ class WorkerPool(owners.Owned):
         __tracebackhide__ = True
         return self._submit(fn, args, kwargs, timeout_s, None)
 
-    def map(self, fn: Callable[..., Any], *iterables: Iterable[Any], timeout: float | None = None) -> list[Any]:
+    def map(
+        self, fn: Callable[..., Any], *iterables: Iterable[Any], timeout: float | None = None, into: Sequence[Any] | None = None,
+    ) -> list[Any]:
         """``[fn(*xs) for xs in zip(*iterables)]`` across the workers, results in input order.
 
         ``timeout`` bounds the whole call: past it, tasks not yet started are cancelled
         and :class:`TaskTimeoutError` says how many finished.
+
+        ``into``: one numpy array per task; each task's result (an array of the same shape,
+        of a dtype that casts to it) is copied into it, and ``map`` returns ``into``. Views
+        of one :func:`~pytest_kerasmp.shared_empty` array are written by the workers
+        themselves, straight from their memory: a large output assembled from parts comes
+        back with no copy by the caller. Any other array is filled by the caller. A task
+        that fails leaves its array partly written.
         """
         __tracebackhide__ = True
-        futures = [self.submit(fn, *xs) for xs in zip(*iterables, strict=False)]
-        return self._gather(futures, timeout, "map", fn)
+        calls = list(zip(*iterables, strict=False))
+        dests = [None] * len(calls) if into is None else self._destinations(into, len(calls))
+        futures = [self._submit(fn, xs, {}, self.task_timeout_s, None, d) for xs, d in zip(calls, dests, strict=True)]
+        results = self._gather(futures, timeout, "map", fn)
+        if into is None:
+            return results
+        from pytest_kerasmp.runtime.shared import copy_into
+
+        for i, (result, dest) in enumerate(zip(results, dests, strict=True)):
+            if result is not dest:  # not written by the worker: copy it here
+                copy_into(dest, result, f"task {i} of map({getattr(fn, '__qualname__', fn)})")
+        return dests
 
     def broadcast(self, fn: Callable[..., Any], /, *args: Any, timeout: float | None = None, **kwargs: Any) -> list[Any]:
         """Run ``fn`` once on every worker (e.g. to warm a model); one result per worker."""
@@ -233,6 +253,7 @@ class WorkerPool(owners.Owned):
         kwargs: dict[str, Any],
         timeout_s: float | None,
         worker: int | None,
+        into: Any = None,
     ) -> Future[Any]:
         __tracebackhide__ = True
         d = self._dispatcher
@@ -242,9 +263,25 @@ class WorkerPool(owners.Owned):
         if d.broken is not None:
             raise PoolBrokenError(POOL_BROKEN.format(pool=self.name, cause=d.broken))
         call, buffers = self.backend.pack(fn, args, kwargs)
-        task = new_task(d, next(self._ids), call, buffers, name, timeout_s, worker)
+        task = new_task(d, next(self._ids), call, buffers, name, timeout_s, worker, into)
         d.enqueue(task)
         return task.future
+
+    @staticmethod
+    def _destinations(into: Any, tasks: int) -> list[Any]:
+        """``into`` as a list of writable numpy arrays, one per task; else the error."""
+        import numpy as np
+
+        if not isinstance(into, Sequence):
+            shape = f" of shape {into.shape}" if isinstance(into, np.ndarray) else ""
+            raise TypeError(INTO_BAD.format(tasks=tasks, got=f"a {type(into).__name__}{shape}"))
+        if len(into) != tasks:
+            raise ValueError(INTO_BAD.format(tasks=tasks, got=f"{len(into)} items"))
+        for i, d in enumerate(into):
+            if not isinstance(d, np.ndarray) or not d.flags.writeable:
+                what = "a read-only array" if isinstance(d, np.ndarray) else f"a {type(d).__name__}"
+                raise ValueError(INTO_BAD.format(tasks=tasks, got=f"{what} at index {i}"))
+        return list(into)
 
     def _gather(self, futures: list[Future[Any]], timeout: float | None, what: str, fn: Any) -> list[Any]:
         __tracebackhide__ = True

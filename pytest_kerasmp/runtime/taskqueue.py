@@ -50,6 +50,8 @@ class QueuedTask:
     abandoned: str | None = None  # why its caller stopped waiting: not run, or its worker killed
     claimed: bool = False  # its future is running (taken for a worker once)
     requeued: bool = False  # put back once: its first worker died before it started
+    into: Any = None  # map(into=...): the numpy array its result is copied into
+    wrote_into: bool = False  # its worker writes the result into ``into`` (a shared array)
 
 
 @dataclasses.dataclass
@@ -70,10 +72,10 @@ class PoolStats:
 
 
 def new_task(owner: TaskQueue, id: int, call: bytes, buffers: list[Any], fn: str, timeout_s: float | None,
-             worker: int | None) -> QueuedTask:
+             worker: int | None, into: Any = None) -> QueuedTask:
     """A task and its :class:`TaskFuture`, linked so that an interrupted wait can abandon it."""
     future = TaskFuture(owner)
-    task = QueuedTask(id, call, buffers, future, fn, timeout_s, worker)
+    task = QueuedTask(id, call, buffers, future, fn, timeout_s, worker, into=into)
     future.task = task
     return task
 

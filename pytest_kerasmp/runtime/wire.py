@@ -50,6 +50,11 @@ class Task(NamedTuple):
     #: views of the others); ``fresh_out``: that arena was left to its views, make a new file.
     out: int = 0
     fresh_out: bool = False
+    #: ``map(into=...)``: where the worker writes the result instead (runtime.shared), the
+    #: regions it unmaps first, and the ids of those whose files follow this message.
+    into: Any = None
+    drop: tuple[int, ...] = ()
+    regions: tuple[int, ...] = ()
 
 
 class Done(NamedTuple):

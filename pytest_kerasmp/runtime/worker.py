@@ -12,6 +12,7 @@ import collections
 import os
 import traceback
 from multiprocessing.connection import Connection
+from multiprocessing.reduction import recv_handle
 from typing import Any
 
 from pytest_kerasmp.runtime.bootstrap import exit_with_group, send_startup_error
@@ -39,6 +40,7 @@ def _serve(conn: Connection) -> None:
 
     inbox = Arena(header=True)
     outboxes: collections.defaultdict[int, Arena] = collections.defaultdict(Arena)
+    shared: Any = None  # runtime.shared.MappedRegions, from the first map(into=...) task on
     while True:
         try:
             msg = conn.recv()
@@ -48,6 +50,12 @@ def _serve(conn: Connection) -> None:
             assert isinstance(msg, Task), f"unexpected message {type(msg).__name__}"
             if msg.grew:
                 inbox.receive(conn)
+            if msg.regions or msg.drop:
+                if shared is None:
+                    from pytest_kerasmp.runtime.shared import MappedRegions
+
+                    shared = MappedRegions()
+                shared.update(msg.drop, [(rid, recv_handle(conn)) for rid in msg.regions])
             outbox = outboxes[msg.out]  # the pool still reads results in the others
             if msg.fresh_out:  # the pool left this one to results still in use: a new file
                 outbox.close()
@@ -60,7 +68,11 @@ def _serve(conn: Connection) -> None:
             result: Any = fn(*args, **kwargs)
             del args, kwargs
             buffers: list[Any] = []
-            data = dumps(result, f"the result of task {msg.id}", buffers)
+            if msg.into is not None:  # straight into the caller's shared array
+                shared.write(msg.into, result, f"task {msg.id} ({getattr(fn, '__qualname__', fn)})")
+                data, result = b"", None
+            else:
+                data = dumps(result, f"the result of task {msg.id}", buffers)
             del result
             reply = Done(msg.id, data, outbox.write(buffers), outbox.fresh, False)
         except BaseException as exc:  # the task's failure (SystemExit too), reported to its caller
