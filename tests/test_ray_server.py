@@ -4,6 +4,7 @@ client semantics as the local server; a client in a pool worker on the other nod
 from __future__ import annotations
 
 import os
+import pickle
 import signal
 import threading
 import time
@@ -58,6 +59,16 @@ def test_a_ray_server_batches_and_answers_every_client_once(ray_cluster, no_left
         assert server_tasks.hammer(remote, 11, 20) == {"answered": 20, "wrong": 0}
         here = server.client()
         assert here.direct() and here.socket_address.startswith(b"\0kerasmp-ray-")
+        import ray  # a client unpickled again (one per pool task) asks Ray nothing more
+
+        asked = []
+        real_get_actor = ray.get_actor
+        ray.get_actor = lambda *a, **k: asked.append(a) or real_get_actor(*a, **k)
+        try:
+            again = pickle.loads(pickle.dumps(server.client()))
+            assert again.direct() and again.predict(one).shape == (3,) and asked == []
+        finally:
+            ray.get_actor = real_get_actor
         stats = server.stats()
         assert stats["traces"] == 1 and stats["requests"] >= 4 * 30 + 20 + 20
         assert stats["batches"] < stats["requests"], "no request was batched with another"

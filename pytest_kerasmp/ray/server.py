@@ -41,6 +41,11 @@ NAMESPACE = "kerasmp"
 #: At most this many requests wait in a Ray server (each fallback call holds an actor thread).
 RAY_MAX_QUEUE = 128
 
+#: What this process found of each server, by (cluster, actor name): its actor handle, and
+#: where its loop listens (None until asked). Kept for the process's life, so that a client
+#: unpickled again (one per task of a pool, say) asks Ray nothing: the names are unique.
+_found: dict[tuple[str, str], tuple[Any, dict[str, Any] | None]] = {}
+
 
 class RayInferenceClient(InferenceClient):
     """A client of a Ray server, for any process that can reach the cluster (pickle it to a
@@ -69,11 +74,14 @@ class RayInferenceClient(InferenceClient):
 
     def _actor(self) -> Any:
         if self._handle is None:
-            ray = connect(self.cluster, quiet=True)
-            try:
-                self._handle = ray.get_actor(self.actor_name, namespace=NAMESPACE)
-            except ValueError:
-                return None
+            found = _found.get((self.cluster, self.actor_name))
+            if found is None:
+                ray = connect(self.cluster, quiet=True)
+                try:
+                    found = _found[(self.cluster, self.actor_name)] = (ray.get_actor(self.actor_name, namespace=NAMESPACE), None)
+                except ValueError:
+                    return None
+            self._handle = found[0]
         return self._handle
 
     def direct(self) -> bool:
@@ -84,10 +92,13 @@ class RayInferenceClient(InferenceClient):
             actor = self._actor()
             if actor is None:
                 return False  # gone: the fallback says how
-            try:
-                endpoint = ray.get(actor.endpoint.remote(), timeout=self.request_timeout_s)
-            except Exception:
-                return False
+            endpoint = _found[(self.cluster, self.actor_name)][1]
+            if endpoint is None:
+                try:
+                    endpoint = ray.get(actor.endpoint.remote(), timeout=self.request_timeout_s)
+                except Exception:
+                    return False
+                _found[(self.cluster, self.actor_name)] = (actor, endpoint)
             self.socket_address = endpoint["address"]
             self._direct = (os.getpid(), endpoint["machine"] == machine())
         return self._direct[1]
