@@ -26,3 +26,12 @@ def ray_slots(ray_cluster):
     slots = plan_ray_slots()
     first = [s for s in slots if s.cores == (0,)]
     return first + [s for s in slots if s not in first]
+
+
+@pytest.fixture(scope="session")
+def helper_start_method(kerasmp_slots):
+    """How the scenarios start the pools that only serve a measurement (the serial side, the
+    clients' own model copies): on CPU slots a forkserver (one TensorFlow import for all of
+    them; a pool of 8 then starts in well under a second, against some 14 s spawned on 2
+    cores), on GPUs spawn (a forked worker's GPU pin is not checked on a GPU here)."""
+    return "forkserver" if all(s.kind == "CPU" for s in kerasmp_slots) else "spawn"

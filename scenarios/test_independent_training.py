@@ -74,12 +74,14 @@ def configs(k: int, scale: int, base_seed: int | None) -> list[dict]:
     ]
 
 
-def test_independent_training_one_model_per_slot(kerasmp_speedup, kerasmp_pool, kerasmp_pool_factory, kerasmp_slots, kerasmp_seed, tmp_path):
+def test_independent_training_one_model_per_slot(
+    kerasmp_speedup, kerasmp_pool, kerasmp_pool_factory, kerasmp_slots, kerasmp_seed, tmp_path, helper_start_method
+):
     if len(kerasmp_slots) < 2:
         pytest.skip("needs 2 or more slots: run with --kerasmp-gpus=2 (CPU cores stand in for GPUs)")
     sweep = configs(len(kerasmp_slots), scale=1, base_seed=kerasmp_seed)
     x, y = make_data(8000)
-    serial_pool = kerasmp_pool_factory(kerasmp_slots[:1], name="serial")
+    serial_pool = kerasmp_pool_factory(kerasmp_slots[:1], start_method=helper_start_method, name="serial")
 
     def serial() -> list[dict]:
         return [serial_pool.submit(train, c, x, y, str(tmp_path / "serial")).result(timeout=600) for c in sweep]

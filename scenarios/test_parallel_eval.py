@@ -71,10 +71,10 @@ def evaluate(ref: ModelRef, x: np.ndarray, y: np.ndarray) -> dict:
 
 
 @pytest.fixture(params=["local", "ray"])
-def eval_pools(request, kerasmp_pool, kerasmp_pool_factory, kerasmp_slots):
+def eval_pools(request, kerasmp_pool, kerasmp_pool_factory, kerasmp_slots, helper_start_method):
     """(serial pool on one slot, parallel pool over every slot) on the backend asked for."""
     if request.param == "local":
-        return kerasmp_pool_factory(kerasmp_slots[:1], name="serial-eval"), kerasmp_pool
+        return kerasmp_pool_factory(kerasmp_slots[:1], start_method=helper_start_method, name="serial-eval"), kerasmp_pool
     slots = request.getfixturevalue("ray_slots")
     parallel = kerasmp_pool_factory(slots[:2], name="ray-eval", backend="ray")
     return kerasmp_pool_factory(slots[2:3], name="ray-serial-eval", backend="ray"), parallel

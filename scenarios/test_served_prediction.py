@@ -146,9 +146,10 @@ def clients_off_server(kerasmp_slots):
 
 
 @pytest.fixture(scope="module")
-def copies(kerasmp_slots):
+def copies(kerasmp_slots, helper_start_method):
     """Eight TensorFlow workers for the alternative where every client loads its own model."""
-    with WorkerPool([kerasmp_slots[i % len(kerasmp_slots)] for i in range(8)], name="copies") as pool:
+    slots = [kerasmp_slots[i % len(kerasmp_slots)] for i in range(8)]
+    with WorkerPool(slots, start_method=helper_start_method, name="copies") as pool:
         yield pool
 
 
