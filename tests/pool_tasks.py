@@ -165,3 +165,8 @@ def shared_mappings(_=None):
 
 def filled(shape, value, dtype="float32"):
     return np.full(shape, value, dtype=dtype)
+
+
+def slow_filled(shape, value, delay_s):
+    time.sleep(delay_s)
+    return np.full(shape, value, dtype="float32")

@@ -61,6 +61,7 @@ class Worker:
     to_worker: Arena = dataclasses.field(default_factory=lambda: Arena(header=True))  # marked with task id + 1
     from_worker: ResultArenas = dataclasses.field(default_factory=ResultArenas)  # results: views, no copy
     regions: SentRegions = dataclasses.field(default_factory=SentRegions)  # shared arrays it has mapped
+    writing: Any = None  # the shared array its task writes into, held until it is done or buried
 
     @property
     def pid(self) -> int:
@@ -187,7 +188,7 @@ class Dispatcher(CallerAssist, TaskQueue):
         except (EOFError, OSError):
             return False  # it died; its exit says how
         if isinstance(msg, (Done, Failed)) and w.task is not None and w.task.id == msg.id:
-            task, w.task, w.state, w.deadline = w.task, None, "idle", None
+            task, w.task, w.state, w.deadline, w.writing = w.task, None, "idle", None, None
             if msg.retired:  # the task kept a view of its arguments' arena: leave it to the worker
                 w.to_worker.close()
             if isinstance(msg, Done) and task.wrote_into:
@@ -289,7 +290,7 @@ class Dispatcher(CallerAssist, TaskQueue):
             return False
 
     def _bury(self, w: Worker) -> None:
-        w.state = "dead"
+        w.state, w.writing = "dead", None  # (dead: its region may be reused)
         self.watcher.remove(w)
         w.child.stop(grace=0.0)
         w.to_worker.close()
@@ -373,6 +374,7 @@ class Dispatcher(CallerAssist, TaskQueue):
             out, fresh_out = w.from_worker.choose()
             into, drop, new = w.regions.route(task.into)
             task.wrote_into = into is not None
+            w.writing = task.into if into is not None else None
             try:
                 w.child.conn.send(Task(
                     task.id, task.call, layout, w.to_worker.fresh, out, fresh_out, into, drop, tuple(r.id for r in new),

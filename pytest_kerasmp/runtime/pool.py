@@ -147,21 +147,23 @@ class WorkerPool(owners.Owned):
         of a dtype that casts to it) is copied into it, and ``map`` returns ``into``. Views
         of one :func:`~pytest_kerasmp.shared_empty` array are written by the workers
         themselves, straight from their memory: a large output assembled from parts comes
-        back with no copy by the caller. Any other array is filled by the caller. A task
-        that fails leaves its array partly written.
+        back with no copy by the caller. Any other array is filled by the caller. Returns the
+        arrays of ``into``, as a list. A task that fails leaves its array partly written;
+        past ``timeout``, tasks still running are ended too (their workers replaced), so no
+        late result lands in ``into`` after ``map`` raised.
         """
         __tracebackhide__ = True
         calls = list(zip(*iterables, strict=False))
         dests = [None] * len(calls) if into is None else self._destinations(into, len(calls))
         futures = [self._submit(fn, xs, {}, self.task_timeout_s, None, d) for xs, d in zip(calls, dests, strict=True)]
-        results = self._gather(futures, timeout, "map", fn)
+        results = self._gather(futures, timeout, "map", fn, end_running=into is not None)
         if into is None:
             return results
         from pytest_kerasmp.runtime.shared import copy_into
 
-        for i, (result, dest) in enumerate(zip(results, dests, strict=True)):
-            if result is not dest:  # not written by the worker: copy it here
-                copy_into(dest, result, f"task {i} of map({getattr(fn, '__qualname__', fn)})")
+        for future, result, dest in zip(futures, results, dests, strict=True):
+            if result is not dest:  # not written by the worker: copy it here (the same check)
+                copy_into(dest, result, f"task {future.task_id} ({getattr(fn, '__qualname__', fn)})")  # type: ignore[attr-defined]
         return dests
 
     def broadcast(self, fn: Callable[..., Any], /, *args: Any, timeout: float | None = None, **kwargs: Any) -> list[Any]:
@@ -283,7 +285,9 @@ class WorkerPool(owners.Owned):
                 raise ValueError(INTO_BAD.format(tasks=tasks, got=f"{what} at index {i}"))
         return list(into)
 
-    def _gather(self, futures: list[Future[Any]], timeout: float | None, what: str, fn: Any) -> list[Any]:
+    def _gather(
+        self, futures: list[Future[Any]], timeout: float | None, what: str, fn: Any, end_running: bool = False,
+    ) -> list[Any]:
         __tracebackhide__ = True
         try:
             done, not_done = wait_futures(futures, timeout)
@@ -296,6 +300,8 @@ class WorkerPool(owners.Owned):
         if not_done:
             for f in not_done:
                 f.cancel()
+            if end_running:
+                self._dispatcher.abandon(list(not_done), f"{what}(into=...) timed out after {timeout:g} s")
             raise TaskTimeoutError(MAP_TIMED_OUT.format(
                 what=what, fn=getattr(fn, "__qualname__", fn), pool=self.name, timeout=timeout,
                 done=len(done), total=len(futures),

@@ -17,21 +17,14 @@ import collections
 import itertools
 import mmap
 import os
-import sys
 import threading
 import weakref
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from pytest_kerasmp.errors import INTO_MISMATCH
 
 #: Regions a worker keeps mapped at most (the least recently used one is unmapped first).
 MAPPED_MAX = 8
-#: Regions no array uses any more that are kept to be reused by the next shared_empty:
-#: a new region's pages are faulted in one by one by whoever first writes them (some 25 ms
-#: for 85 MB here, against 3 ms for ordinary memory), a reused one's are already there.
-IDLE_KEPT = 2
-
 #: Where a task's result goes: (region id, byte offset, shape, strides, dtype string).
 Destination = tuple[int, int, tuple[int, ...], tuple[int, ...], str]
 
@@ -39,41 +32,21 @@ if TYPE_CHECKING:
     import numpy as np
 
 _ids = itertools.count(1)
-_kept: dict[int, Region] = {}  # every region of this process not yet freed, oldest first
-_lock = threading.Lock()  # one shared_empty at a time picks or frees regions
+_live: weakref.WeakValueDictionary[int, Region] = weakref.WeakValueDictionary()  # not yet freed
+#: The region whose arrays were all dropped last, kept for the next shared_empty of about its
+#: size: a new region's pages are faulted in one by one by whoever first writes them (some
+#: 25 ms for 85 MB here, against 3 ms for ordinary memory), a reused one's are already there.
+_spare: Region | None = None
+_lock = threading.Lock()  # one shared_empty at a time takes the spare
 
 
 class Region(mmap.mmap):
-    """A shared-memory file mapped here; numpy arrays made by :func:`shared_empty` use it."""
+    """A shared-memory file mapped here; numpy arrays made by :func:`shared_empty` use it.
+    It is unmapped, and its file closed, when no array and nothing else holds it."""
 
     id: int
     fd: int
     address: int
-    refs: int  # its reference count while no array uses it
-    freed: Callable[[], object]  # a weakref.finalize: closes its file (once): when freed, or when dropped at exit
-
-
-def _refs(rid: int) -> int:
-    """The references to region ``rid`` (measured the same way each time)."""
-    return sys.getrefcount(_kept[rid])
-
-
-def _idle() -> list[int]:
-    """The ids of the kept regions no array uses, oldest first."""
-    return [rid for rid in list(_kept) if _refs(rid) <= _kept[rid].refs]
-
-
-def _reuse(nbytes: int) -> Region | None:
-    """The smallest idle region of ``nbytes`` to twice that, if any."""
-    fits = [_kept[rid] for rid in _idle() if nbytes <= len(_kept[rid]) <= 2 * nbytes]
-    return min(fits, key=len) if fits else None
-
-
-def _free_idle(keep: int) -> None:
-    for rid in _idle()[: max(0, len(_idle()) - keep)]:
-        region = _kept.pop(rid)
-        region.close()
-        region.freed()
 
 
 def shared_empty(shape: int | tuple[int, ...], dtype: Any = "float32") -> np.ndarray:
@@ -81,9 +54,13 @@ def shared_empty(shape: int | tuple[int, ...], dtype: Any = "float32") -> np.nda
 
     Give views of it to :meth:`WorkerPool.map`'s ``into`` and each worker writes its result
     straight into them (no copy back to the caller). Otherwise it is an ordinary writable
-    array; its memory is freed when the last view of it is gone (workers unmap it at their
-    next task). Local pools only: with ``backend="ray"`` the caller copies results in.
+    array. When its last view is gone (the pool lets go of its tasks' views a moment after
+    they end) its memory is freed, except that the most recently
+    dropped one is kept for the next ``shared_empty`` of its size to twice its size (its pages
+    are already there); workers unmap a freed one at their next task. Local pools only: with
+    ``backend="ray"`` the caller copies results in.
     """
+    global _spare
     import numpy as np
 
     dtype = np.dtype(dtype)
@@ -93,11 +70,19 @@ def shared_empty(shape: int | tuple[int, ...], dtype: Any = "float32") -> np.nda
     count = int(np.prod(shape, dtype=np.int64))
     nbytes = max(1, count * dtype.itemsize)
     with _lock:
-        region = _reuse(nbytes)
-        if region is None:
-            _free_idle(IDLE_KEPT - 1)
-            region = _new_region(nbytes)
-        return np.frombuffer(region, dtype, count=count).reshape(shape)
+        region, _spare = _spare, None
+        if region is None or not nbytes <= len(region) <= 2 * nbytes:
+            region = _new_region(nbytes)  # (a spare that does not fit is freed here)
+        root = np.frombuffer(region, dtype, count=count)
+    weakref.finalize(root, _dropped, region)  # every view's base is ``root``
+    return root.reshape(shape)
+
+
+def _dropped(region: Region) -> None:
+    """The last array on ``region`` is gone: it becomes the spare (the previous spare is
+    freed when nothing else holds it). Never takes the lock: it runs when numpy frees."""
+    global _spare
+    _spare = region
 
 
 def _new_region(nbytes: int) -> Region:
@@ -110,11 +95,10 @@ def _new_region(nbytes: int) -> Region:
     except BaseException:
         os.close(fd)
         raise
-    region.id, region.fd = next(_ids), fd
-    region.freed = weakref.finalize(region, os.close, fd)
+    region.id, region.fd = next(_ids), fd  # the file, kept to send to workers
+    weakref.finalize(region, os.close, fd)
     region.address = np.frombuffer(region, np.uint8).__array_interface__["data"][0]
-    _kept[region.id] = region
-    region.refs = _refs(region.id) - 1  # less this function's own variable
+    _live[region.id] = region
     return region
 
 
@@ -165,30 +149,25 @@ class SentRegions:
     def __init__(self) -> None:
         self.mapped: collections.OrderedDict[int, None] = collections.OrderedDict()
 
-    def plan(self, region: Region) -> tuple[tuple[int, ...], tuple[Region, ...]]:
-        """For a task writing into ``region``: the regions the worker unmaps (gone, or the
-        least recently used past :data:`MAPPED_MAX`), and those to send it (0 or 1)."""
-        drop = [rid for rid in self.mapped if rid not in _kept]
+    def route(self, into: Any) -> tuple[Destination | None, tuple[int, ...], tuple[Region, ...]]:
+        """For the worker's next task, whose result goes into ``into`` (or None): where the
+        worker writes it (None: it sends the result back), the regions it unmaps first
+        (freed here, or the least recently used past :data:`MAPPED_MAX`), and those it is
+        sent (0 or 1)."""
+        drop = [rid for rid in self.mapped if rid not in _live]
         for rid in drop:
             del self.mapped[rid]
-        new: tuple[Region, ...] = ()
-        if region.id in self.mapped:
-            self.mapped.move_to_end(region.id)
-        else:
-            if len(self.mapped) >= MAPPED_MAX:
-                oldest, _ = self.mapped.popitem(last=False)
-                drop.append(oldest)
-            self.mapped[region.id] = None
-            new = (region,)
-        return tuple(drop), new
-
-    def route(self, into: Any) -> tuple[Destination | None, tuple[int, ...], tuple[Region, ...]]:
-        """For a task whose result goes into ``into`` (or None): where the worker writes it
-        (None: it sends the result back), and the regions it unmaps and is sent first."""
         found = destination(into) if into is not None else None
         if found is None:
-            return None, (), ()
-        return (found[1], *self.plan(found[0]))
+            return None, tuple(drop), ()
+        region, where = found
+        if region.id in self.mapped:
+            self.mapped.move_to_end(region.id)
+            return where, tuple(drop), ()
+        if len(self.mapped) >= MAPPED_MAX:
+            drop.append(self.mapped.popitem(last=False)[0])
+        self.mapped[region.id] = None
+        return where, tuple(drop), (region,)
 
 
 class MappedRegions:
@@ -203,10 +182,11 @@ class MappedRegions:
             old = self.maps.pop(rid, None)
             if old is not None:
                 old.close()
-        for rid, fd in fds:
-            try:
+        try:
+            for rid, fd in fds:
                 self.maps[rid] = mmap.mmap(fd, os.fstat(fd).st_size)
-            finally:
+        finally:
+            for _, fd in fds:
                 os.close(fd)
 
     def write(self, where: Destination, result: Any, task: str) -> None:
@@ -214,6 +194,8 @@ class MappedRegions:
         import numpy as np
 
         rid, offset, shape, strides, dtype = where
+        if rid not in self.maps:
+            raise OSError(f"{task}: this worker could not map the shared array its result goes to; free memory and run it again")
         dest = np.ndarray(shape, np.dtype(dtype), buffer=self.maps[rid], offset=offset, strides=strides)
         try:
             np.copyto(dest, check_fits(result, shape, dest.dtype, task), casting="same_kind")

@@ -76,7 +76,7 @@ def new_task(owner: TaskQueue, id: int, call: bytes, buffers: list[Any], fn: str
     """A task and its :class:`TaskFuture`, linked so that an interrupted wait can abandon it."""
     future = TaskFuture(owner)
     task = QueuedTask(id, call, buffers, future, fn, timeout_s, worker, into=into)
-    future.task = task
+    future.task, future.task_id = task, id
     return task
 
 
@@ -103,6 +103,7 @@ class TaskFuture(Future[Any]):
         super().__init__()
         self.owner = owner
         self.task: QueuedTask | None = None
+        self.task_id = -1  # its task's id (kept once the task is let go)
 
     def result(self, timeout: float | None = None) -> Any:
         t0 = time.monotonic()

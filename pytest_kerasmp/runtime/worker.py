@@ -50,12 +50,17 @@ def _serve(conn: Connection) -> None:
             assert isinstance(msg, Task), f"unexpected message {type(msg).__name__}"
             if msg.grew:
                 inbox.receive(conn)
+            unmapped: BaseException | None = None  # a region that could not be mapped fails the task
             if msg.regions or msg.drop:
-                if shared is None:
-                    from pytest_kerasmp.runtime.shared import MappedRegions
+                fds = [(rid, recv_handle(conn)) for rid in msg.regions]
+                try:
+                    if shared is None:
+                        from pytest_kerasmp.runtime.shared import MappedRegions
 
-                    shared = MappedRegions()
-                shared.update(msg.drop, [(rid, recv_handle(conn)) for rid in msg.regions])
+                        shared = MappedRegions()
+                    shared.update(msg.drop, fds)
+                except Exception as exc:
+                    unmapped = exc
             outbox = outboxes[msg.out]  # the pool still reads results in the others
             if msg.fresh_out:  # the pool left this one to results still in use: a new file
                 outbox.close()
@@ -64,6 +69,8 @@ def _serve(conn: Connection) -> None:
             exit_with_group()  # the pool went away
         reply: Done | Failed
         try:
+            if unmapped is not None:
+                raise OSError(f"the worker could not map the shared array of task {msg.id}: {unmapped}") from unmapped
             fn, args, kwargs = loads_call(msg.call, inbox.views(msg.layout))
             result: Any = fn(*args, **kwargs)
             del args, kwargs
