@@ -93,3 +93,17 @@ def late_second_collective(seconds: float) -> str:
         time.sleep(seconds)
     all_reduce_rank()
     return "done"
+
+
+def race_for_claims(directory: str, first_port: int, n: int, barrier, queue) -> None:
+    """Claim ports first_port.. one by one, in step with another racer (a port test)."""
+    from pathlib import Path
+
+    from pytest_kerasmp.runtime import ports
+
+    won = []
+    for port in range(first_port, first_port + n):
+        barrier.wait(timeout=30)
+        if ports.claim(Path(directory), port):
+            won.append(port)
+    queue.put(won)

@@ -6,7 +6,9 @@ test bounds its waits and checks the elapsed time, so a broken promise fails in 
 
 from __future__ import annotations
 
+import multiprocessing
 import os
+import select
 import signal
 import socket
 import subprocess
@@ -105,17 +107,49 @@ CLAIMER = """
 import sys
 from pathlib import Path
 from pytest_kerasmp.runtime import ports as _ports
-print(*[_ports.claim_free_port(Path(sys.argv[1])) for _ in range(50)])
+print(*[_ports.claim_free_port(Path(sys.argv[1])) for _ in range(50)], flush=True)
+sys.stdin.read()  # alive (its claims held) until the test has every claimer's ports
 """
 
 
 def test_ports_claimed_by_concurrent_processes_never_collide(tmp_path):
-    procs = [subprocess.Popen([sys.executable, "-c", CLAIMER, str(tmp_path)], stdout=subprocess.PIPE, text=True) for _ in range(3)]
-    claimed = [[int(p) for p in proc.communicate(timeout=60)[0].split()] for proc in procs]
+    """(A claim of a process that has exited is stale and rightly taken over: each claimer
+    stays alive until all have claimed.)"""
+    procs = [subprocess.Popen([sys.executable, "-c", CLAIMER, str(tmp_path)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+             for _ in range(3)]
+    try:
+        claimed = []
+        for proc in procs:
+            assert select.select([proc.stdout], [], [], 60)[0], "a claimer did not claim its 50 ports within 60 s"
+            claimed.append([int(p) for p in proc.stdout.readline().split()])
+    finally:
+        for proc in procs:
+            proc.stdin.close()
+            proc.wait(timeout=30)
     ports = [p for c in claimed for p in c]
     assert len(ports) == 150 and len(set(ports)) == 150
     low, high = _ports.port_range()
     assert all(low <= p < high for p in ports)  # below the kernel's ephemeral range
+
+
+def test_two_processes_taking_over_the_same_stale_claims_never_both_win(tmp_path):
+    dead = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True).stdout)
+    n, first = 200, 20000
+    for port in range(first, first + n):
+        (tmp_path / str(port)).write_text(str(dead))  # claims of a process that is gone
+    ctx = multiprocessing.get_context("spawn")
+    barrier, queue = ctx.Barrier(2), ctx.Queue()
+    racers = [ctx.Process(target=cluster_tasks.race_for_claims, args=(str(tmp_path), first, n, barrier, queue)) for _ in range(2)]
+    for racer in racers:
+        racer.start()
+    try:
+        won = [set(queue.get(timeout=60)), set(queue.get(timeout=60))]
+    finally:
+        for racer in racers:
+            racer.join(10)
+            racer.kill()
+    assert not won[0] & won[1], f"{len(won[0] & won[1])} stale claims taken over by both processes"
+    assert len(won[0] | won[1]) == n  # and each taken by one
 
 
 def test_port_claims_are_released_and_stale_ones_taken_over(tmp_path, monkeypatch):
@@ -124,7 +158,7 @@ def test_port_claims_are_released_and_stale_ones_taken_over(tmp_path, monkeypatc
     assert (tmp_path / str(port)).read_text() == str(os.getpid())
     assert not _ports.claim(tmp_path, port)  # held by a live process: never taken
     _ports.release(port)
-    assert not list(tmp_path.iterdir())
+    assert [p.name for p in tmp_path.iterdir()] == [".lock"]  # no claim left (the lock file stays)
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True).stdout.strip()
     for text in (dead, ""):  # an owner that is gone, or died before writing
         (tmp_path / str(port)).write_text(text)
@@ -259,7 +293,7 @@ def test_a_task_that_cannot_start_fails_the_cluster_start_and_leaves_nothing(ker
         kerasmp_tf_cluster(2, slots=[CPU0, bad])
     assert time.monotonic() - t0 < 10
     assert info.value.task == "worker:1" and info.value.slot == bad.describe() and info.value.pid
-    assert not list(tmp_path.iterdir()), "the failed start left its port claims"
+    assert [p.name for p in tmp_path.iterdir()] == [".lock"], "the failed start left its port claims"
 
 
 def test_a_port_already_taken_is_refused_before_anything_starts():

@@ -5,12 +5,15 @@ outgoing connection (another cluster's gRPC clients, say) and no ``bind(("", 0))
 it between the pick and TensorFlow's bind; it must bind now; and it is claimed with a file
 named after it in :data:`PORTS_DIR` that holds the owner's pid, made atomically (written,
 then hard-linked into place), so that no other cluster of any process of this user picks it
-until it is released. A claim whose owner is gone is taken over.
+until it is released. A claim whose owner is gone is taken over; claims are made under a
+lock on the directory (``flock``), so that two processes taking over the same stale claim
+cannot both win (the second would remove the first's fresh claim).
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import random
 import socket
@@ -51,15 +54,17 @@ def claim(directory: Path, port: int) -> bool:
     draft = directory / f".{port}.{os.getpid()}.{random.getrandbits(32):08x}"
     draft.write_text(str(os.getpid()))
     try:
-        for _ in range(2):
+        with open(directory / ".lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, or its process dies
             try:
                 os.link(draft, path)  # atomic: the claim appears with its owner already in it
                 return True
             except FileExistsError:
                 if claim_alive(path):
                     return False
-                path.unlink(missing_ok=True)  # its owner is gone: stale
-        return False
+                path.unlink(missing_ok=True)  # its owner is gone: stale (and no one else links now)
+                os.link(draft, path)
+                return True
     finally:
         draft.unlink(missing_ok=True)
 
