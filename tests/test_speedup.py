@@ -266,3 +266,32 @@ def test_benchmark_only_still_runs_comparisons(pytester, run_pytest):
     result = run_pytest("--benchmark-only", "--kerasmp-min-speedup=gated:good:1.5")
     result.assert_outcomes(passed=2, skipped=1)  # the two comparisons run, the plain test is skipped
     assert result.ret == 0 and result.outlines[-1] == "kerasmp gate: passed (1 met)"
+
+
+def test_warmup_false_times_every_call_and_refuses_a_check(pytester, run_pytest):
+    pytester.makepyfile(
+        """
+        import pytest
+
+        calls = {"serial": 0, "parallel": 0}
+
+        def count(side):
+            calls[side] += 1
+
+        def test_no_warmup(kerasmp_speedup):
+            c = kerasmp_speedup(lambda: count("serial"), lambda: count("parallel"), workers=1, rounds=3,
+                                kind="overhead", warmup=False, budget_s=0.0)
+            assert calls["serial"] == len(c.serial_s) and calls["parallel"] == len(c.parallel_s) == 3
+
+        def test_warmup(kerasmp_speedup):
+            calls.update(serial=0, parallel=0)
+            c = kerasmp_speedup(lambda: count("serial"), lambda: count("parallel"), workers=1, rounds=3,
+                                kind="overhead", budget_s=0.0)
+            assert calls["parallel"] == len(c.parallel_s) + 1  # the untimed warm-up
+
+        def test_refused(kerasmp_speedup):
+            with pytest.raises(ValueError, match="warmup=False runs no untimed round for check"):
+                kerasmp_speedup(lambda: 1, lambda: 1, workers=1, warmup=False, check=lambda a, b: None)
+        """
+    )
+    run_pytest("-p", "no:xdist").assert_outcomes(passed=3)

@@ -105,7 +105,8 @@ def kerasmp_pool_factory(
 
 @pytest.fixture
 def kerasmp_speedup(request: pytest.FixtureRequest) -> Callable[..., Comparison]:
-    """measure(serial, parallel, *, workers, rounds=5, variant="", check=None, kind="speedup") -> Comparison.
+    """measure(serial, parallel, *, workers, rounds=5, variant="", check=None, kind="speedup",
+    budget_s=None, warmup=True) -> Comparison.
 
     Rounds continue until the ratio's 95% interval decides its floors (--kerasmp-min-speedup,
     --kerasmp-budget). Under --benchmark-skip the check still runs once, untimed.

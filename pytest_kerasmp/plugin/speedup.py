@@ -99,6 +99,7 @@ def measure(
     check: Callable[[Any, Any], Any] | None = None,
     kind: str = "speedup",
     budget_s: float | None = None,
+    warmup: bool = True,
 ) -> Comparison:
     """Time ``serial`` (the baseline) and ``parallel`` (the candidate) in alternating rounds.
 
@@ -109,9 +110,13 @@ def measure(
     ``kind`` is "speedup", "fraction" (of a limit) or "overhead" (against a reference).
     ``benchmark`` is pytest-benchmark's fixture or a function that returns it; None means
     ``--benchmark-skip``: the check runs once, untimed, and the comparison is marked skipped.
+    ``warmup=False`` skips the untimed runs, for sides that each start something anew (a
+    pool, a process) and so have nothing to warm; it needs ``check=None``.
     """
     if rounds < 1 or workers < 1:
         raise ValueError(f"rounds={rounds} and workers={workers} must be positive")
+    if not warmup and check is not None:
+        raise ValueError("warmup=False runs no untimed round for check to compare: pass check=None, or keep the warm-up")
     if kind not in KINDS:
         raise ValueError(f"kind={kind!r} is not one of {', '.join(KINDS)}")
     config = item.config
@@ -137,7 +142,8 @@ def measure(
             comparison.error = _error_text(side, exc)
             raise
 
-    serial_result, parallel_result = run("serial", serial), run("parallel", parallel)
+    serial_result = run("serial", serial) if warmup else None
+    parallel_result = run("parallel", parallel) if warmup else None
     if check is not None:
         try:
             check(serial_result, parallel_result)
