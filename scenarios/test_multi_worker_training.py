@@ -198,7 +198,7 @@ def test_cluster_start_vs_one_tensorflow_import(kerasmp_speedup, kerasmp_slots):
         with TFCluster(2, slots=kerasmp_slots, name="start") as c:
             assert all(c.pids())
 
-    kerasmp_speedup(import_tensorflow_in_a_new_process, start_cluster, workers=2, rounds=3, variant="start", kind="overhead")
+    kerasmp_speedup(import_tensorflow_in_a_new_process, start_cluster, workers=2, rounds=3, variant="start", kind="overhead", warmup=False)
 
 
 @pytest.mark.xfail(strict=True, raises=ClusterTaskError, reason=f"Keras 3 model.fit under MultiWorkerMirroredStrategy fails: {UPSTREAM}")

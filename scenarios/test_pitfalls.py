@@ -26,6 +26,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 
 import numpy as np
 import pytest
@@ -35,21 +36,86 @@ from pytest_kerasmp import ModelRef, WorkerPool, detect_gpus
 HANG_BOUND_S = 6.0
 
 
-def run_bounded(code: str, timeout: float) -> tuple[str, subprocess.CompletedProcess]:
-    """Run ``code`` in a new process group: ("done", result), or ("hung", what it printed)
-    if it is not done in ``timeout``."""
+#: Scripts that hang (each printing how far it got), run by the ``hang_runs`` fixture.
+HANGS = {
+    "fork": """
+    import multiprocessing
+    import numpy as np
+    import keras
+
+    model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(4)])
+
+    def predict(i):
+        return float(model.predict(np.ones((2, 8)), verbose=0).sum() + i)
+
+    if __name__ == "__main__":
+        model.predict(np.ones((2, 8)), verbose=0)  # the parent ran TensorFlow: forking is now unsafe
+        print("forking", flush=True)
+        with multiprocessing.get_context("fork").Pool(2) as pool:
+            print(pool.map(predict, range(2)), flush=True)
+    """,
+    "pydataset": """
+    import numpy as np
+    import keras
+    import tensorflow as tf
+
+    flip = tf.function(tf.image.flip_left_right)
+
+    class Flipped(keras.utils.PyDataset):
+        def __len__(self):
+            return 4
+
+        def __getitem__(self, i):
+            return flip(tf.fill((8, 4, 4, 3), float(i))).numpy()  # compiled TensorFlow
+
+    inputs = keras.Input((4, 4, 3))
+    model = keras.Model(inputs, keras.layers.Identity()(inputs))
+    model.predict(np.ones((1, 4, 4, 3)), verbose=0)  # the process ran TensorFlow
+    print("threads", model.predict(Flipped(workers=2), verbose=0).shape, flush=True)
+    print("forking", flush=True)
+    print(model.predict(Flipped(workers=2, use_multiprocessing=True), verbose=0).shape, flush=True)
+    """,
+}
+
+
+def start_bounded(code: str) -> tuple[subprocess.Popen, float]:
+    """Start ``code`` in a new process group (its forked children in it too); with its start time."""
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
     proc = subprocess.Popen(
         [sys.executable, "-c", textwrap.dedent(code)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         text=True, env=env, start_new_session=True,
     )
+    return proc, time.monotonic()
+
+
+def finish_bounded(started: tuple[subprocess.Popen, float], timeout: float) -> tuple[str, subprocess.CompletedProcess]:
+    """("done", result) if the process ended within ``timeout`` of its start; else ("hung",
+    what it printed), its whole group killed."""
+    proc, t0 = started
     try:
-        out, err = proc.communicate(timeout=timeout)
+        out, err = proc.communicate(timeout=max(0.0, t0 + timeout - time.monotonic()))
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)  # the forked children too
         out, err = proc.communicate(timeout=10)
         return "hung", subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
     return "done", subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def run_bounded(code: str, timeout: float) -> tuple[str, subprocess.CompletedProcess]:
+    """Run ``code``: ("done", result), or ("hung", what it printed) if not done in ``timeout``."""
+    return finish_bounded(start_bounded(code), timeout)
+
+
+@pytest.fixture(scope="module")
+def hang_runs():
+    """The two scripts that hang, started together: each mostly waits out its bound, so the
+    module waits once (on 2 cores, some 10 s less of the harness). Killed at the end."""
+    runs = {name: start_bounded(code) for name, code in HANGS.items()}
+    yield runs
+    for proc, _ in runs.values():
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate(timeout=10)
 
 
 # ------------------------------------------------------------------ run in the workers
@@ -68,26 +134,8 @@ def square(i: int) -> int:
 # ------------------------------------------------------------------------- pitfalls
 
 
-def test_fork_after_tensorflow_started_hangs_and_the_pool_does_not(kerasmp_pool):
-    status, done = run_bounded(
-        """
-        import multiprocessing
-        import numpy as np
-        import keras
-
-        model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(4)])
-
-        def predict(i):
-            return float(model.predict(np.ones((2, 8)), verbose=0).sum() + i)
-
-        if __name__ == "__main__":
-            model.predict(np.ones((2, 8)), verbose=0)  # the parent ran TensorFlow: forking is now unsafe
-            print("forking", flush=True)
-            with multiprocessing.get_context("fork").Pool(2) as pool:
-                print(pool.map(predict, range(2)), flush=True)
-        """,
-        timeout=HANG_BOUND_S + 4,  # about 3 s of it is the TensorFlow import
-    )
+def test_fork_after_tensorflow_started_hangs_and_the_pool_does_not(kerasmp_pool, hang_runs):
+    status, done = finish_bounded(hang_runs["fork"], timeout=HANG_BOUND_S + 5)  # ~3 s of it: the import
     assert status == "hung" and done.stdout.endswith("forking\n"), f"the forked pool finished: {done}"
     assert kerasmp_pool.map(tf_op, range(4)) == [16.0, 17.0, 18.0, 19.0]
     with pytest.raises(ValueError, match="start_method='fork' is not supported"):
@@ -114,31 +162,8 @@ def flip_batch(i: int) -> np.ndarray:
     return tf.function(tf.image.flip_left_right)(tf.fill((8, 4, 4, 3), float(i))).numpy()
 
 
-def test_pydataset_forking_into_a_tf_function_hangs_and_the_pool_does_not(kerasmp_pool):
-    status, done = run_bounded(
-        """
-        import numpy as np
-        import keras
-        import tensorflow as tf
-
-        flip = tf.function(tf.image.flip_left_right)
-
-        class Flipped(keras.utils.PyDataset):
-            def __len__(self):
-                return 4
-
-            def __getitem__(self, i):
-                return flip(tf.fill((8, 4, 4, 3), float(i))).numpy()  # compiled TensorFlow
-
-        inputs = keras.Input((4, 4, 3))
-        model = keras.Model(inputs, keras.layers.Identity()(inputs))
-        model.predict(np.ones((1, 4, 4, 3)), verbose=0)  # the process ran TensorFlow
-        print("threads", model.predict(Flipped(workers=2), verbose=0).shape, flush=True)
-        print("forking", flush=True)
-        print(model.predict(Flipped(workers=2, use_multiprocessing=True), verbose=0).shape, flush=True)
-        """,
-        timeout=HANG_BOUND_S + 4,
-    )
+def test_pydataset_forking_into_a_tf_function_hangs_and_the_pool_does_not(kerasmp_pool, hang_runs):
+    status, done = finish_bounded(hang_runs["pydataset"], timeout=HANG_BOUND_S + 5)
     assert status == "hung", f"the forked PyDataset finished: {done}"
     assert done.stdout == "threads (32, 4, 4, 3)\nforking\n", done  # threads worked; the fork hung
     batches = kerasmp_pool.map(flip_batch, range(4))  # the same batches, in spawned workers

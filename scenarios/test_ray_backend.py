@@ -41,7 +41,7 @@ def test_pool_start_local_vs_ray(kerasmp_speedup, kerasmp_slots, ray_slots):
                 pass
         return run
 
-    kerasmp_speedup(start(local_slots, "local"), start(ray_slots[:2], "ray"), workers=2, rounds=3, variant="start", kind="overhead")
+    kerasmp_speedup(start(local_slots, "local"), start(ray_slots[:2], "ray"), workers=2, rounds=3, variant="start", kind="overhead", warmup=False)
 
 
 @pytest.mark.parametrize("what", ["empty-task", "array-19MiB"])
