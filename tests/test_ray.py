@@ -9,6 +9,8 @@ from __future__ import annotations
 import dataclasses
 import os
 import signal
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -87,6 +89,8 @@ def test_the_pool_runs_pinned_warm_workers_one_per_node(slots, no_leftovers):
             assert who[0]["cores"] != who[1]["cores"]
         assert [s["node"] for s in pool.broadcast(pool_tasks.slot_env)] == [s.node for s in slots]
         assert pool.map(pool_tasks.add, range(6), range(6), timeout=30) == [0, 2, 4, 6, 8, 10]
+        mine = os.getpriority(os.PRIO_PROCESS, 0)  # not Ray's worker niceness (15): the owner's
+        assert pool.broadcast(pool_tasks.niceness, timeout=30) == [[mine], [mine]]
         x = np.arange(19 * 2**20 // 8, dtype=np.float64)
         future = pool.submit(pool_tasks.scale, x, 2.0)
         expected = x * 2
@@ -106,6 +110,26 @@ def test_models_load_once_per_actor(slots, no_leftovers):
         second = pool.submit(pool_tasks.predict_sum, ref, x).result(timeout=30)
     assert first[0] == second[0] == 2 * 2 * 4 * 2.0
     assert second[2] == first[2] and second[3] == 1  # the same model object, one cached
+
+
+def test_an_actor_takes_back_the_owners_niceness_from_rays(tmp_path):
+    """Ray starts its workers at niceness 15 unless the cluster says otherwise; an actor sets
+    every thread back to its owner's (here 0) where it may, and leaves it where it may not."""
+    code = (
+        "import os, threading\n"
+        "os.nice(7)  # as Ray's worker_niceness would\n"
+        "threading.Thread(target=threading.Event().wait, daemon=True).start()\n"
+        "from pytest_kerasmp.ray.actor import owner_niceness\n"
+        "owner_niceness()\n"
+        "print(sorted({os.getpriority(os.PRIO_PROCESS, int(t)) for t in os.listdir('/proc/self/task')}))\n"
+    )
+    import resource
+
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "PYTEST_KERASMP_NICE": "0"})
+    may_raise = os.geteuid() == 0 or resource.getrlimit(resource.RLIMIT_NICE)[0] >= 20
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == ("[0]" if may_raise else "[7]")
 
 
 def test_task_functions_are_checked_before_they_travel(slots, no_leftovers):

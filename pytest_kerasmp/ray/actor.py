@@ -25,6 +25,29 @@ from pytest_kerasmp.slots.devices import DeviceSlot
 
 #: The owner's ``__main__`` script, set in the actor's environment by ``actor_options``.
 MAIN_ENV = "PYTEST_KERASMP_MAIN"
+#: The owner's niceness, likewise: the actor takes it back from Ray's (15 by default).
+NICE_ENV = "PYTEST_KERASMP_NICE"
+
+
+def owner_niceness() -> None:
+    """Run this process's threads at the owner's niceness when Ray started it lower (Ray's
+    ``worker_niceness``, 15 unless the cluster says otherwise): a worker or server sharing a
+    core with the owner's processes would get a fraction of it. Where the user may not raise
+    priority (no CAP_SYS_NICE), it stays as Ray made it (docs/guide/ray.md says how to start
+    a cluster without it). Applied at start (every thread) and by each task (its thread)."""
+    want = os.environ.get(NICE_ENV)
+    if want is None or not want.lstrip("-").isdigit():
+        return
+    try:
+        tids = [int(t) for t in os.listdir("/proc/self/task")]
+    except OSError:
+        tids = [0]
+    for tid in tids:
+        try:
+            if os.getpriority(os.PRIO_PROCESS, tid) > int(want):
+                os.setpriority(os.PRIO_PROCESS, tid, int(want))
+        except OSError:  # not allowed, or the thread ended meanwhile
+            pass
 
 
 def local_slot(slot: DeviceSlot) -> DeviceSlot:
@@ -47,6 +70,7 @@ def start(slot_json: dict[str, Any], warm_import: bool, role: str, label: str) -
         from pytest_kerasmp.slots import placement
 
         output.announce(label, slot)  # first: what it prints from now on carries its name
+        owner_niceness()  # before the framework starts its thread pools (they inherit it)
         from pytest_kerasmp.slots.pinning import pin_process
 
         slot = local_slot(slot)
@@ -104,6 +128,7 @@ class SlotWorker:
 
     def __init__(self, slot_json: dict[str, Any], init_call: bytes | None, warm_import: bool, label: str = "") -> None:
         self.slot, self.failure = start(slot_json, warm_import, "pool worker", label)
+        self.nice = os.getpriority(os.PRIO_PROCESS, 0)
         if self.failure is None and init_call is not None:
             try:
                 from pytest_kerasmp.runtime.transport import loads_call
@@ -130,6 +155,8 @@ class SlotWorker:
         from pytest_kerasmp.runtime.transport import loads_call
         from pytest_kerasmp.runtime.wire import Failed
 
+        if os.getpriority(os.PRIO_PROCESS, 0) > self.nice:  # a Ray thread made after start
+            owner_niceness()
         try:
             try:
                 fn, args, kwargs = loads_call(call, buffers)

@@ -31,6 +31,8 @@ from pytest_kerasmp.ray.connect import CONNECT_TIMEOUT_S, connect_bounded
 from pytest_kerasmp.runtime import bootstrap, owners
 from pytest_kerasmp.slots.devices import DeviceSlot, plural, split_evenly
 
+#: Ray's setting for its workers' niceness (see _worker_niceness_zero).
+WORKER_NICENESS = "RAY_worker_niceness"
 #: Ray's cluster mode stays off (one machine pretending to be many is only for tests).
 LOOPBACK_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"}
 LOOPBACK = "127.0.0.1"
@@ -268,7 +270,7 @@ class LocalRayCluster:
 
         me = psutil.Process()
         before = {p.pid for p in me.children(recursive=True)}
-        with _affinity(set(self._core_parts[index % len(self._core_parts)])):
+        with _affinity(set(self._core_parts[index % len(self._core_parts)])), _worker_niceness_zero():
             node = self.cluster.add_node(**args)
         self.nodes.append(node)
         if hasattr(self, "_processes"):  # only what this node started, not other owners' children
@@ -334,6 +336,20 @@ def _running(pid: int) -> bool:
         return bool(psutil.Process(pid).status() != psutil.STATUS_ZOMBIE)
     except psutil.NoSuchProcess:
         return False
+
+
+@contextlib.contextmanager
+def _worker_niceness_zero() -> Iterator[None]:
+    """Start the block's Ray processes with ``RAY_worker_niceness=0`` (unless set): Ray runs its
+    worker processes at niceness 15 by default, so an actor (a pool worker, a server, a Ray
+    Serve replica) got a fraction of a core it shared with the test's own processes."""
+    old = os.environ.get(WORKER_NICENESS)
+    os.environ.setdefault(WORKER_NICENESS, "0")
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(WORKER_NICENESS, None)
 
 
 @contextlib.contextmanager

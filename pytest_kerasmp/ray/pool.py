@@ -25,7 +25,7 @@ from pytest_kerasmp.errors import (
     WorkerStartupError,
 )
 from pytest_kerasmp.ray import output
-from pytest_kerasmp.ray.actor import MAIN_ENV
+from pytest_kerasmp.ray.actor import MAIN_ENV, NICE_ENV
 from pytest_kerasmp.ray.cluster import check_feasible, connect, kill_actor, slot_resources
 from pytest_kerasmp.ray.connect import CONNECT_TIMEOUT_S
 from pytest_kerasmp.ray.dispatch import STACKS_S, RayDispatcher, RayWorker, ray_failure
@@ -55,6 +55,7 @@ def actor_options(slot: DeviceSlot, name: str, reserve: bool = True) -> dict[str
     main = lifecycle.main_script()
     if main:  # imported by the actor as local children do: task functions defined there resolve
         env[MAIN_ENV] = main
+    env[NICE_ENV] = str(os.getpriority(os.PRIO_PROCESS, 0))  # taken back from Ray's niceness
     return {
         "num_cpus": res["CPU"] if reserve else 0, "num_gpus": res.get("GPU", 0.0), "max_restarts": 0,
         "max_concurrency": 3,  # run, stacks, watch
