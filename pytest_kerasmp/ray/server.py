@@ -63,26 +63,22 @@ class RayInferenceClient(InferenceClient):
 
     def _setup(self) -> None:
         super()._setup()
-        self._handle: Any = None
         self._direct: tuple[int, bool] | None = None  # (pid, whether this process talks directly)
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
-        state.pop("_handle", None)
         state.pop("_direct", None)
         return state
 
     def _actor(self) -> Any:
-        if self._handle is None:
-            found = _found.get((self.cluster, self.actor_name))
-            if found is None:
-                ray = connect(self.cluster, quiet=True)
-                try:
-                    found = _found[(self.cluster, self.actor_name)] = (ray.get_actor(self.actor_name, namespace=NAMESPACE), None)
-                except ValueError:
-                    return None
-            self._handle = found[0]
-        return self._handle
+        found = _found.get((self.cluster, self.actor_name))
+        if found is None:
+            ray = connect(self.cluster, quiet=True)
+            try:
+                found = _found[(self.cluster, self.actor_name)] = (ray.get_actor(self.actor_name, namespace=NAMESPACE), None)
+            except ValueError:
+                return None
+        return found[0]
 
     def direct(self) -> bool:
         """Whether this process reaches the server's loop directly (same machine)."""

@@ -188,10 +188,11 @@ class Dispatcher(CallerAssist, TaskQueue):
         except (EOFError, OSError):
             return False  # it died; its exit says how
         if isinstance(msg, (Done, Failed)) and w.task is not None and w.task.id == msg.id:
-            task, w.task, w.state, w.deadline, w.writing = w.task, None, "idle", None, None
+            task, wrote_into = w.task, w.writing is not None  # (the worker wrote into a shared array)
+            w.task, w.state, w.deadline, w.writing = None, "idle", None, None
             if msg.retired:  # the task kept a view of its arguments' arena: leave it to the worker
                 w.to_worker.close()
-            if isinstance(msg, Done) and task.wrote_into:
+            if isinstance(msg, Done) and wrote_into:
                 self.stats.tasks_done += 1
                 resolve(task.future, result=task.into)
             elif isinstance(msg, Done):
@@ -373,7 +374,6 @@ class Dispatcher(CallerAssist, TaskQueue):
             task.buffers, task.layout = None, layout  # in the worker's arena now (read back if requeued)
             out, fresh_out = w.from_worker.choose()
             into, drop, new = w.regions.route(task.into)
-            task.wrote_into = into is not None
             w.writing = task.into if into is not None else None
             try:
                 w.child.conn.send(Task(

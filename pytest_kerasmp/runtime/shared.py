@@ -55,10 +55,10 @@ def shared_empty(shape: int | tuple[int, ...], dtype: Any = "float32") -> np.nda
     Give views of it to :meth:`WorkerPool.map`'s ``into`` and each worker writes its result
     straight into them (no copy back to the caller). Otherwise it is an ordinary writable
     array. When its last view is gone (the pool lets go of its tasks' views a moment after
-    they end) its memory is freed, except that the most recently
-    dropped one is kept for the next ``shared_empty`` of its size to twice its size (its pages
-    are already there); workers unmap a freed one at their next task. Local pools only: with
-    ``backend="ray"`` the caller copies results in.
+    they end) its memory is freed, except that the most recently dropped one is kept for
+    the next ``shared_empty`` of its size to twice its size (its pages are already there);
+    workers unmap a freed one at their next task. Local pools only: with ``backend="ray"``
+    the caller copies results in.
     """
     global _spare
     import numpy as np
@@ -88,9 +88,10 @@ def _dropped(region: Region) -> None:
 def _new_region(nbytes: int) -> Region:
     import numpy as np
 
-    fd = os.memfd_create("kerasmp-shared", os.MFD_CLOEXEC)
+    from pytest_kerasmp.runtime.transport import new_memfd
+
+    fd = new_memfd("kerasmp-shared", nbytes)
     try:
-        os.ftruncate(fd, nbytes)
         region = Region(fd, nbytes)
     except BaseException:
         os.close(fd)

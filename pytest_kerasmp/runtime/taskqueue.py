@@ -51,7 +51,6 @@ class QueuedTask:
     claimed: bool = False  # its future is running (taken for a worker once)
     requeued: bool = False  # put back once: its first worker died before it started
     into: Any = None  # map(into=...): the numpy array its result is copied into
-    wrote_into: bool = False  # its worker writes the result into ``into`` (a shared array)
 
 
 @dataclasses.dataclass

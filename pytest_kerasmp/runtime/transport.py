@@ -45,6 +45,17 @@ NOT_IMPORTABLE = (
 Payload = tuple[bytes, list[Any]]
 
 
+def new_memfd(name: str, size: int) -> int:
+    """A new anonymous shared-memory file of ``size`` bytes (closed on exec); its descriptor."""
+    fd = os.memfd_create(name, os.MFD_CLOEXEC)
+    try:
+        os.ftruncate(fd, size)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
 class Arena:
     """A growable shared-memory buffer mapped by a writer and a reader process.
 
@@ -79,9 +90,8 @@ class Arena:
             end += -(-size // _ALIGN) * _ALIGN
         if end > self.capacity:
             size = max(end, 2 * self.capacity)
-            fd = os.memfd_create("kerasmp-arena", os.MFD_CLOEXEC)
+            fd = new_memfd("kerasmp-arena", -(-size // mmap.PAGESIZE) * mmap.PAGESIZE)
             try:
-                os.ftruncate(fd, -(-size // mmap.PAGESIZE) * mmap.PAGESIZE)
                 self._map(fd)
             except BaseException:
                 os.close(fd)
