@@ -43,7 +43,9 @@ class InferenceServer(owners.Owned):
         slot: The slot to pin the server to; default: the session's slot 0 (or the first
             planned slot outside pytest; on Ray, the cluster's first).
         max_batch_size: Rows per batch at most; larger requests are split and reassembled.
-        max_delay_ms: How long the oldest waiting request may wait for a fuller batch.
+        max_delay_ms: How long the oldest waiting request may wait for a fuller batch (not
+            at all when it came while a batch ran, or when every client that sends has as
+            many requests waiting as it has ever had at once).
         max_queue: Accepted requests waiting at most; beyond, callers wait (up to
             ``busy_timeout_s``) and then get :class:`ServerBusyError`; 0 s fails at once.
         request_timeout_s: Default bound on one ``predict`` call.

@@ -82,6 +82,9 @@ class _Client:
     inbox: Any
     outbox: Any
     alive: bool = True
+    #: Its requests accepted and not yet answered, and the most it has had at once.
+    open: int = 0
+    window: int = 0
 
 
 class _Server:
@@ -103,6 +106,7 @@ class _Server:
         self.pending: collections.deque[tuple[_Request, int, int]] = collections.deque()
         self.batch_ran = False  # since the last look for requests
         self.waiting = 0  # accepted requests not yet answered
+        self.clients: dict[Any, _Client] = {}  # by connection
         self.stats: dict[str, Any] = {"requests": 0, "batches": 0, "rows": 0, "errors": 0, "busy": 0}
         self.queue_wait: collections.deque[float] = collections.deque(maxlen=STATS_WINDOW)
         self.compute: collections.deque[float] = collections.deque(maxlen=STATS_WINDOW)
@@ -138,10 +142,12 @@ class _Server:
             return
         req = _Request(msg.id, client, arrays, arrays[0].shape[0], time.perf_counter(), waited)
         self.waiting += 1
+        client.open += 1
+        client.window = max(client.window, client.open)
         self.stats["requests"] += 1
         if req.rows == 0:  # nothing to compute: answered at once, with 0 rows
             req.outputs = [self.np.empty((0, *shape), dtype) for shape, dtype in self.outputs]
-            self.waiting -= 1
+            self.settle(req)
             self.answer(req)
             return
         for start in range(0, req.rows, self.max_batch):  # oversize requests are split
@@ -157,9 +163,21 @@ class _Server:
             if rows >= self.max_batch:
                 return 0.0
         oldest = self.pending[0][0]
-        if closing or oldest.waited:
+        if closing or oldest.waited or self.nothing_more_expected():
             return 0.0
         return max(0.0, oldest.arrived + self.max_delay - time.perf_counter())
+
+    def nothing_more_expected(self) -> bool:
+        """Every client that sends has as many requests waiting as it has ever had at once:
+        until some are answered, none is expected to send more, and waiting ``max_delay``
+        would only add latency (one client with 4 in flight: 2 ms on every 3 ms batch of the
+        served CNN). Clients that have not sent a request yet do not count."""
+        return all(c.open >= c.window for c in self.clients.values())
+
+    def settle(self, req: _Request) -> None:
+        """``req`` was answered or failed: it no longer waits."""
+        self.waiting -= 1
+        req.client.open -= 1
 
     def run_batch(self) -> None:
         np = self.np
@@ -192,7 +210,7 @@ class _Server:
             self.stats["errors"] += 1
             for req in {id(r): r for r, _, _ in taken}.values():
                 req.failed = True
-                self.waiting -= 1
+                self.settle(req)
                 self.fail_one(req.client, req.id, exc)
             return
         self.compute.append(time.perf_counter() - now)
@@ -207,7 +225,7 @@ class _Server:
             offset += b - a
             req.done_rows += b - a
             if req.done_rows == req.rows:
-                self.waiting -= 1
+                self.settle(req)
                 self.answer(req)
 
     def answer(self, req: _Request) -> None:
@@ -292,7 +310,7 @@ def serve(server: _Server, control: Connection, listener: socket.socket | None) 
     ``control`` says stop (or closes), answer what was accepted and return."""
     from pytest_kerasmp.runtime.transport import Arena
 
-    clients: dict[Any, _Client] = {}
+    clients = server.clients
     closing = False
     while True:
         # What a batch left, and what is ready the moment it ends, came while it ran: it has
@@ -358,7 +376,7 @@ def _drop(client: _Client, server: _Server) -> None:
     for req in {id(r): r for r, _, _ in server.pending if r.client is client}.values():
         if not req.failed:
             req.failed = True
-            server.waiting -= 1
+            server.settle(req)
     client.conn.close()
     client.inbox.close()
     client.outbox.close()
