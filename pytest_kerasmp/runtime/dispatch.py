@@ -14,7 +14,6 @@ import dataclasses
 import pickle
 import threading
 import time
-from multiprocessing.connection import wait
 from multiprocessing.reduction import send_handle
 from typing import Any
 
@@ -40,7 +39,7 @@ from pytest_kerasmp.runtime.lifecycle import Child
 from pytest_kerasmp.runtime.shared import SentRegions
 from pytest_kerasmp.runtime.taskqueue import MAX_START_ATTEMPTS, QueuedTask, TaskQueue, resolve
 from pytest_kerasmp.runtime.transport import Arena, ResultArenas
-from pytest_kerasmp.runtime.watcher import Watcher
+from pytest_kerasmp.runtime.watcher import Watcher, readable
 from pytest_kerasmp.runtime.wire import Done, Failed, Ready, Stop, Task
 from pytest_kerasmp.slots.devices import DeviceSlot
 
@@ -360,7 +359,7 @@ class Dispatcher(CallerAssist, TaskQueue):
             task = self.next_task(w)
             if task is None:
                 continue
-            if wait([w.child.sentinel], 0):  # it died since the last look: never given a task
+            if readable(w.child.sentinel, 0):  # it died since the last look: never given a task
                 self.put_back(task)
                 self._on_exit(w)
                 continue

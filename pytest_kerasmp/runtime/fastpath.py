@@ -14,6 +14,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from pytest_kerasmp.runtime.taskqueue import QueuedTask
+from pytest_kerasmp.runtime.watcher import readable
 
 #: How long a caller waiting for its own task reads its worker's answer itself (then the
 #: loop takes over): a short task's answer comes back without a thread switch.
@@ -72,7 +73,7 @@ class CallerAssist:
             deadline = time.monotonic() + HELP_WAIT_S
             while w.task is task and w.state == "busy" and not future.done():
                 remaining = deadline - time.monotonic()
-                if remaining <= 0 or not w.child.conn.poll(remaining):
+                if remaining <= 0 or not readable(w.child.conn.fileno(), remaining):
                     break
                 if not self._on_message(w):
                     break  # it died: the loop sees its exit

@@ -8,10 +8,22 @@ thread is reading; unmuting re-arms it (level-triggered: an unread message wakes
 
 from __future__ import annotations
 
+import math
 import os
 import select
 import threading
 from typing import Any
+
+
+def readable(fd: int, timeout: float) -> bool:
+    """Whether ``fd`` has something to read (a message, or EOF) within ``timeout`` seconds.
+
+    ``Connection.poll`` and ``multiprocessing.connection.wait`` build a selector per call;
+    on the path of every task that cost more than the poll itself.
+    """
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    return bool(poller.poll(max(0, math.ceil(timeout * 1e3))))
 
 
 class Watcher:
