@@ -279,6 +279,16 @@ SERVER_CLOSE_TIMED_OUT = (
     "inference server {name!r} (pid {pid}, {slot}) had not answered its accepted requests "
     "{timeout:g} s into close() and was killed; its Python stacks:\n{stacks}"
 )
+CLIENT_CLOSED = (
+    "request {what} to inference server {name!r} (pid {pid}, {slot}) got no answer: it was "
+    "submitted while its client was being closed in this process{how}; submit before "
+    "client.close(), or use another client"
+)
+SEND_INTERRUPTED = (
+    "request {what} to inference server {name!r} (pid {pid}, {slot}) got no answer: another "
+    "request's send on the same connection was interrupted, which leaves the connection "
+    "unusable, so it was dropped with every request in flight on it{how}; submit it again"
+)
 SERVER_BUSY = (
     "inference server {name!r} had its queue full ({queue} requests waiting) for {waited:g} s, "
     "so request {what} was refused; raise max_queue, add servers, or let callers wait "

@@ -53,12 +53,26 @@ def test_the_delay_is_for_an_idle_server_not_for_requests_that_came_while_a_batc
     late.result(timeout=10)
     assert time.monotonic() - t0 < 1.2, "a request that waited for a running batch also waited max_delay_ms"
     full.result(timeout=10)
-    t0 = time.monotonic()
-    # An idle server waits for company: this request goes over one of the two connections
-    # that sent above, and the other may send again.
-    client.submit(np.ones((1, 4), np.float32)).result(timeout=10)
-    assert time.monotonic() - t0 >= 1.4
-    client.close()
+    # An idle server waits for company when a connection that sent before may send again:
+    # here another thread's, kept open while it waits.
+    sent, hold = threading.Event(), threading.Event()
+
+    def other_thread() -> None:
+        client.predict(np.ones((1, 4), np.float32))
+        sent.set()
+        hold.wait(30)
+
+    thread = threading.Thread(target=other_thread)
+    thread.start()
+    try:
+        assert sent.wait(10)
+        t0 = time.monotonic()
+        client.submit(np.ones((1, 4), np.float32)).result(timeout=10)
+        assert time.monotonic() - t0 >= 1.4
+    finally:
+        hold.set()
+        thread.join(10)
+        client.close()
 
 
 def test_the_delay_is_not_spent_waiting_for_requests_no_client_is_expected_to_send(kerasmp_inference_server):
@@ -140,8 +154,12 @@ def test_server_killed_mid_batch_fails_pending_and_later_calls_fast(no_leftovers
         with pytest.raises(ServerDiedError, match="is gone"):
             f.result(timeout=10)
     assert time.perf_counter() - t0 < 2.0
-    with pytest.raises(ServerDiedError, match="connecting failed"):
+    # "connecting failed", or, when the connection came in the instant before the dying
+    # process closed its listening socket, the end of that connection: gone either way.
+    t0 = time.perf_counter()
+    with pytest.raises(ServerDiedError, match="is gone"):
         server.predict(np.ones((1, 4), np.float32))
+    assert time.perf_counter() - t0 < 2.0
     client.close()
 
 

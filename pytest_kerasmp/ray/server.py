@@ -99,6 +99,11 @@ class RayInferenceClient(InferenceClient):
             self._direct = (os.getpid(), endpoint["machine"] == machine())
         return self._direct[1]
 
+    def _talks_directly(self) -> bool:
+        # Known already (a request by a thread found out): finding out calls Ray, which may
+        # wait, and submit does not wait.
+        return self._direct is not None and self._direct == (os.getpid(), True)
+
     def stats(self) -> dict[str, Any]:
         import ray
 

@@ -30,8 +30,9 @@ from pytest_kerasmp.errors import (
     ServerDiedError,
     unpack_exception,
 )
+from pytest_kerasmp.runtime.pipeline import Pipeline, answer_row_bytes
 from pytest_kerasmp.runtime.serving import InputSpec, input_problem
-from pytest_kerasmp.runtime.transport import Arena
+from pytest_kerasmp.runtime.transport import SHM_MIN_BYTES, Arena
 from pytest_kerasmp.runtime.wire import Answer, Busy, Closed, Failed, Predict, Stats, StatsRequest
 
 _ids = itertools.count()
@@ -89,14 +90,16 @@ class InferenceClient:
 
     def _setup(self) -> None:
         self._local = threading.local()
-        self._executor: ThreadPoolExecutor | None = None
+        self._executor: tuple[int, ThreadPoolExecutor] | None = None  # (pid, its threads)
         self._outstanding: set[Future[Any]] = set()
+        self._pipe: tuple[int, Pipeline] | None = None  # (pid, this process's pipeline)
+        self._answer_row_bytes: int | None = None
         self._lock = threading.Lock()
         _clients.setdefault(self.address, weakref.WeakSet()).add(self)
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
-        for key in ("_local", "_executor", "_outstanding", "_lock"):
+        for key in ("_local", "_executor", "_outstanding", "_pipe", "_answer_row_bytes", "_lock"):
             del state[key]
         return state
 
@@ -116,9 +119,14 @@ class InferenceClient:
         ``request_timeout_s``).
         """
         __tracebackhide__ = True
+        arrays, single = self._prepare(x)
+        return self._call(arrays, single, timeout)
+
+    def _call(self, arrays: list[Any], single: bool, timeout: float | None) -> Any:
+        """:meth:`predict` of arrays checked by :meth:`_prepare`, in this thread."""
+        __tracebackhide__ = True
         import numpy as np
 
-        arrays, single = self._prepare(x)
         if arrays[0].shape[0] == 0:
             empty = [np.empty((0, *shape), dtype) for shape, dtype in self.outputs]
             return empty[0] if len(empty) == 1 else empty
@@ -155,15 +163,16 @@ class InferenceClient:
         The input is copied at once, so the caller may reuse it; the server's ``close()``
         in this process waits for the requests handed over this way.
         """
-        import numpy as np
-
-        x = {k: np.array(v) for k, v in x.items()} if isinstance(x, dict) else (
-            [np.array(a) for a in x] if isinstance(x, (list, tuple)) else np.array(x)
-        )
+        timeout = self.request_timeout_s if timeout is None else timeout
+        try:
+            arrays, single = self._prepare(x)
+        except ValueError as exc:
+            failed: Future[Any] = Future()
+            failed.set_exception(exc)
+            return failed
+        # Large, or the server is not on this machine: predict in a thread, on a copy.
+        future = self._pipelined(arrays, single, timeout) or self._in_thread([a.copy() for a in arrays], single, timeout)
         with self._lock:
-            if self._executor is None:
-                self._executor = ThreadPoolExecutor(max_workers=8, thread_name_prefix="kerasmp-client")
-            future = self._executor.submit(self.predict, x, timeout=timeout)
             self._outstanding.add(future)
         future.add_done_callback(self._outstanding.discard)
         return future
@@ -177,14 +186,58 @@ class InferenceClient:
         return data
 
     def close(self) -> None:
-        """Close this thread's connection and the background threads (optional)."""
+        """Close this thread's connection and the background threads (optional), after the
+        requests handed to :meth:`submit` in this process are answered or timed out."""
         self._forget()
         with self._lock:
+            pipe, self._pipe = self._pipe, None
+        if pipe is not None and pipe[0] == os.getpid():
+            pipe[1].close()  # first: a request refused as busy meanwhile is retried by a thread
+        with self._lock:
             executor, self._executor = self._executor, None
-        if executor is not None:
-            executor.shutdown(wait=True)
+        if executor is not None and executor[0] == os.getpid():
+            executor[1].shutdown(wait=True)
 
     # ------------------------------------------------------------------------ private
+
+    def _in_thread(self, arrays: list[Any], single: bool, timeout: float) -> Future[Any]:
+        with self._lock:
+            if self._executor is None or self._executor[0] != os.getpid():  # none yet, or a forked copy's
+                self._executor = (os.getpid(), ThreadPoolExecutor(max_workers=8, thread_name_prefix="kerasmp-client"))
+            return self._executor[1].submit(self._call, arrays, single, timeout)
+
+    def _talks_directly(self) -> bool:
+        """Whether this process talks to the server's loop over its socket (a Ray client
+        elsewhere calls the actor instead)."""
+        return True
+
+    def _pipelined(self, arrays: list[Any], single: bool, timeout: float) -> Future[Any] | None:
+        """The request sent on this process's pipeline; None when it goes by the thread pool
+        (its arrays or its answer too large to travel inside a message, or 0 rows)."""
+        rows = arrays[0].shape[0]
+        if self._answer_row_bytes is None:
+            self._answer_row_bytes = answer_row_bytes(self.outputs)
+        answer = rows * self._answer_row_bytes  # the answer's size, 1 TB when unknown
+        if rows == 0 or answer >= SHM_MIN_BYTES or sum(a.nbytes for a in arrays) >= SHM_MIN_BYTES:
+            return None
+        if not self._talks_directly():
+            return None
+        req_id = next(_ids)
+        what = f"#{req_id} of process {os.getpid()}"
+        for _ in range(2):  # a pipeline that broke since the last request is replaced once
+            try:
+                with self._lock:
+                    pipe = self._pipe
+                    if pipe is None or pipe[0] != os.getpid() or pipe[1].broken:
+                        pipe = self._pipe = (os.getpid(), Pipeline(self, self._connect(what)))
+                return pipe[1].submit(req_id, arrays, single, timeout, what)
+            except (ServerClosedError, ServerDiedError) as exc:
+                future: Future[Any] = Future()
+                future.set_exception(exc)
+                return future
+            except ConnectionError:
+                continue
+        return None
 
     def _drain(self, deadline: float) -> None:
         """Wait (until ``deadline``) for the requests handed to :meth:`submit`."""
@@ -220,17 +273,20 @@ class InferenceClient:
             local.__dict__.clear()
             local.pid = os.getpid()
         if getattr(local, "conn", None) is None:
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            try:
-                sock.connect(self.socket_address)
-            except OSError as exc:
-                sock.close()
-                if self.address in _closed:
-                    raise ServerClosedError(self._message(SERVER_CLOSED, what)) from None
-                raise ServerDiedError(self._message(SERVER_DIED, what, f" (connecting failed: {exc.strerror})")) from None
-            local.conn = Connection(sock.detach())
+            local.conn = self._connect(what)
             local.outbox, local.inbox = Arena(), Arena()
         return local.conn, local.outbox, local.inbox
+
+    def _connect(self, what: str) -> Connection:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.connect(self.socket_address)
+        except OSError as exc:
+            sock.close()
+            if self.address in _closed:
+                raise ServerClosedError(self._message(SERVER_CLOSED, what)) from None
+            raise ServerDiedError(self._message(SERVER_DIED, what, f" (connecting failed: {exc.strerror})")) from None
+        return Connection(sock.detach())
 
     def _forget(self) -> None:
         local = self._local

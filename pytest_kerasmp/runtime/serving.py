@@ -4,7 +4,8 @@ Runs in a spawned child. It pins its slot, imports the framework under Keras, lo
 ModelRef, compiles one forward function with the framework's adapter (``frameworks``) with a
 ``None`` batch axis (one trace for every batch size: no padding and no retracing), then serves a Unix socket in the abstract namespace (no file to clean up).
 
-The messages are ``wire``'s (arrays always in the connection's arenas, see transport); every
+The messages are ``wire``'s (arrays in the connection's arenas, see transport, or inside
+the message for the small requests of ``client.submit``, see pipeline); every
 answer carries its request's id. The owner's control connection gets ``Ready`` (with the
 model's input and output specs, which the owner hands to its clients so that they check
 requests with :func:`input_problem` before sending; the server checks again) and sends
@@ -18,12 +19,15 @@ import collections
 import dataclasses
 import os
 import socket
+import struct
 import time
 import traceback
 from multiprocessing.connection import Connection, wait
 from typing import Any
 
 STATS_WINDOW = 100_000
+#: Seconds a client may stall the loop mid-message (a read or a send) before it is dropped.
+STALL_S = 10
 #: At most this many messages of one client are taken per look (the others' turn comes).
 DRAIN = 64
 
@@ -71,6 +75,8 @@ class _Request:
     arrived: float
     #: It waited for a running batch: due at once (max_delay is for a server that was idle).
     waited: bool = False
+    #: Its arrays came inside the message, and its answer goes back that way.
+    inline: bool = False
     outputs: list[Any] | None = None
     done_rows: int = 0
     failed: bool = False
@@ -107,6 +113,7 @@ class _Server:
         self.batch_ran = False  # since the last look for requests
         self.waiting = 0  # accepted requests not yet answered
         self.clients: dict[Any, _Client] = {}  # by connection
+        self.gone: list[_Client] = []  # found dead while answering: the loop drops them
         self.stats: dict[str, Any] = {"requests": 0, "batches": 0, "rows": 0, "errors": 0, "busy": 0}
         self.queue_wait: collections.deque[float] = collections.deque(maxlen=STATS_WINDOW)
         self.compute: collections.deque[float] = collections.deque(maxlen=STATS_WINDOW)
@@ -115,14 +122,16 @@ class _Server:
 
     def on_message(self, client: _Client, closing: bool, waited: bool = False) -> None:
         """Take one message of ``client``; ``waited``: it came while a batch ran."""
-        from pytest_kerasmp.runtime.wire import Busy, Closed, Predict, Stats, StatsRequest
+        from pytest_kerasmp.runtime.pipeline import unpack
+        from pytest_kerasmp.runtime.wire import Busy, Closed, Predict, PredictInline, Stats, StatsRequest
 
         msg = client.conn.recv()
         if isinstance(msg, StatsRequest):
             self.reply(client, Stats(msg.id, self.snapshot()))
             return
-        assert isinstance(msg, Predict), f"unexpected message {type(msg).__name__}"
-        if msg.grew:
+        inline = isinstance(msg, PredictInline)
+        assert inline or isinstance(msg, Predict), f"unexpected message {type(msg).__name__}"
+        if not inline and msg.grew:
             client.inbox.receive(client.conn)
         if closing:
             self.reply(client, Closed(msg.id))
@@ -131,16 +140,19 @@ class _Server:
             self.stats["busy"] += 1
             self.reply(client, Busy(msg.id))
             return
-        views = client.inbox.views([(offset, size) for offset, size, _, _ in msg.specs])
-        arrays = [
-            self.np.ndarray(shape, dtype, buffer=view)
-            for view, (_, _, shape, dtype) in zip(views, msg.specs, strict=True)
-        ]
+        if inline:
+            arrays = unpack(msg.arrays)
+        else:
+            views = client.inbox.views([(offset, size) for offset, size, _, _ in msg.specs])
+            arrays = [
+                self.np.ndarray(shape, dtype, buffer=view)
+                for view, (_, _, shape, dtype) in zip(views, msg.specs, strict=True)
+            ]
         problem = input_problem(arrays, self.inputs, f"request {msg.id}")
         if problem is not None:
             self.fail_one(client, msg.id, ValueError(problem))
             return
-        req = _Request(msg.id, client, arrays, arrays[0].shape[0], time.perf_counter(), waited)
+        req = _Request(msg.id, client, arrays, arrays[0].shape[0], time.perf_counter(), waited, inline)
         self.waiting += 1
         client.open += 1
         client.window = max(client.window, client.open)
@@ -229,11 +241,15 @@ class _Server:
                 self.answer(req)
 
     def answer(self, req: _Request) -> None:
-        from pytest_kerasmp.runtime.wire import Answer
+        from pytest_kerasmp.runtime.pipeline import pack
+        from pytest_kerasmp.runtime.wire import Answer, AnswerInline
 
         client = req.client
         assert req.outputs is not None
         req.inputs = []  # the client may reuse its arena once answered
+        if req.inline:
+            self.reply(client, AnswerInline(req.id, pack(req.outputs)))
+            return
         try:
             layout = client.outbox.write(req.outputs)
         except OSError as exc:
@@ -246,6 +262,7 @@ class _Server:
                 client.outbox.hand_over(client.conn)
             except OSError:
                 client.alive = False
+                self.gone.append(client)
 
     def fail_one(self, client: _Client, req_id: int, exc: BaseException) -> None:
         from pytest_kerasmp.errors import pack_exception
@@ -259,8 +276,9 @@ class _Server:
             return
         try:
             client.conn.send(msg)
-        except OSError:  # the client died: its answers go nowhere, the others are unaffected
+        except OSError:  # the client died or stalled: its answers go nowhere, the others are unaffected
             client.alive = False
+            self.gone.append(client)
 
     def snapshot(self) -> dict[str, Any]:
         np = self.np
@@ -338,6 +356,12 @@ def serve(server: _Server, control: Connection, listener: socket.socket | None) 
                 except BlockingIOError:
                     break
                 sock.setblocking(True)
+                # Reads start when a message is there and sends fit unless the client stopped
+                # reading: a client stalled mid-message, or leaving its answers unread, for
+                # STALL_S is dropped (an OSError below) instead of stalling every other client.
+                stall = struct.pack("ll", STALL_S, 0)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, stall)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, stall)
                 conn = Connection(sock.detach())
                 clients[conn] = _Client(conn, Arena(), Arena())
                 if conn.poll(0):
@@ -366,6 +390,10 @@ def serve(server: _Server, control: Connection, listener: socket.socket | None) 
                     _drop(client, server)
         if server.due(closing) == 0.0:
             server.run_batch()
+        while server.gone:
+            client = server.gone.pop()
+            if clients.pop(client.conn, None) is not None:
+                _drop(client, server)
     for client in clients.values():
         _drop(client, server)
 

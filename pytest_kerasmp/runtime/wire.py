@@ -93,6 +93,21 @@ class Answer(NamedTuple):
     grew: bool
 
 
+class PredictInline(NamedTuple):
+    """Rows to predict, the arrays inside the message as (bytes, shape, dtype) (small requests
+    of ``client.submit``, several in flight on one connection: see ``runtime.pipeline``)."""
+
+    id: int
+    arrays: list[tuple[bytes, tuple[int, ...], str]]
+
+
+class AnswerInline(NamedTuple):
+    """The rows of request ``id`` of a :class:`PredictInline`, inside the message, packed alike."""
+
+    id: int
+    arrays: list[tuple[bytes, tuple[int, ...], str]]
+
+
 class Busy(NamedTuple):
     """The server's queue is full; retry later."""
 
