@@ -280,7 +280,7 @@ def test_served_throughput_vs_in_process_full_batches(kerasmp_speedup, benchmark
 def test_served_vs_per_sample_predict(kerasmp_speedup, served, clients, model_name):
     setup = served[model_name]
     model, server = setup["model"], setup["server"]
-    xs, raw = setup["xs"][:32], setup["raw"][:32]  # per-sample predict costs tens of ms a call
+    xs, raw = setup["xs"][:24], setup["raw"][:24]  # per-sample predict costs tens of ms a call
 
     def per_sample_predict() -> np.ndarray:
         return np.concatenate([model.predict(x[None], verbose=0) for x in xs])
