@@ -296,6 +296,10 @@ class InferenceClient:
                 obj.close()
             setattr(local, key, None)
 
+    def _closed_by_owner(self) -> bool:
+        """Whether this process closed the server on purpose (its errors say so)."""
+        return self.address in _closed
+
     def _message(self, template: str, what: str, how: str = "") -> str:
         return template.format(name=self.name, pid=self.pid, slot=self.slot, how=how, what=what)
 

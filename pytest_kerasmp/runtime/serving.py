@@ -122,8 +122,7 @@ class _Server:
 
     def on_message(self, client: _Client, closing: bool, waited: bool = False) -> None:
         """Take one message of ``client``; ``waited``: it came while a batch ran."""
-        from pytest_kerasmp.runtime.pipeline import unpack
-        from pytest_kerasmp.runtime.wire import Busy, Closed, Predict, PredictInline, Stats, StatsRequest
+        from pytest_kerasmp.runtime.wire import Busy, Closed, Predict, PredictInline, Stats, StatsRequest, unpack
 
         msg = client.conn.recv()
         if isinstance(msg, StatsRequest):
@@ -241,8 +240,7 @@ class _Server:
                 self.answer(req)
 
     def answer(self, req: _Request) -> None:
-        from pytest_kerasmp.runtime.pipeline import pack
-        from pytest_kerasmp.runtime.wire import Answer, AnswerInline
+        from pytest_kerasmp.runtime.wire import Answer, AnswerInline, pack
 
         client = req.client
         assert req.outputs is not None

