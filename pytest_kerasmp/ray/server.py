@@ -102,7 +102,7 @@ class RayInferenceClient(InferenceClient):
     def _talks_directly(self) -> bool:
         # Known already (a request by a thread found out): finding out calls Ray, which may
         # wait, and submit does not wait.
-        return self._direct is not None and self._direct == (os.getpid(), True)
+        return self._direct == (os.getpid(), True)
 
     def stats(self) -> dict[str, Any]:
         import ray

@@ -32,7 +32,8 @@ from pytest_kerasmp.errors import (
 )
 from pytest_kerasmp.runtime.pipeline import Pipeline, answer_row_bytes
 from pytest_kerasmp.runtime.serving import InputSpec, input_problem
-from pytest_kerasmp.runtime.transport import SHM_MIN_BYTES, Arena
+from pytest_kerasmp.runtime.transport import SHM_MIN_BYTES, Arena, bound_blocking
+from pytest_kerasmp.runtime.watcher import readable
 from pytest_kerasmp.runtime.wire import Answer, Busy, Closed, Failed, Predict, Stats, StatsRequest
 
 _ids = itertools.count()
@@ -93,7 +94,7 @@ class InferenceClient:
         self._executor: tuple[int, ThreadPoolExecutor] | None = None  # (pid, its threads)
         self._outstanding: set[Future[Any]] = set()
         self._pipe: tuple[int, Pipeline] | None = None  # (pid, this process's pipeline)
-        self._answer_row_bytes: int | None = None
+        self._answer_row_bytes = answer_row_bytes(self.outputs)  # inside a message if small enough
         self._lock = threading.Lock()
         _clients.setdefault(self.address, weakref.WeakSet()).add(self)
 
@@ -152,7 +153,15 @@ class InferenceClient:
             raise unpack_exception(msg.exc, msg.text)
         if isinstance(msg, Closed):
             raise ServerClosedError(self._message(SERVER_CLOSED, what))
-        results = [np.frombuffer(b, dtype).reshape(shape) for b, (_, _, shape, dtype) in zip(outputs, msg.specs, strict=True)]
+        return self._as_returned(
+            [np.frombuffer(b, dtype).reshape(shape) for b, (_, _, shape, dtype) in zip(outputs, msg.specs, strict=True)],
+            single,
+        )
+
+    @staticmethod
+    def _as_returned(results: list[Any], single: bool) -> Any:
+        """The model's outputs as :meth:`predict` returns them: without the batch axis for one
+        sample, an array for a single output (else a list)."""
         if single:
             results = [r[0] for r in results]
         return results[0] if len(results) == 1 else results
@@ -215,8 +224,6 @@ class InferenceClient:
         """The request sent on this process's pipeline; None when it goes by the thread pool
         (its arrays or its answer too large to travel inside a message, or 0 rows)."""
         rows = arrays[0].shape[0]
-        if self._answer_row_bytes is None:
-            self._answer_row_bytes = answer_row_bytes(self.outputs)
         answer = rows * self._answer_row_bytes  # the answer's size, 1 TB when unknown
         if rows == 0 or answer >= SHM_MIN_BYTES or sum(a.nbytes for a in arrays) >= SHM_MIN_BYTES:
             return None
@@ -229,7 +236,8 @@ class InferenceClient:
                 with self._lock:
                     pipe = self._pipe
                     if pipe is None or pipe[0] != os.getpid() or pipe[1].broken:
-                        pipe = self._pipe = (os.getpid(), Pipeline(self, self._connect(what)))
+                        # a send waits for room at most one request timeout; then the pipeline breaks
+                        pipe = self._pipe = (os.getpid(), Pipeline(self, self._connect(what, send_s=self.request_timeout_s)))
                 return pipe[1].submit(req_id, arrays, single, timeout, what)
             except (ServerClosedError, ServerDiedError) as exc:
                 future: Future[Any] = Future()
@@ -277,9 +285,10 @@ class InferenceClient:
             local.outbox, local.inbox = Arena(), Arena()
         return local.conn, local.outbox, local.inbox
 
-    def _connect(self, what: str) -> Connection:
+    def _connect(self, what: str, send_s: float | None = None) -> Connection:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
+            bound_blocking(sock, send_s=send_s)
             sock.connect(self.socket_address)
         except OSError as exc:
             sock.close()
@@ -329,7 +338,7 @@ class InferenceClient:
         conn.send(msg)
         if outbox is not None:
             outbox.hand_over(conn)
-        while conn.poll(max(0.0, deadline - time.monotonic())):
+        while readable(conn.fileno(), max(0.0, deadline - time.monotonic())):
             reply = conn.recv()
             if isinstance(reply, Answer) and reply.grew:
                 inbox.receive(conn)

@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
-import struct
 import threading
 import time
 from concurrent.futures import Future, InvalidStateError
@@ -35,6 +34,7 @@ from pytest_kerasmp.errors import (
     ServerDiedError,
     unpack_exception,
 )
+from pytest_kerasmp.runtime.watcher import readable
 from pytest_kerasmp.runtime.wire import AnswerInline, Busy, Closed, Failed, PredictInline, pack, unpack
 
 if TYPE_CHECKING:
@@ -82,10 +82,6 @@ class Pipeline:
         self.pending: dict[int, _Entry] = {}
         self.reader: threading.Thread | None = None
         self.broken = False
-        # A send waits for room at most one request timeout; then the connection is dropped.
-        timeout = struct.pack("ll", int(client.request_timeout_s), int(client.request_timeout_s % 1 * 1e6))
-        with socket.socket(fileno=os.dup(conn.fileno())) as sock:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeout)
 
     def submit(self, req_id: int, arrays: list[Any], single: bool, timeout: float, what: str) -> Future[Any]:
         """Send the request now; its Future is completed by the reader thread."""
@@ -150,7 +146,7 @@ class Pipeline:
                 else:
                     wait_s = LINGER_S - (now - idle_since)
             try:
-                while conn.poll(max(0.0, wait_s)):
+                while readable(conn.fileno(), max(0.0, wait_s)):
                     self._settle(conn.recv())
                     wait_s = 0.0  # every answer already here, then look at the deadlines again
             except (EOFError, OSError) as exc:
@@ -165,9 +161,7 @@ class Pipeline:
             return
         client = self.client
         if isinstance(msg, AnswerInline):
-            results = unpack(msg.arrays, writable=True)
-            results = [r[0] for r in results] if entry.single else results
-            _complete(entry.future, results[0] if len(results) == 1 else results)
+            _complete(entry.future, client._as_returned(unpack(msg.arrays, writable=True), entry.single))
         elif isinstance(msg, Failed):
             _fail(entry.future, unpack_exception(msg.exc, msg.text))
         elif isinstance(msg, Closed):

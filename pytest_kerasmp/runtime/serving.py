@@ -19,7 +19,6 @@ import collections
 import dataclasses
 import os
 import socket
-import struct
 import time
 import traceback
 from multiprocessing.connection import Connection, wait
@@ -113,7 +112,6 @@ class _Server:
         self.batch_ran = False  # since the last look for requests
         self.waiting = 0  # accepted requests not yet answered
         self.clients: dict[Any, _Client] = {}  # by connection
-        self.gone: list[_Client] = []  # found dead while answering: the loop drops them
         self.stats: dict[str, Any] = {"requests": 0, "batches": 0, "rows": 0, "errors": 0, "busy": 0}
         self.queue_wait: collections.deque[float] = collections.deque(maxlen=STATS_WINDOW)
         self.compute: collections.deque[float] = collections.deque(maxlen=STATS_WINDOW)
@@ -260,7 +258,6 @@ class _Server:
                 client.outbox.hand_over(client.conn)
             except OSError:
                 client.alive = False
-                self.gone.append(client)
 
     def fail_one(self, client: _Client, req_id: int, exc: BaseException) -> None:
         from pytest_kerasmp.errors import pack_exception
@@ -276,7 +273,6 @@ class _Server:
             client.conn.send(msg)
         except OSError:  # the client died or stalled: its answers go nowhere, the others are unaffected
             client.alive = False
-            self.gone.append(client)
 
     def snapshot(self) -> dict[str, Any]:
         np = self.np
@@ -324,7 +320,8 @@ def listen(address: bytes) -> socket.socket:
 def serve(server: _Server, control: Connection, listener: socket.socket | None) -> None:
     """The server's loop: take connections and requests, run batches when due, answer; after
     ``control`` says stop (or closes), answer what was accepted and return."""
-    from pytest_kerasmp.runtime.transport import Arena
+    from pytest_kerasmp.runtime.transport import Arena, bound_blocking
+    from pytest_kerasmp.runtime.watcher import readable
 
     clients = server.clients
     closing = False
@@ -357,9 +354,7 @@ def serve(server: _Server, control: Connection, listener: socket.socket | None) 
                 # Reads start when a message is there and sends fit unless the client stopped
                 # reading: a client stalled mid-message, or leaving its answers unread, for
                 # STALL_S is dropped (an OSError below) instead of stalling every other client.
-                stall = struct.pack("ll", STALL_S, 0)
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, stall)
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, stall)
+                bound_blocking(sock, recv_s=STALL_S, send_s=STALL_S)
                 conn = Connection(sock.detach())
                 clients[conn] = _Client(conn, Arena(), Arena())
                 if conn.poll(0):
@@ -379,7 +374,7 @@ def serve(server: _Server, control: Connection, listener: socket.socket | None) 
                 try:
                     for _ in range(DRAIN):  # every request it has sent so far, not one per look
                         server.on_message(client, closing, waited)
-                        if not client.alive or not client.conn.poll(0):
+                        if not client.alive or not readable(client.conn.fileno(), 0):
                             break
                 except (EOFError, OSError):
                     client.alive = False
@@ -388,10 +383,9 @@ def serve(server: _Server, control: Connection, listener: socket.socket | None) 
                     _drop(client, server)
         if server.due(closing) == 0.0:
             server.run_batch()
-        while server.gone:
-            client = server.gone.pop()
-            if clients.pop(client.conn, None) is not None:
-                _drop(client, server)
+        for client in [c for c in clients.values() if not c.alive]:  # found gone while answering
+            del clients[client.conn]
+            _drop(client, server)
     for client in clients.values():
         _drop(client, server)
 

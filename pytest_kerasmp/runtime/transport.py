@@ -45,6 +45,17 @@ NOT_IMPORTABLE = (
 Payload = tuple[bytes, list[Any]]
 
 
+def bound_blocking(sock: Any, *, recv_s: float | None = None, send_s: float | None = None) -> None:
+    """Bound ``sock``'s blocking reads and sends (``SO_RCVTIMEO``/``SO_SNDTIMEO``): past the
+    bound a read or send raises ``BlockingIOError`` instead of waiting on."""
+    import socket
+    import struct
+
+    for option, seconds in ((socket.SO_RCVTIMEO, recv_s), (socket.SO_SNDTIMEO, send_s)):
+        if seconds is not None:
+            sock.setsockopt(socket.SOL_SOCKET, option, struct.pack("ll", int(seconds), int(seconds % 1 * 1e6)))
+
+
 def new_memfd(name: str, size: int) -> int:
     """A new anonymous shared-memory file of ``size`` bytes (closed on exec); its descriptor."""
     fd = os.memfd_create(name, os.MFD_CLOEXEC)
