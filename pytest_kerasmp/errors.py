@@ -346,6 +346,33 @@ CLUSTER_NO_PORT = (
     "no free port for cluster {cluster!r} in {low}-{high} on 127.0.0.1 after {tries} tries; "
     "free some ports there, or give ports=[...]"
 )
+CLUSTER_NO_PRIVATE_NETWORK = (
+    "the kernel refused the private network its tasks need ({reason}), and "
+    "--kerasmp-private-network=require is set: TensorFlow's gRPC server would "
+    "listen on every interface; allow unprivileged user namespaces (sysctl "
+    "kernel.unprivileged_userns_clone=1, or the container's seccomp/AppArmor profile), or "
+    "set it to auto to start exposed with a warning"
+)
+
+# ------------------------------------------------------------------------- network audit
+NETWORK_EXPOSED = (
+    "it listens on {listeners}, reachable from the network ({why}), and "
+    "--kerasmp-private-network=require is set"
+)
+NETWORK_REQUIRE_ADVICE = (
+    "bind what it serves to 127.0.0.1, or set --kerasmp-private-network=auto to allow it with a warning"
+)
+NETWORK_WHY_CODE = "bound to a non-loopback address by the code it runs"
+NETWORK_WHY_NO_NAMESPACE = "no private network: {reason}"
+NETWORK_SUMMARY = (
+    "reachable from the network: {listeners}; what listens there runs whatever reaches it "
+    "(docs/guide/clusters.md); --kerasmp-private-network=require makes this an error"
+)
+NETWORK_REQUIRE_FAILED = (
+    "--kerasmp-private-network=require is set and {count} reachable from the network during "
+    "the session: {listeners}; bind them to 127.0.0.1 or run clusters where the kernel allows "
+    "user namespaces"
+)
 CLUSTER_CLOSED = "cluster {cluster!r} is closed; {what} was refused; make a new TFCluster"
 CLUSTER_BUSY = (
     "cluster {cluster!r} is already running run({running}) in another thread; run() calls of "

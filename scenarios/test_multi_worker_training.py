@@ -19,7 +19,8 @@ by more than 1e-3 within a few steps, and the test also checks that training mov
 weights by far more than ``ATOL``, so the comparison cannot pass by training nothing.
 Measured: serial vs 2 workers for the same number of steps on the same global batch, for a
 small model (communication-bound: the all-reduce costs more than the half batch saves) and a
-larger one (compute-bound); and the cluster's start vs one ``import tensorflow``.
+larger one (compute-bound); the cluster's start vs one ``import tensorflow``; and the start in
+a private network (a namespace with only loopback, the default) vs on this machine's network.
 Known hazards: (1) Keras 3 ``model.fit`` under this strategy fails with ``ValueError: Attempt
 to convert a value (PerReplica:...)`` (TensorFlow 2.21, Keras 3.15): shown as a strict xfail
 below, so the day it works the suite says so; use the custom loop. (2) Without slots every
@@ -199,6 +200,25 @@ def test_cluster_start_vs_one_tensorflow_import(kerasmp_speedup, kerasmp_slots):
             assert all(c.pids())
 
     kerasmp_speedup(import_tensorflow_in_a_new_process, start_cluster, workers=2, rounds=3, variant="start", kind="overhead", warmup=False)
+
+
+def test_cluster_start_in_a_private_network_vs_on_the_host(kerasmp_speedup, kerasmp_slots):
+    """What the private network costs a start: the tasks in a namespace with only loopback
+    (the default where the kernel allows it) against the same tasks on this machine's network."""
+    if len(kerasmp_slots) < 2:
+        pytest.skip("needs 2 or more slots: run with --kerasmp-gpus=2")
+    from pytest_kerasmp.runtime import netns
+
+    if netns.refused() is not None:
+        pytest.skip(f"the kernel refuses a private network here: {netns.refused()}")
+
+    def start(private_network: str) -> None:
+        with TFCluster(2, slots=kerasmp_slots, name="start", private_network=private_network) as c:
+            assert all(c.pids())
+            assert (c.network is not None) == (private_network == "auto"), netns.refused()
+
+    kerasmp_speedup(lambda: start("off"), lambda: start("auto"), workers=2, rounds=3, variant="start-private-network",
+                    kind="overhead", warmup=False)
 
 
 @pytest.mark.xfail(strict=True, raises=ClusterTaskError, reason=f"Keras 3 model.fit under MultiWorkerMirroredStrategy fails: {UPSTREAM}")

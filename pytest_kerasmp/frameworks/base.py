@@ -128,6 +128,10 @@ class Framework:
         kind = getattr(sys.modules.get(self.module), attribute, None)
         return label if isinstance(kind, type) and isinstance(obj, kind) else None
 
+    #: Whether a cluster task's own server listens on every interface whatever address it is
+    #: told (TensorFlow's gRPC server): its tasks then run in a private network (``netns``).
+    cluster_listens_everywhere = False
+
     def cluster_environ(self, spec: dict[str, list[str]], task_type: str, index: int) -> dict[str, str]:
         """The environment of task ``(task_type, index)`` of a local cluster ``spec``."""
         raise NotImplementedError(f"{self.name}: no multi-process cluster")

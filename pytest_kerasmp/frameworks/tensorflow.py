@@ -25,6 +25,8 @@ class Adapter(Framework):
     chatter = re.compile(r"^(WARNING: All log messages before absl::InitializeLog\(\)|I\d{4} [\d:.]+ )")
     #: Its failed probe for CUDA: chatter on a CPU slot, which hides every GPU on purpose.
     cpu_chatter = re.compile(r"^E\d{4} .*failed call to cuInit")
+    #: Its gRPC server binds every interface whatever TF_CONFIG says (tensorflow#2925, #11689).
+    cluster_listens_everywhere = True
 
     def environ(self, slot: SlotLike, growth: bool) -> dict[str, str]:
         if slot.kind == "GPU":

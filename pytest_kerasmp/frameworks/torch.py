@@ -20,6 +20,8 @@ from pytest_kerasmp.frameworks.jax import ranks
 
 #: Keeps ``torch.cuda.is_available()`` from initialising CUDA (it asks NVML instead).
 NVML_CHECK = {"PYTORCH_NVML_BASED_CUDA_CHECK": "1"}
+#: Bound on the rendezvous (a task waiting for task 0's store); the cluster's run bound ends it sooner.
+STORE_TIMEOUT_S = 300
 
 
 class Adapter(Framework):
@@ -104,12 +106,34 @@ class Adapter(Framework):
         return {
             "MASTER_ADDR": host, "MASTER_PORT": port, "RANK": str(rank),
             "WORLD_SIZE": str(len(addresses)), "LOCAL_RANK": str(rank),
+            # Collectives' sockets on loopback too (gloo on CPU, NCCL's bootstrap on GPU).
+            "GLOO_SOCKET_IFNAME": "lo", "NCCL_SOCKET_IFNAME": "lo",
         }
 
     def init_distributed(self) -> None:
-        """``torch.distributed`` over gloo on a CPU slot, NCCL on a GPU slot."""
+        """``torch.distributed`` over gloo on a CPU slot, NCCL on a GPU slot, its rendezvous
+        on loopback only: ``env://`` would make task 0's ``TCPStore`` listen on every
+        interface whatever ``MASTER_ADDR`` says, so task 0 binds the store's socket to
+        ``MASTER_ADDR`` itself and hands it over (``master_listen_fd``)."""
+        import datetime
+        import os
+        import socket
+
         import torch
         import torch.distributed as dist
 
-        if not dist.is_initialized():
-            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        if dist.is_initialized():
+            return
+        host, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        timeout = datetime.timedelta(seconds=STORE_TIMEOUT_S)
+        if rank == 0:
+            listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            listener.bind((host, port))
+            listener.listen(world)
+            store = dist.TCPStore(  # type: ignore[attr-defined]
+                host, port, world, True, timeout, wait_for_workers=False, master_listen_fd=listener.detach(), use_libuv=True)
+        else:
+            store = dist.TCPStore(host, port, world, False, timeout)  # type: ignore[attr-defined]
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", store=store, rank=rank, world_size=world)

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from pytest_kerasmp.errors import KerasMPError, KerasMPWarning
+from pytest_kerasmp.errors import NETWORK_REQUIRE_FAILED, NETWORK_SUMMARY, KerasMPError, KerasMPWarning
 from pytest_kerasmp.measure.comparison import Comparison
 from pytest_kerasmp.plugin import config as cfg
 from pytest_kerasmp.plugin import markers, speedgate
@@ -49,6 +49,7 @@ from pytest_kerasmp.slots.devices import (
 from pytest_kerasmp.slots.pinning import pin_process
 
 SESSION_DIR_KEY = pytest.StashKey[str]()
+NETWORK_ENV_BEFORE_KEY = pytest.StashKey[str | None]()
 PLACEMENT_KEY = pytest.StashKey[list[dict[str, Any]]]()
 CALL_WINDOW_KEY = pytest.StashKey[tuple[float, float]]()
 
@@ -75,6 +76,10 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         "machine); the kerasmp_scale fixture. Default: 1",
     )
     group.addoption(cfg.BACKEND_OPTION, dest="kerasmp_keras_backend", metavar="NAME", help=cfg.BACKEND_HELP)
+    group.addoption(
+        cfg.PRIVATE_NETWORK_OPTION, dest="kerasmp_private_network", metavar="auto|require|off", help=cfg.PRIVATE_NETWORK_HELP
+    )
+    parser.addini(cfg.PRIVATE_NETWORK_INI, cfg.PRIVATE_NETWORK_HELP, type="string", default="")
     parser.addini(cfg.BACKEND_INI, cfg.BACKEND_HELP, type="string", default="")
     parser.addini(cfg.GPUS_INI, cfg.GPUS_HELP, type="string", default="")
     parser.addini(cfg.MEMORY_INI, cfg.MEMORY_HELP, type="string", default="")
@@ -139,6 +144,7 @@ def pytest_load_initial_conftests(early_config: pytest.Config) -> None:
         vars(early_config.known_args_namespace), os.environ, early_config.getini
     )
     early_config.stash[cfg.SETTINGS_KEY] = settings
+    early_config.stash[NETWORK_ENV_BEFORE_KEY] = cfg.export_private_network(settings)
     cfg.apply_backend(settings)  # before any conftest imports keras, and before pinning
     speedgate.export_seed(early_config)  # before pinning: pin_process seeds from it
     if not settings.requested:
@@ -266,6 +272,8 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         return  # the controller gates and reports what its workers measured
     records = placement.read() if config.stash.get(SESSION_DIR_KEY, None) else []
     config.stash[PLACEMENT_KEY] = records
+    if placement.exposures(records) and cfg.session_settings(config).private_network == "require":
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED  # said in the terminal summary
     speedgate.finish(
         session, cfg.session_plan(config).slots, _xdist_workers(config),
         record_extra={"placement": placement.to_json(records)} if records else None,
@@ -293,6 +301,12 @@ def pytest_unconfigure(config: pytest.Config) -> None:
     if not hasattr(config, "workerinput"):
         speedgate.last_line(config)  # after pytest's "N passed" line: the run's last word
     speedgate.unexport_seed()
+    if NETWORK_ENV_BEFORE_KEY in config.stash:
+        before = config.stash[NETWORK_ENV_BEFORE_KEY]
+        if before is None:
+            os.environ.pop(cfg.PRIVATE_NETWORK_ENV, None)
+        else:
+            os.environ[cfg.PRIVATE_NETWORK_ENV] = before
 
 
 def describe_plan(settings: cfg.Settings, plan: cfg.SessionPlan, workers: int = 0) -> str:
@@ -378,6 +392,14 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, config: p
         crowded = placement.oversubscription(plan.slots, _xdist_workers(config)) if plan else None
         if crowded:
             terminalreporter.write_line(f"kerasmp: OVERSUBSCRIBED: {crowded}", yellow=True)
+        exposed = placement.exposures(records)
+        if exposed and cfg.session_settings(config).private_network == "require":
+            count = sum(1 for r in records if r.get("exposed"))
+            who = f"{count} process{'es' if count > 1 else ''} listened"
+            text = NETWORK_REQUIRE_FAILED.format(count=who, listeners="; ".join(exposed))
+            terminalreporter.write_line(f"kerasmp: {text}", red=True)
+        elif exposed:
+            terminalreporter.write_line("kerasmp: " + NETWORK_SUMMARY.format(listeners="; ".join(exposed)), yellow=True)
         shared = sorted({name for r in records if r.get("competed_with") for name in [placement.name_of(r)]})
         if shared:
             text = placement.SHARED_ACROSS_WORKERS.format(who=", ".join(shared))

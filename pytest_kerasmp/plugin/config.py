@@ -12,6 +12,7 @@ from typing import Any, Literal
 import pytest
 
 from pytest_kerasmp.ray.connect import CONNECT_TIMEOUT_S
+from pytest_kerasmp.slots import network
 from pytest_kerasmp.slots.devices import DeviceSlot, detect_gpus, parse_slot_count, plan_slots, plural
 from pytest_kerasmp.slots.placement import part_of
 
@@ -96,6 +97,21 @@ REQUIRE_HELP = (
     f"(for GPU CI). Also ini {REQUIRE_INI}, env {REQUIRE_ENV}=1. Default: off"
 )
 
+PRIVATE_NETWORK_OPTION, PRIVATE_NETWORK_INI, PRIVATE_NETWORK_ENV = (
+    "--kerasmp-private-network",
+    "kerasmp_private_network",
+    network.MODE_ENV,
+)
+PRIVATE_NETWORK_HELP = (
+    "Clusters whose framework listens on every interface (TensorFlow's gRPC server) run their "
+    "tasks in a network namespace with only loopback: 'auto' uses one where the kernel allows "
+    "it and otherwise starts them exposed, named in the placement table and the session's last "
+    "lines; 'require' makes that, and any process of the plugin listening where the network "
+    "reaches it, an error; 'off' never uses one. "
+    f"Also ini {PRIVATE_NETWORK_INI}, env {PRIVATE_NETWORK_ENV}. Default: auto"
+)
+PRIVATE_NETWORK_VALID = "use auto, require or off"
+
 BAD_VALUE = "{name}={value!r} (from {source}) is invalid: {valid}"
 GPUS_VALID = "use a positive integer, 'auto', or 'off' (also 0)"
 GPUS_OFF = ("off", "none", "0")
@@ -127,6 +143,8 @@ class Settings:
     ray_timeout_source: str = "the default"
     keras_backend: str = "tensorflow"
     keras_backend_source: str = "the default"
+    private_network: str = "auto"
+    private_network_source: str = "the default"
 
     def command_line(self) -> str:
         """The options that reproduce this plan, each with where it came from."""
@@ -214,10 +232,27 @@ def resolve_settings(
         if not 0 < ray_timeout < float("inf"):
             raise _fail(RAY_TIMEOUT_OPTION, value, ray_timeout_source, RAY_TIMEOUT_VALID)
     backend, backend_source = resolve_backend(cli, env, ini)
+    private, private_source = "auto", "the default"
+    picked = _pick(cli.get("kerasmp_private_network"), env, PRIVATE_NETWORK_ENV, ini(PRIVATE_NETWORK_INI), PRIVATE_NETWORK_INI)
+    if picked is not None:
+        private, private_source = str(picked[0]).strip().lower(), picked[1]
+        if private not in network.MODES:
+            raise _fail(PRIVATE_NETWORK_OPTION, picked[0], private_source, PRIVATE_NETWORK_VALID)
     return Settings(
         gpus, gpus_source, requested, memory, require, memory_source, require_source, ray_timeout, ray_timeout_source,
-        backend, backend_source,
+        backend, backend_source, private, private_source,
     )
+
+
+def export_private_network(settings: Settings) -> str | None:
+    """Tell every process of the session (xdist workers, clusters) the private-network mode
+    chosen on the command line or in the ini file; returns the value to restore."""
+    import os
+
+    before = os.environ.get(PRIVATE_NETWORK_ENV)
+    if settings.private_network_source != "the default":
+        os.environ[PRIVATE_NETWORK_ENV] = settings.private_network
+    return before
 
 
 def resolve_backend(cli: Mapping[str, Any], env: Mapping[str, str], ini: Callable[[str], Any]) -> tuple[str, str]:

@@ -85,6 +85,10 @@ def start(slot_json: dict[str, Any], warm_import: bool, role: str, label: str) -
             from pytest_kerasmp import frameworks
 
             frameworks.active().warm_import()
+        from pytest_kerasmp.slots import network
+
+        # Ray's own worker server listens on the node's address: the placement table shows it.
+        placement.record_network(os.getpid(), network.audit(os.getpid()), "Ray's worker server, on the node's address")
     except BaseException:
         return slot, traceback.format_exc()
     return slot, None

@@ -2,7 +2,7 @@
 
 Import-light on purpose: before the process is pinned it imports only the standard library
 and ``devices``/``pinning``/``errors`` of this package (never pytest, never TensorFlow).
-In order, a child: leads a process group of its own (what its tasks start ends with it),
+In order, a child: joins its cluster's private network if it has one, leads a process group of its own (what its tasks start ends with it),
 leaves Ctrl-C to its owner, exits when its owner is gone, names itself, registers
 faulthandler (SIGUSR1 dumps every thread's stack to the stack pipe; a native crash prints
 one), applies its environment, pins itself to its slot, imports the owner's ``__main__``
@@ -105,6 +105,10 @@ def _prepare(boot: dict[str, Any], stack_fd: int) -> None:
     global _stack_file
     import faulthandler
 
+    if boot.get("netns"):  # first: setns wants one thread, and nothing may listen before it
+        from pytest_kerasmp.runtime.netns import join
+
+        join(boot["netns"])
     if os.getpgrp() != os.getpid():
         os.setpgid(0, 0)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the owner decides what Ctrl-C ends

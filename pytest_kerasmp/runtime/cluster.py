@@ -17,6 +17,7 @@ import json
 import os
 import threading
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_EXCEPTION, Future
 from concurrent.futures import wait as wait_futures
@@ -28,25 +29,31 @@ from pytest_kerasmp.errors import (
     CLUSTER_CLOSED,
     CLUSTER_DIED_IDLE,
     CLUSTER_NO_PORT,
+    CLUSTER_NO_PRIVATE_NETWORK,
     CLUSTER_NOT_ENOUGH_SLOTS,
     CLUSTER_PORT_LOST,
     CLUSTER_PORT_TAKEN,
     CLUSTER_START_FAILED,
     CLUSTER_TASK_FAILED,
     CLUSTER_TIMED_OUT,
+    NETWORK_SUMMARY,
+    NETWORK_WHY_NO_NAMESPACE,
     ClusterClosedError,
     ClusterStartError,
     ClusterTaskError,
+    KerasMPWarning,
     PoolBrokenError,
     WorkerCrashedError,
     WorkerStartupError,
 )
-from pytest_kerasmp.runtime import childio, owners, ports
+from pytest_kerasmp.runtime import childio, netns, owners, ports
 from pytest_kerasmp.runtime.clustertasks import TaskPool
 from pytest_kerasmp.runtime.lifecycle import Child, describe_exit
+from pytest_kerasmp.slots import network, placement
 from pytest_kerasmp.slots.devices import DeviceSlot
 
 HOST = ports.HOST
+_warned_exposed = False
 #: Lines of each task's output attached to a ClusterTaskError.
 OUTPUT_LINES = 20
 #: After one task failed, how long the others may take to finish or fail too before they
@@ -76,6 +83,13 @@ class TFCluster(owners.Owned):
             thread per collective that lives for the timeout (2,100 threads per task after
             1,000 steps of 1 ms were seen here), so use it to debug a hang, with a short timeout.
         start_method: ``"spawn"`` (default) or ``"forkserver"``.
+        private_network: Where the framework's servers listen on every interface whatever
+            they are told (TensorFlow's gRPC server), the tasks run in a network namespace
+            of their own with only loopback (``netns``): ``"auto"`` (default: the session's
+            ``--kerasmp-private-network``, else auto) uses one where the kernel allows it
+            and starts exposed otherwise (the placement table and the session's last lines
+            say so), ``"require"`` raises :class:`ClusterStartError` instead, ``"off"``
+            never uses one.
         name: Name used in process names and messages.
         start: Start the tasks now (default) or at the first :meth:`run`.
     """
@@ -91,6 +105,7 @@ class TFCluster(owners.Owned):
         start_timeout_s: float = 120.0,
         collective_timeout_s: float | None = None,
         start_method: str = "spawn",
+        private_network: str | None = None,
         name: str = "cluster",
         start: bool = True,
     ) -> None:
@@ -109,6 +124,13 @@ class TFCluster(owners.Owned):
         self.run_timeout_s, self.start_timeout_s = run_timeout_s, start_timeout_s
         self.collective_timeout_s = collective_timeout_s
         self.start_method = start_method
+        self.private_network = network.mode() if private_network is None else private_network
+        if self.private_network not in network.MODES:
+            raise ValueError(f"private_network={private_network!r} is not one of {network.MODES}")
+        #: The tasks' private network (None: they share this machine's network).
+        self.network: netns.PrivateNetwork | None = None
+        #: Why the tasks' listening sockets may be reachable (placement table), "" if not.
+        self.network_note = ""
         #: How many times the tasks were started (a restart after a failure adds one).
         self.starts = 0
         self._pool: TaskPool | None = None
@@ -149,20 +171,25 @@ class TFCluster(owners.Owned):
             return
         self._starting = []
         try:
+            self._open_network()
             self._claim_ports()
             self._pool = TaskPool(self)
         except ClusterStartError:  # a port taken or none free: said as it is
             self._release_ports()
+            self._close_network()
             raise
         except WorkerStartupError as exc:
             self._release_ports()
+            self._close_network()
             raise self._start_error(exc) from (exc.__cause__ or exc)
         except BaseException:
             self._release_ports()
+            self._close_network()
             raise
         finally:
             self._starting = []
         self.starts += 1
+        self._say_exposed()
         if self.closed():  # close() from another thread while this start ran
             self._teardown("closed while starting")
             raise ClusterClosedError(CLUSTER_CLOSED.format(cluster=self.name, what="start()"))
@@ -200,12 +227,14 @@ class TFCluster(owners.Owned):
             self._pool.close(timeout, cancel_pending=True)
             self._pool = None
         self._release_ports()
+        self._close_network()
         owners.unregister_owner(self)
 
     def terminate(self, why: str = "terminated") -> None:
         """End every task now (Ctrl-C, interpreter exit)."""
         self._closed = True
         self._teardown(why)
+        self._close_network()
         owners.unregister_owner(self)
 
     def close_after_with(self, failed: bool) -> None:
@@ -344,6 +373,47 @@ class TFCluster(owners.Owned):
                 described="; ".join(s.describe() for s in slots) or "none",
             ))
         return slots[: len(self.tasks)]
+
+    def _open_network(self) -> None:
+        """A private network for tasks whose servers listen on every interface (kept over
+        restarts; made again if its holder died); refused: an error under ``require``, else
+        the tasks start on this machine's network and the note says why."""
+        if not self.framework().cluster_listens_everywhere:
+            return
+        if self.private_network == "off":
+            self.network_note = NETWORK_WHY_NO_NAMESPACE.format(reason="private_network='off'")
+            return
+        if self.network is not None and self.network.alive():
+            return
+        self._close_network()
+        refused = netns.refused()
+        if refused is None:
+            try:
+                self.network = netns.PrivateNetwork()
+                self.network_note = ""
+                return
+            except netns.PrivateNetworkRefused as exc:
+                refused = str(exc)
+        if self.private_network == "require":
+            raise ClusterStartError(CLUSTER_START_FAILED.format(
+                cluster=self.name, reason=CLUSTER_NO_PRIVATE_NETWORK.format(reason=refused)))
+        self.network_note = NETWORK_WHY_NO_NAMESPACE.format(reason=refused)
+
+    def _say_exposed(self) -> None:
+        """Tasks that listen where the network reaches them: the placement table says so in a
+        pytest session with slots; elsewhere a warning does, once per process."""
+        global _warned_exposed
+        if not self.network_note or _warned_exposed or placement.session_dir() is not None:
+            return
+        _warned_exposed = True
+        ports_ = ", ".join(f"task {t} port {p}" for t, p in zip(self.task_names, self.ports, strict=False))
+        warnings.warn(KerasMPWarning(NETWORK_SUMMARY.format(
+            listeners=f"cluster {self.name!r} {ports_} on every interface [{self.network_note}]")), stacklevel=3)
+
+    def _close_network(self) -> None:
+        network, self.network = self.network, None
+        if network is not None:
+            network.close()
 
     def _claim_ports(self) -> None:
         """Free ports claimed one by one into ``self.ports`` (so a failure releases those), or

@@ -59,6 +59,8 @@ class TaskBackend(LocalBackend):
             who=f"task {task} ({{slot}}, pid {{pid}}) of cluster {cluster.name!r}",
             label=f"{cluster.name} {task}",
             env=cluster.task_environ(index),
+            netns=cluster.network.pid if cluster.network is not None else None,
+            network_note=cluster.network_note,
         )
         cluster._starting.append(child)
         return child

@@ -393,6 +393,8 @@ class Dispatcher(CallerAssist, TaskQueue):
     def stop_workers(self, timeout: float) -> None:
         """Ask idle workers to stop, then end every worker within ``timeout`` (+ kill)."""
         for w in self.workers:
+            if w.child.is_alive():
+                w.child.audit_network()  # what it listened on, before it closes its sockets
             if w.state == "idle":
                 try:
                     w.child.conn.send(Stop())

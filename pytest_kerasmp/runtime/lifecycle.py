@@ -30,6 +30,9 @@ from typing import Any
 from pytest_kerasmp import frameworks
 from pytest_kerasmp.errors import (
     MAIN_NOT_GUARDED,
+    NETWORK_EXPOSED,
+    NETWORK_REQUIRE_ADVICE,
+    NETWORK_WHY_CODE,
     NOT_STARTED_TERMINATING,
     STARTUP_ADVICE_NONE,
     STARTUP_ADVICE_TRACEBACK,
@@ -90,6 +93,10 @@ class Child:
             ``"worker 0 ({slot}, pid {pid}) of pool 'x'"``.
         label: How the session's placement table names it (default: ``name``).
         env: Environment variables the child sets before it pins and imports TensorFlow.
+        netns: The pid of a ``netns.PrivateNetwork`` holder whose namespaces the child joins
+            first (a cluster's private network), or None.
+        network_note: Why its listening sockets may be reachable, for the placement table
+            (e.g. why it runs without a private network).
     """
 
     def __init__(
@@ -104,6 +111,8 @@ class Child:
         who: str = "",
         label: str = "",
         env: dict[str, str] | None = None,
+        netns: int | None = None,
+        network_note: str = "",
     ) -> None:
         if bootstrap.importing_main:
             raise RuntimeError(MAIN_NOT_GUARDED.format(path=bootstrap.importing_main))
@@ -116,6 +125,7 @@ class Child:
         self.output: collections.deque[str] = collections.deque(maxlen=OUTPUT_TAIL)
         self.started_at = time.monotonic()
         self._stopped = False
+        self.network_note = network_note
         # The session's Keras backend travels with the child's own environment: a forkserver
         # started earlier keeps the environment it started with.
         env = {**(env or {}), "PYTEST_KERASMP_ROLE": role, "KERAS_BACKEND": frameworks.backend_name()[0]}
@@ -132,6 +142,7 @@ class Child:
             "sys_path": list(sys.path),
             "main_path": main_script(),
             "warm_import": warm_import,
+            "netns": netns,
             "args": pickle.dumps(args, protocol=5),
         }
         self._stack_r, stack_w = os.pipe()
@@ -236,6 +247,7 @@ class Child:
         except (EOFError, OSError):
             msg = None
         if isinstance(msg, Ready):
+            self.audit_network(require=True)
             return msg
         if isinstance(msg, StartupError):
             reason = msg.text.strip().splitlines()[-1]
@@ -264,6 +276,22 @@ class Child:
 
     def wait_ready(self, timeout: float, died_error: type[Exception] = WorkerStartupError) -> Ready:
         return wait_all_ready([self], timeout, died_error)[0]
+
+    def audit_network(self, require: bool = False) -> dict[str, Any]:
+        """Read what the child listens on into its placement record: when it is ready, and
+        by its owner before it asks the child to stop. With ``require``, a socket reachable
+        from the network under ``--kerasmp-private-network=require`` stops it."""
+        from pytest_kerasmp.slots import network, placement
+
+        found = network.audit(self.pid)
+        placement.record_network(self.pid, found, self.network_note)
+        if require and found["exposed"] and network.mode() == "require":
+            self._stop_now()
+            raise WorkerStartupError(STARTUP_FAILED.format(
+                who=self.who(), advice=NETWORK_REQUIRE_ADVICE,
+                reason=NETWORK_EXPOSED.format(listeners=", ".join(found["exposed"]), why=self.network_note or NETWORK_WHY_CODE),
+            ))
+        return found
 
     # ----------------------------------------------------------------------------- ends
 

@@ -201,6 +201,8 @@ class LocalServer:
         )
 
     def stop(self, timeout: float) -> str | None:
+        if self.child.is_alive():
+            self.child.audit_network()  # what it listened on, before it closes its sockets
         try:
             self.child.conn.send(Stop())
         except OSError:

@@ -240,6 +240,12 @@ def record(role: str, slot: DeviceSlot, *, label: str, part: Sequence[DeviceSlot
     )
 
 
+def record_network(pid: int, audit: dict[str, Any], why: str = "") -> None:
+    """Record what process ``pid`` listens on now (``network.audit``), and why it may be
+    reachable; merged into its record by :func:`read` (every reading kept)."""
+    _write(f"net-{pid}-{time.time_ns()}.json", {"pid": pid, "at": time.time(), "why": why, **audit})
+
+
 def release(pid: int | None) -> None:
     """Record that process ``pid`` (started by this one) has ended; no-op outside a session."""
     if pid is not None and session_dir() is not None:
@@ -253,18 +259,49 @@ def read(directory: Path | None = None) -> list[dict[str, Any]]:
         return []
     starts: list[dict[str, Any]] = []
     ends: list[dict[str, Any]] = []
+    nets: list[dict[str, Any]] = []
     for path in sorted(directory.glob("*.json")):
         try:
             data = json.loads(path.read_text())
         except (OSError, ValueError):
             continue
-        (starts if path.name.startswith("start-") else ends).append(data)
+        kind = path.name.split("-", 1)[0]
+        if kind in ("start", "end", "net"):
+            {"start": starts, "end": ends, "net": nets}[kind].append(data)
     starts.sort(key=lambda r: r["start"])
+    for rec in starts:
+        rec.update(listening=[], exposed=[], private=False, network_why="")
     for end in sorted(ends, key=lambda e: e["end"]):
         match = [r for r in starts if r["pid"] == end["pid"] and r["start"] <= end["end"] and r["end"] is None]
         if match:
             match[-1]["end"] = end["end"]
+    for net in sorted(nets, key=lambda n: n["at"]):
+        match = [r for r in starts if r["pid"] == net["pid"] and r["start"] <= net["at"]]
+        if match:
+            rec = match[-1]
+            rec["listening"] += [x for x in net["listening"] if x not in rec["listening"]]
+            rec["exposed"] += [x for x in net["exposed"] if x not in rec["exposed"]]
+            rec["private"] = rec["private"] or net["private"]
+            rec["network_why"] = rec["network_why"] or net["why"]
     return starts
+
+
+def network_cell(rec: dict[str, Any]) -> str:
+    """The placement table's network column: what the process listened on, and where."""
+    if rec.get("exposed"):
+        return "EXPOSED " + " ".join(rec["exposed"])
+    if rec.get("private"):
+        return "private ns" + (f" ({len(rec['listening'])} listening)" if rec.get("listening") else "")
+    return "loopback" if rec.get("listening") else "-"
+
+
+def exposures(records: Sequence[dict[str, Any]]) -> list[str]:
+    """The processes that listened where the network reaches it, one phrase per reason."""
+    by_why: dict[str, list[str]] = {}
+    for r in records:
+        if r.get("exposed"):
+            by_why.setdefault(r.get("network_why", ""), []).append(f"{name_of(r)} (pid {r['pid']}) on {' '.join(r['exposed'])}")
+    return [", ".join(who) + (f" [{why}]" if why else "") for why, who in by_why.items()]
 
 
 def resources(rec: dict[str, Any]) -> set[str]:
@@ -331,7 +368,7 @@ def table_lines(
         return (told or same)[0].name if same else f"(slot{r['slot']['index']})"
 
     origin = min(r["start"] for r in records) if origin is None else origin
-    header = ("process", "role", "backend", "slot", "cores/GPU", "pid", "lifetime", "GPU memory", "shared")
+    header = ("process", "role", "backend", "slot", "cores/GPU", "pid", "lifetime", "GPU memory", "network", "shared")
     rows = [header]
     for r in annotate(records):
         where = (
@@ -347,7 +384,7 @@ def table_lines(
         rows.append(
             (name_of(r), r["role"], r.get("keras_backend", "?"), slot_name(r),
              where, str(r["pid"]),
-             f"{r['start'] - origin:.1f} s-{end}", _memory(r), shared)
+             f"{r['start'] - origin:.1f} s-{end}", _memory(r), network_cell(r), shared)
         )
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     return ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in rows]
@@ -359,5 +396,6 @@ def to_json(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
         {k: r[k] for k in ("role", "owner", "label", "pid", "slot", "part", "cores", "cuda_visible_devices",
                            "memory_growth", "memory_limit_mb", "start", "end", "shared_with", "competed_with")}
         | {"keras_backend": r.get("keras_backend")}
+        | {k: r.get(k) for k in ("listening", "exposed", "private", "network_why")}
         for r in annotate(records)
     ]
