@@ -283,7 +283,7 @@ class TFCluster(owners.Owned):
     def _check_alive(self, pool: TaskPool, fn: str) -> None:
         """A task that died between runs (the OOM killer, say) ends the cluster: say so."""
         workers = pool.workers()
-        dead = next((i for i, w in enumerate(workers) if w.state == "dead" or w.child.exitcode is not None), None)
+        dead = next((i for i, w in enumerate(workers) if w.state == "dead" or w.child.exited()), None)
         if dead is None:
             return
         child = workers[dead].child

@@ -219,6 +219,11 @@ class Child:
     def is_alive(self) -> bool:
         return self.exitcode is None
 
+    def exited(self) -> bool:
+        """Whether the process has ended, also while another thread holds its reaping lock
+        (``Popen.poll`` then answers None): its sentinel says so too."""
+        return self.exitcode is not None or (self.sentinel >= 0 and bool(wait([self.sentinel], 0)))
+
     def describe_exit(self) -> tuple[str, str]:
         self._reap(1.0)
         return describe_exit(self.exitcode)
