@@ -57,6 +57,12 @@ def _thaw(value: Any) -> Any:
     return value
 
 
+MODEL_FILE_MISSING = (
+    "ModelRef.from_file: no model file at {path!r}{where}; save the model there first "
+    "(model.save(path)) or fix the path"
+)
+
+
 def _stat_key(path: str | None) -> tuple[int, int] | None:
     if path is None:
         return None
@@ -96,8 +102,17 @@ class ModelRef:
 
     @classmethod
     def from_file(cls, path: str | os.PathLike[str], *, compile: bool = True) -> ModelRef:
-        """A model saved with ``model.save("name.keras")``."""
-        return cls(path=os.path.abspath(os.fspath(path)), compile=compile)
+        """A model saved with ``model.save("name.keras")``; the file must exist now (checked
+        here, so a typo fails at once rather than in every worker). For a file that exists
+        only where the workers run (another Ray node), use ``ModelRef(path=...)``."""
+        full = os.path.abspath(os.fspath(path))
+        if not full.endswith(".keras"):
+            raise ValueError(f"path={full!r} is not a .keras file; save with model.save('x.keras')")
+        if not os.path.isfile(full):
+            given = os.fspath(path)
+            where = "" if os.path.isabs(given) else f" (given as {given!r}, from {os.getcwd()!r})"
+            raise FileNotFoundError(MODEL_FILE_MISSING.format(path=full, where=where))
+        return cls(path=full, compile=compile)
 
     @classmethod
     def from_builder(

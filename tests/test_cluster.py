@@ -128,6 +128,7 @@ def test_ports_claimed_by_concurrent_processes_never_collide(tmp_path):
         for proc in procs:
             proc.stdin.close()
             proc.wait(timeout=30)
+            proc.stdout.close()  # (left open, a ResourceWarning at collection)
     ports = [p for c in claimed for p in c]
     assert len(ports) == 150 and len(set(ports)) == 150
     low, high = _ports.port_range()

@@ -242,8 +242,21 @@ def test_bad_options_and_a_live_model_are_refused():
 
 
 def test_a_model_that_cannot_load_is_a_startup_error(no_leftovers):
+    # A reference made without from_file's check (a file removed since, say): the server says so.
     with pytest.raises(WorkerStartupError, match="failed to start: .*No such file"):
-        InferenceServer(ModelRef.from_file("/nonexistent/m.keras"), CPU0)
+        InferenceServer(ModelRef(path="/nonexistent/m.keras"), CPU0)
+
+
+def test_a_missing_model_file_is_refused_at_once_naming_the_path(tmp_path, monkeypatch):
+    from pytest_kerasmp.modelref import MODEL_FILE_MISSING
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError) as info:
+        ModelRef.from_file("missing.keras")
+    where = f" (given as 'missing.keras', from {str(tmp_path)!r})"
+    assert str(info.value) == MODEL_FILE_MISSING.format(path=str(tmp_path / "missing.keras"), where=where)
+    with pytest.raises(ValueError, match="is not a .keras file"):
+        ModelRef.from_file(tmp_path / "model.h5")
 
 
 def test_fixture_starts_on_the_session_slot_and_stops_at_teardown(pytester, run_pytest):

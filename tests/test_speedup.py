@@ -108,12 +108,14 @@ def test_min_speedup_gate_fails_the_session_not_a_test(pytester, run_pytest, flo
     assert last.startswith("kerasmp gate: FAILED" if ret else "kerasmp gate: passed"), last
 
 
-@pytest.mark.parametrize("value", ["gated", "gated:x", "gated:-1", ":2"])
-def test_bad_floor_is_a_usage_error(pytester, run_pytest, value):
+@pytest.mark.parametrize(("value", "problem"), [
+    ("gated", ""), ("gated:x", "the floor 'x' is not a number; "), ("gated:-1", "the floor '-1' must be above 0; "), (":2", ""),
+])
+def test_bad_floor_is_a_usage_error(pytester, run_pytest, value, problem):
     pytester.makepyfile(test_gated=GATED)
     result = run_pytest(f"--kerasmp-min-speedup={value}")
     assert result.ret == pytest.ExitCode.USAGE_ERROR
-    result.stderr.fnmatch_lines([f"*--kerasmp-min-speedup={value!r} is invalid: use NAME:FLOOR*e.g.*"])
+    result.stderr.fnmatch_lines([f"*--kerasmp-min-speedup={value!r} is invalid: {problem}use NAME:FLOOR*e.g.*"])
 
 
 def test_known_ratios_are_decided_right_through_heavy_tailed_noise(pytester, run_pytest, tmp_path, monkeypatch):

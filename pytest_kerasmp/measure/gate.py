@@ -60,8 +60,13 @@ def parse_floors(values: Iterable[str]) -> list[Floor]:
                 minimum = float(number)
             except ValueError:
                 minimum = float("nan")
+            problem = ""
+            if sep and key and minimum != minimum:  # NaN: not a number
+                problem = f"the floor {number!r} is not a number; "
+            elif sep and key and not minimum > 0:
+                problem = f"the floor {number!r} must be above 0; "
             if not sep or not key or not minimum > 0:
-                raise ValueError(f"--kerasmp-min-speedup={item!r} is invalid: {FLOOR_FORMAT}")
+                raise ValueError(f"--kerasmp-min-speedup={item!r} is invalid: {problem}{FLOOR_FORMAT}")
             floors.append(Floor(key, minimum))
     return floors
 
