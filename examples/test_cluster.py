@@ -1,4 +1,5 @@
-"""A local TensorFlow cluster of two tasks, each on one of this process's own slots."""
+"""A local TensorFlow cluster of two tasks, each on one of the two slots leased to the test
+(under -n 2 --kerasmp-gpus=2 as without -n: the test leases both slots for its duration)."""
 
 from __future__ import annotations
 
@@ -7,9 +8,9 @@ import pytest
 import tasks
 
 
+@pytest.mark.kerasmp_slots(2)
 def test_two_tasks_all_reduce_on_their_own_slots(kerasmp_tf_cluster, kerasmp_slots):
-    if len(kerasmp_slots) < 2:
-        pytest.skip("a 2-task cluster needs 2 slots of this process's own (under -n each worker owns one)")
+    assert len(kerasmp_slots) == 2
     cluster = kerasmp_tf_cluster(2)
     results = cluster.run(tasks.cluster_sum)
     assert [r["sum"] for r in results] == [3.0, 3.0]

@@ -107,6 +107,17 @@ class ClusterClosedError(KerasMPError, RuntimeError):
     """The :class:`~pytest_kerasmp.TFCluster` was closed, or is running a call in another thread."""
 
 
+class LeaseTimeoutError(KerasMPError, TimeoutError):
+    """A test waited longer than --kerasmp-lease-timeout for the slots it needs."""
+
+
+LEASE_TIMED_OUT = (
+    "{owner} waited {timeout:g} s for {wanted} for {test} and gave up (--kerasmp-lease-timeout): "
+    "held: {held}; raise --kerasmp-lease-timeout if those tests are just long, or look for a "
+    "test that hangs while it holds its slots"
+)
+
+
 class RayConnectError(KerasMPError, ConnectionError):
     """This process could not connect to a Ray cluster within its bound; ``address`` is the
     address asked for, ``what`` what was tried and how it failed."""
@@ -347,11 +358,12 @@ CLUSTER_NO_PORT = (
     "free some ports there, or give ports=[...]"
 )
 CLUSTER_NO_PRIVATE_NETWORK = (
-    "the kernel refused the private network its tasks need ({reason}), and "
-    "--kerasmp-private-network=require is set: TensorFlow's gRPC server would "
-    "listen on every interface; allow unprivileged user namespaces (sysctl "
-    "kernel.unprivileged_userns_clone=1, or the container's seccomp/AppArmor profile), or "
-    "set it to auto to start exposed with a warning"
+    "no private network could be made for its tasks ({reason}), and "
+    "--kerasmp-private-network=require is set: their servers would listen on every "
+    "interface; allow this user network (and user) namespaces (a container with "
+    "CAP_SYS_ADMIN; sysctl kernel.unprivileged_userns_clone=1 on Debian, "
+    "kernel.apparmor_restrict_unprivileged_userns=0 on Ubuntu 24.04), or set it to auto to "
+    "start exposed with a warning"
 )
 
 # ------------------------------------------------------------------------- network audit

@@ -147,11 +147,11 @@ def fit_under_strategy(name: str, steps: int) -> list[np.ndarray]:
 
 
 @pytest.fixture(scope="module")
-def cluster(kerasmp_slots):
+def cluster(kerasmp_worker_slots):
     """Two worker tasks, warm for the module (restarted by a run that fails)."""
-    if len(kerasmp_slots) < 2:
+    if len(kerasmp_worker_slots) < 2:
         pytest.skip("needs 2 or more slots: run with --kerasmp-gpus=2 (CPU cores stand in for GPUs)")
-    with TFCluster(2, slots=kerasmp_slots, name="mwms") as c:
+    with TFCluster(2, slots=kerasmp_worker_slots, name="mwms") as c:
         yield c
 
 

@@ -81,10 +81,10 @@ def eval_pools(request, kerasmp_pool, kerasmp_pool_factory, kerasmp_slots, helpe
 
 
 @pytest.fixture(scope="module")
-def saved(kerasmp_slots, kerasmp_scale, tmp_path_factory):
+def saved(kerasmp_worker_slots, kerasmp_scale, tmp_path_factory):
     """Twice as many saved models as the session has slots, and the held-out data."""
     directory = tmp_path_factory.mktemp("models")
-    refs = [build_and_save(i, directory) for i in range(2 * len(kerasmp_slots))]
+    refs = [build_and_save(i, directory) for i in range(2 * len(kerasmp_worker_slots))]
     return refs, *make_data(max(1000, int(40_000 * kerasmp_scale)))
 
 

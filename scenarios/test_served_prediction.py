@@ -105,7 +105,7 @@ def predict_own_copy(ref: ModelRef, raw: np.ndarray) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def served(kerasmp_slots, kerasmp_scale, tmp_path_factory):
+def served(kerasmp_worker_slots, kerasmp_scale, tmp_path_factory):
     """For each model: its ModelRef, the live model here, and a server on slot 0."""
     directory = tmp_path_factory.mktemp("served")
     setups, servers = {}, []
@@ -113,7 +113,7 @@ def served(kerasmp_slots, kerasmp_scale, tmp_path_factory):
         for name, (build, shape, n) in MODELS.items():
             model = build()
             ref = ModelRef.save(model, directory, name)
-            server = InferenceServer(ref, kerasmp_slots[0], max_batch_size=MAX_BATCH, max_delay_ms=2, name=name)
+            server = InferenceServer(ref, kerasmp_worker_slots[0], max_batch_size=MAX_BATCH, max_delay_ms=2, name=name)
             servers.append(server)
             n = max(64, int(n * kerasmp_scale))
             raw = np.random.default_rng(1).integers(0, 256, size=(n, *shape), dtype=np.uint8)
@@ -129,26 +129,26 @@ def client_pool(slots, name: str) -> WorkerPool:
 
 
 @pytest.fixture(scope="module")
-def clients(kerasmp_slots):
+def clients(kerasmp_worker_slots):
     """Eight client processes spread over the session's slots (no TensorFlow in them)."""
-    with client_pool(kerasmp_slots, "clients") as pool:
+    with client_pool(kerasmp_worker_slots, "clients") as pool:
         yield pool
 
 
 @pytest.fixture(scope="module")
-def clients_off_server(kerasmp_slots):
+def clients_off_server(kerasmp_worker_slots):
     """Eight clients on the slots other than the server's (slot 0; with one slot, on it): for
     the rows that compare the server with the model alone on slot 0, so the server has its
     slot to itself as the model had. With the clients on its core as well, the CNN server
     delivered 76-80% of the limit instead of 91-99% (measured on 2 cores)."""
-    with client_pool(kerasmp_slots[1:] or kerasmp_slots, "clients-off-server") as pool:
+    with client_pool(kerasmp_worker_slots[1:] or kerasmp_worker_slots, "clients-off-server") as pool:
         yield pool
 
 
 @pytest.fixture(scope="module")
-def copies(kerasmp_slots, helper_start_method):
+def copies(kerasmp_worker_slots, helper_start_method):
     """Eight TensorFlow workers for the alternative where every client loads its own model."""
-    slots = [kerasmp_slots[i % len(kerasmp_slots)] for i in range(8)]
+    slots = [kerasmp_worker_slots[i % len(kerasmp_worker_slots)] for i in range(8)]
     with WorkerPool(slots, start_method=helper_start_method, name="copies") as pool:
         yield pool
 

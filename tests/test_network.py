@@ -161,7 +161,9 @@ SUITE = """
 import sys
 sys.path.insert(0, {tests!r})
 import backend_tasks
+import pytest
 
+@pytest.mark.kerasmp_slots(2)
 def test_cluster(kerasmp_tf_cluster):
     cluster = kerasmp_tf_cluster(2)
     assert cluster.run(backend_tasks.all_reduce_sum) == [3.0, 3.0]

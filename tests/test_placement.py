@@ -148,7 +148,9 @@ def test_competitors_are_other_owners_alive_on_the_same_resources():
 @pytest.mark.skipif(not TWO_CORES, reason="needs 2 usable cores")
 def test_xdist_workers_pools_and_servers_stay_on_their_own_part(placed, pytester):
     pytester.makepyfile(test_served=SERVED)
-    result, procs, table = placed("-n", "2", "--dist", "each", "--kerasmp-gpus=2")
+    # The session-long split (--kerasmp-leases=off): each worker's part for the whole session
+    # (tests/test_leases.py covers the per-test leases).
+    result, procs, table = placed("-n", "2", "--dist", "each", "--kerasmp-gpus=2", "--kerasmp-leases=off")
     result.assert_outcomes(passed=8)
     result.stdout.fnmatch_lines(["kerasmp: --kerasmp-gpus=2 *; xdist workers gw0->slot0, gw1->slot1"])
     # From inside every process: gwK and everything it started sit on slot K's core.
@@ -206,7 +208,8 @@ def test_more_workers_than_slots_is_said_and_comparisons_are_marked(pytester, mo
             kerasmp_speedup(lambda: time.sleep(0.01), lambda: time.sleep(0.005), workers=1, rounds=2)
         """
     )
-    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-n", "3", "--dist", "each", "--kerasmp-gpus=2", timeout=120)
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-n", "3", "--dist", "each", "--kerasmp-gpus=2",
+                                           "--kerasmp-leases=off", timeout=120)
     result.assert_outcomes(passed=3)
     crowded = placement.oversubscription(CPU[:2], 3)
     result.stdout.fnmatch_lines([f"*xdist workers gw0->slot0, gw1->slot1, gw2->slot0; OVERSUBSCRIBED: {crowded}"])
@@ -231,7 +234,7 @@ def test_more_slots_than_gpus_is_said_in_header_and_summary(placed, monkeypatch)
 
 @pytest.mark.skipif(not TWO_CORES, reason="needs 2 usable cores")
 def test_without_xdist_plan_slots_uses_the_session_not_this_process(placed):
-    result, procs, table = placed("--kerasmp-gpus=2", "-k", "plan_slots")
+    result, procs, table = placed("--kerasmp-gpus=2", "-k", "plan_slots", "--kerasmp-leases=off")
     result.assert_outcomes(passed=1)
     planned = [r for n, r in procs.items() if "-planned-" in n]
     assert sorted(tuple(r["cores"]) for r in planned) == [(c,) for c in sorted(os.sched_getaffinity(0))[:2]]
@@ -241,7 +244,7 @@ def test_without_xdist_plan_slots_uses_the_session_not_this_process(placed):
 
 def test_without_xdist_plan_slots_spreads_over_the_sessions_gpus(placed, monkeypatch):
     monkeypatch.setenv("PYTEST_KERASMP_FAKE_GPUS", "4")
-    result, procs, table = placed("--kerasmp-gpus=4", "-k", "plan_slots or factory")
+    result, procs, table = placed("--kerasmp-gpus=4", "-k", "plan_slots or factory", "--kerasmp-leases=off")
     result.assert_outcomes(passed=2)
     planned = sorted(r["cuda"] for n, r in procs.items() if "-planned-" in n)
     assert planned == ["0", "1"]  # not both on this process's GPU 0

@@ -7,7 +7,7 @@ import os
 import pytest
 
 from pytest_kerasmp.plugin import config as cfg
-from pytest_kerasmp.plugin import markers
+from pytest_kerasmp.plugin import leasing, markers
 from pytest_kerasmp.errors import FRAMEWORK_ALREADY_INITIALIZED
 from pytest_kerasmp.plugin.fixtures import DEVICE_UNPINNED
 
@@ -30,8 +30,10 @@ def test_fixtures_and_markers_are_documented(run_pytest, pytester):
     fixtures = run_pytest("--fixtures")
     fixtures.stdout.fnmatch_lines(
         [
-            "kerasmp_slots [[]session scope[]]*",
-            "*The device slots this process owns*",
+            "kerasmp_slots*",
+            "*The device slots of this test (function scope; --kerasmp-gpus, @pytest.mark.kerasmp_slots(n))*",
+            "kerasmp_worker_slots [[]session scope[]]*",
+            "*The device slots this pytest process owns for the session*",
             "kerasmp_device*",
             "*The slot this process is pinned to; fails when no slot was asked for*",
             "kerasmp_pool [[]session scope[]]*",
@@ -40,7 +42,7 @@ def test_fixtures_and_markers_are_documented(run_pytest, pytester):
             "*Factory: make_pool(slots=None, **options) -> WorkerPool*",
         ]
     )
-    run_pytest("--markers").stdout.fnmatch_lines(["@pytest.mark." + markers.MARKER_HELP])
+    run_pytest("--markers").stdout.fnmatch_lines(["@pytest.mark." + markers.MARKER_HELP, "@pytest.mark." + leasing.MARKER_HELP])
 
 
 def test_plugin_module_does_not_import_tensorflow(run_python):

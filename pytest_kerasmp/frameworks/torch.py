@@ -127,13 +127,16 @@ class Adapter(Framework):
         host, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
         rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
         timeout = datetime.timedelta(seconds=STORE_TIMEOUT_S)
+        # The classic store (use_libuv=False): the libuv one listened on a handed-over socket
+        # only from pytorch#150215 (2025) on, and GPU users bring their own torch.
         if rank == 0:
-            listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            listener.bind((host, port))
-            listener.listen(world)
-            store = dist.TCPStore(  # type: ignore[attr-defined]
-                host, port, world, True, timeout, wait_for_workers=False, master_listen_fd=listener.detach(), use_libuv=True)
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as listener:
+                listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                listener.bind((host, port))
+                listener.listen(world)
+                store = dist.TCPStore(  # type: ignore[attr-defined]
+                    host, port, world, True, timeout, wait_for_workers=False, master_listen_fd=os.dup(listener.fileno()),
+                    use_libuv=False)
         else:
-            store = dist.TCPStore(host, port, world, False, timeout)  # type: ignore[attr-defined]
+            store = dist.TCPStore(host, port, world, False, timeout, use_libuv=False)  # type: ignore[attr-defined]
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", store=store, rank=rank, world_size=world)

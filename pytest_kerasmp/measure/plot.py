@@ -113,3 +113,53 @@ def title(record: Mapping[str, Any]) -> str:
     if record.get("seeds"):
         parts.append(f"seed {record['seeds']['base']}")
     return "pytest-kerasmp: " + ", ".join(parts)
+
+
+def timeline(path: Path, record: Mapping[str, Any]) -> Path | None:
+    """Draw the session's slot leases into ``path``: one row per slot, time from the first
+    request across, each lease a bar (coloured by its pytest process, labelled with its
+    test), each wait before a grant a thin line; None without matplotlib or leases."""
+    leases = record.get("leases") or []
+    names = record.get("slot_names") or sorted({n for r in leases for n in r["slots"]})
+    if not leases or not names:
+        return None
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    origin = min(r["requested"] for r in leases)
+    owners = sorted({r["owner"] for r in leases})
+    colours = {o: f"C{i % 10}" for i, o in enumerate(owners)}
+    fig, ax = plt.subplots(figsize=(12, 0.6 * len(names) + 1.8))
+    row = {n: i for i, n in enumerate(names)}
+    for r in leases:
+        start, end, asked = r["granted"] - origin, r["released"] - origin, r["requested"] - origin
+        for n in r["slots"]:
+            y = row[n]
+            ax.barh(y, end - start, left=start, height=0.6, color=colours[r["owner"]], edgecolor="black", linewidth=0.4)
+            if start - asked > 0.05:  # the wait: a line under the row, from the request to the grant
+                ax.plot([asked, start], [y + 0.38, y + 0.38], color=colours[r["owner"]], linewidth=1.2, linestyle=":")
+                ax.plot([asked], [y + 0.38], marker="|", color=colours[r["owner"]], markersize=7)
+        if end - start > 0.02 * max(1e-9, max(x["released"] for x in leases) - origin):
+            label = r["test"].rsplit("::", 1)[-1][:24]
+            ax.text(start + (end - start) / 2, row[r["slots"][0]], label, ha="center", va="center", fontsize=6, clip_on=True)
+    summary = record.get("lease_summary") or {}
+    use = summary.get("slot_use")
+    ax.set_yticks(range(len(names)), names, fontsize=8)
+    ax.set_ylim(len(names) - 0.4 + 0.2, -0.6)
+    ax.set_xlabel("seconds since the first request (bars: leases, dotted: waits)", fontsize=8)
+    handles = [matplotlib.patches.Patch(color=colours[o], label=o) for o in owners]
+    ax.legend(handles=handles, loc="upper right", fontsize=7, ncols=min(len(owners), 8), frameon=False)
+    heading = f"{len(leases)} leases on {len(names)} slots"
+    if use is not None:
+        heading += (f": slot use {use:.0%} (busy slot-seconds / (slots x {summary['span_s']:.1f} s)), "
+                    f"longest wait {summary['longest_wait_s']:.1f} s")
+    ax.set_title(f"{title(record)}\n{heading}", fontsize=9, loc="left")
+    ax.grid(axis="x", alpha=0.25)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -23,12 +23,13 @@ from typing import Any
 from pytest_kerasmp import frameworks
 from pytest_kerasmp.measure.comparison import KINDS, WORDS, Comparison, check_text, rounds_text, seconds_text
 from pytest_kerasmp.measure.gate import Verdict, comparison_lines, outcomes_by_name
-from pytest_kerasmp.measure.plot import plot, title
+from pytest_kerasmp.measure.plot import plot, timeline, title
 from pytest_kerasmp.slots.devices import DeviceSlot
 
 REPORT_JSON = "kerasmp-report.json"
 REPORT_MD = "kerasmp-report.md"
 REPORT_PNG = "kerasmp-speedup.png"
+LEASES_PNG = "kerasmp-leases.png"
 SUMMARY_ENV = "GITHUB_STEP_SUMMARY"
 NOISE_WARNING = (
     "kerasmp: the machine was busy during this run ({reasons}); intervals are wider and verdicts "
@@ -173,6 +174,15 @@ def markdown(record: Mapping[str, Any]) -> str:
         for reason in noise.get("disturbed", []):
             lines.append(f"- warning: {reason}")
         lines.append("")
+    summary = record.get("lease_summary")
+    if summary and summary.get("leases"):
+        lines += ["### slot leases", "",
+                  f"- {summary['leases']} leases over {summary['span_s']:.1f} s: slot use {summary['slot_use']:.0%} "
+                  f"(busy slot-seconds / (slots x span)); longest wait {summary['longest_wait_s']:.1f} s "
+                  f"({summary['longest_wait']})"]
+        if record.get("leases_plot"):
+            lines.append(f"- timeline: ![slot leases]({record['leases_plot']})")
+        lines.append("")
     if record.get("seeds"):
         s = record["seeds"]
         lines += [f"Seed: `--kerasmp-seed={s['base']}`" + (" `--kerasmp-deterministic`" if s["deterministic"] else ""), ""]
@@ -186,6 +196,8 @@ def write_report(directory: str | os.PathLike[str], record: dict[str, Any]) -> l
     out.mkdir(parents=True, exist_ok=True)
     png = plot(out / REPORT_PNG, record)
     record["plot"] = png.name if png else None
+    leases_png = timeline(out / LEASES_PNG, record)
+    record["leases_plot"] = leases_png.name if leases_png else None
     (out / REPORT_JSON).write_text(json.dumps(record, indent=2) + "\n")
     text = markdown(record) + "\n"
     (out / REPORT_MD).write_text(text)
@@ -193,4 +205,4 @@ def write_report(directory: str | os.PathLike[str], record: dict[str, Any]) -> l
     if summary:
         with open(summary, "a", encoding="utf-8") as f:
             f.write(text)
-    return [out / REPORT_JSON, out / REPORT_MD] + ([png] if png else [])
+    return [out / REPORT_JSON, out / REPORT_MD] + [p for p in (png, leases_png) if p]

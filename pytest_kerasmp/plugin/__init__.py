@@ -19,7 +19,7 @@ import pytest
 from pytest_kerasmp.errors import NETWORK_REQUIRE_FAILED, NETWORK_SUMMARY, KerasMPError, KerasMPWarning
 from pytest_kerasmp.measure.comparison import Comparison
 from pytest_kerasmp.plugin import config as cfg
-from pytest_kerasmp.plugin import markers, speedgate
+from pytest_kerasmp.plugin import leasing, markers, speedgate
 from pytest_kerasmp.plugin.fixtures import (  # noqa: F401  (fixtures registered with the plugin)
     kerasmp_device,
     kerasmp_inference_server,
@@ -32,6 +32,7 @@ from pytest_kerasmp.plugin.fixtures import (  # noqa: F401  (fixtures registered
     kerasmp_slots,
     kerasmp_speedup,
     kerasmp_tf_cluster,
+    kerasmp_worker_slots,
 )
 from pytest_kerasmp.plugin.sessionguard import SessionGuard
 from pytest_kerasmp.plugin.speedup import COMPARISONS_KEY
@@ -50,6 +51,9 @@ from pytest_kerasmp.slots.pinning import pin_process
 
 SESSION_DIR_KEY = pytest.StashKey[str]()
 NETWORK_ENV_BEFORE_KEY = pytest.StashKey[str | None]()
+NOTICES_KEY = pytest.StashKey[leasing.WaitNotices]()
+LEASE_SUMMARY_KEY = pytest.StashKey[dict[str, Any]]()
+WINDOWS_KEY = pytest.StashKey[placement.Windows]()
 PLACEMENT_KEY = pytest.StashKey[list[dict[str, Any]]]()
 CALL_WINDOW_KEY = pytest.StashKey[tuple[float, float]]()
 
@@ -80,6 +84,10 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         cfg.PRIVATE_NETWORK_OPTION, dest="kerasmp_private_network", metavar="auto|require|off", help=cfg.PRIVATE_NETWORK_HELP
     )
     parser.addini(cfg.PRIVATE_NETWORK_INI, cfg.PRIVATE_NETWORK_HELP, type="string", default="")
+    group.addoption(cfg.LEASES_OPTION, dest="kerasmp_leases", metavar="per-test|off", help=cfg.LEASES_HELP)
+    group.addoption(cfg.LEASE_TIMEOUT_OPTION, dest="kerasmp_lease_timeout", metavar="SECONDS", help=cfg.LEASE_TIMEOUT_HELP)
+    parser.addini(cfg.LEASES_INI, cfg.LEASES_HELP, type="string", default="")
+    parser.addini(cfg.LEASE_TIMEOUT_INI, cfg.LEASE_TIMEOUT_HELP, type="string", default="")
     parser.addini(cfg.BACKEND_INI, cfg.BACKEND_HELP, type="string", default="")
     parser.addini(cfg.GPUS_INI, cfg.GPUS_HELP, type="string", default="")
     parser.addini(cfg.MEMORY_INI, cfg.MEMORY_HELP, type="string", default="")
@@ -185,6 +193,13 @@ def pytest_load_initial_conftests(early_config: pytest.Config) -> None:
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", markers.MARKER_HELP)
+    config.addinivalue_line("markers", leasing.MARKER_HELP)
+    if leasing.active(config):
+        config.pluginmanager.register(leasing.Leasing(config), "kerasmp-leasing")
+    plan = config.stash.get(cfg.PLAN_KEY, None)
+    directory = config.stash.get(SESSION_DIR_KEY, None)
+    if plan is not None and plan.role == "controller" and directory and cfg.session_settings(config).leases == "per-test":
+        config.stash[NOTICES_KEY] = leasing.WaitNotices(config, pathlib.Path(directory), [s.name for s in plan.slots])
     if config.getoption("kerasmp_ray", None) == "local" and _xdist_workers(config):
         raise pytest.UsageError(cfg.RAY_LOCAL_XDIST)
     _probe_ray_address(config)
@@ -246,8 +261,10 @@ def _competition(item: pytest.Item) -> str:
         return placement.UNPINNED_COMPETED if workers > 1 else ""
     plan = cfg.session_plan(config)
     start, stop = item.stash.get(CALL_WINDOW_KEY, (0.0, float("inf")))
+    leased = leasing.slots_of(item)  # a leased test times on its leased slots
+    windows = leasing.windows(config)  # under leases, others compute only while they hold slots
     others = placement.competitors(
-        placement.read(), plan.worker_id or "main", placement.resources_of(plan.own_slots), start, stop
+        placement.read(), plan.worker_id or "main", placement.resources_of(leased or plan.own_slots), start, stop, windows,
     )
     return ", ".join(others)
 
@@ -272,12 +289,24 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         return  # the controller gates and reports what its workers measured
     records = placement.read() if config.stash.get(SESSION_DIR_KEY, None) else []
     config.stash[PLACEMENT_KEY] = records
+    windows = leasing.windows(config)
+    if windows is not None:
+        config.stash[WINDOWS_KEY] = windows
+    extra: dict[str, Any] = {"placement": placement.to_json(records, windows)} if records else {}
+    notices = config.stash.get(NOTICES_KEY, None)
+    if notices is not None:
+        notices.stop()
+    directory = config.stash.get(SESSION_DIR_KEY, None)
+    if directory and cfg.session_settings(config).leases == "per-test":
+        slot_count = len(cfg.session_plan(config).slots)
+        history, summary = leasing.session_summary(pathlib.Path(directory), slot_count)
+        if history:
+            extra.update(leases=history, lease_summary=summary, slot_names=[s.name for s in cfg.session_plan(config).slots])
+            config.stash[LEASE_SUMMARY_KEY] = summary
     if placement.exposures(records) and cfg.session_settings(config).private_network == "require":
-        session.exitstatus = pytest.ExitCode.TESTS_FAILED  # said in the terminal summary
-    speedgate.finish(
-        session, cfg.session_plan(config).slots, _xdist_workers(config),
-        record_extra={"placement": placement.to_json(records)} if records else None,
-    )
+        if session.exitstatus in (pytest.ExitCode.OK, pytest.ExitCode.NO_TESTS_COLLECTED):
+            session.exitstatus = pytest.ExitCode.TESTS_FAILED  # said in the terminal summary
+    speedgate.finish(session, cfg.session_plan(config).slots, _xdist_workers(config), record_extra=extra or None)
 
 
 def pytest_keyboard_interrupt(excinfo: pytest.ExceptionInfo[BaseException]) -> None:
@@ -352,10 +381,33 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
     lines = [cfg.backend_header(settings)] if plan is not None or cfg.backend_chosen(settings) else []
     if plan is not None:
         lines.append(describe_plan(settings, plan, _xdist_workers(config)))
+        if settings.requested and settings.leases == "per-test" and not config.getoption("kerasmp_ray", None):
+            mode = f"{cfg.LEASES_OPTION}=per-test, from {'the default' if not _leases_set(config) else 'the options'}"
+            lines.append(leasing.HEADER.format(mode=mode, option=cfg.LEASE_TIMEOUT_OPTION, timeout=settings.lease_timeout_s))
+        if config.stash.get(AUTO_WORKERS_KEY, None):
+            lines.append(leasing.AUTO_WORKERS.format(n=config.stash[AUTO_WORKERS_KEY], option=f"{cfg.GPUS_OPTION}={settings.gpus}"))
     if config.getoption("kerasmp_ray", None):
         lines.append(cfg.RAY_HEADER.format(option=cfg.RAY_OPTION, address=config.getoption("kerasmp_ray")))
     seed = speedgate.header(config)
     return lines + ([seed] if seed else [])
+
+
+def _leases_set(config: pytest.Config) -> bool:
+    return bool(config.getoption("kerasmp_leases", None) or os.environ.get(cfg.LEASES_ENV) or config.getini(cfg.LEASES_INI))
+
+
+AUTO_WORKERS_KEY = pytest.StashKey[int]()
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int | None:
+    """``-n auto`` under ``--kerasmp-gpus``: one xdist worker per slot (each pinned to its own)."""
+    settings = config.stash.get(cfg.SETTINGS_KEY, None)
+    plan = config.stash.get(cfg.PLAN_KEY, None)
+    if settings is None or not settings.requested or plan is None or config.getoption("kerasmp_ray", None):
+        return None
+    config.stash[AUTO_WORKERS_KEY] = len(plan.slots)
+    return len(plan.slots)
 
 
 def _xdist_workers(config: pytest.Config) -> int:
@@ -369,10 +421,13 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     not here; and tell pytest-benchmark which tests time comparisons."""
     speedgate.mark_benchmark_users(config, items)
     markers.skip_for_missing_gpus(config, items)
+    leasing.skip_too_many(config, items)
 
 
 def pytest_runtest_setup(item: pytest.Item) -> None:
     markers.check(item)
+    if item.config.pluginmanager.get_plugin("kerasmp-leasing") is None:
+        leasing.check(item)  # (a leasing process checks before it waits)
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, config: pytest.Config) -> None:
@@ -383,14 +438,20 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, config: p
         terminalreporter.write_line(placement.COMPETED_NOTE, yellow=True)
         for c in competed:
             terminalreporter.write_line(f"  {c.name}: {c.competed}", yellow=True)
+    lease_summary = config.stash.get(LEASE_SUMMARY_KEY, None)
+    if lease_summary:
+        terminalreporter.write_line(leasing.summary_line(lease_summary, len(cfg.session_plan(config).slots)))
     records = config.stash.get(PLACEMENT_KEY, [])
     if records:
         terminalreporter.write_sep("-", f"kerasmp: placement of the {plural(len(records), 'process')} pinned in this session")
         plan = config.stash.get(cfg.PLAN_KEY, None)
-        for line in placement.table_lines(records, session_slots=plan.slots if plan else ()):
+        windows = config.stash.get(WINDOWS_KEY, None)
+        for line in placement.table_lines(records, session_slots=plan.slots if plan else (), windows=windows):
             terminalreporter.write_line(line)
         crowded = placement.oversubscription(plan.slots, _xdist_workers(config)) if plan else None
-        if crowded:
+        if crowded and plan and config.stash.get(LEASE_SUMMARY_KEY, None):
+            terminalreporter.write_line(f"kerasmp: {leasing.TAKE_TURNS.format(workers=_xdist_workers(config), slots=len(plan.slots))}")
+        elif crowded:
             terminalreporter.write_line(f"kerasmp: OVERSUBSCRIBED: {crowded}", yellow=True)
         exposed = placement.exposures(records)
         if exposed and cfg.session_settings(config).private_network == "require":

@@ -111,6 +111,23 @@ PRIVATE_NETWORK_HELP = (
     f"Also ini {PRIVATE_NETWORK_INI}, env {PRIVATE_NETWORK_ENV}. Default: auto"
 )
 PRIVATE_NETWORK_VALID = "use auto, require or off"
+LEASES_OPTION, LEASES_INI, LEASES_ENV = "--kerasmp-leases", "kerasmp_leases", "PYTEST_KERASMP_LEASES"
+LEASES_HELP = (
+    "How slots are given to tests: 'per-test' leases each test the slots it needs from one "
+    "table for the session (its process's slot; @pytest.mark.kerasmp_slots(n) n of them), "
+    "waiting first come first served; 'off' gives each pytest process its part of the slots "
+    f"for the whole session. Also ini {LEASES_INI}, env {LEASES_ENV}. Default: per-test"
+)
+LEASES_VALID = "use per-test or off"
+LEASE_TIMEOUT_OPTION, LEASE_TIMEOUT_INI, LEASE_TIMEOUT_ENV = (
+    "--kerasmp-lease-timeout", "kerasmp_lease_timeout", "PYTEST_KERASMP_LEASE_TIMEOUT",
+)
+LEASE_TIMEOUT_DEFAULT_S = 900.0
+LEASE_TIMEOUT_HELP = (
+    "Bound in seconds on a test's wait for its slots; past it the test fails, naming who holds "
+    f"what. Also ini {LEASE_TIMEOUT_INI}, env {LEASE_TIMEOUT_ENV}. Default: {LEASE_TIMEOUT_DEFAULT_S:g}"
+)
+LEASE_TIMEOUT_VALID = "use a positive number of seconds, e.g. 600"
 
 BAD_VALUE = "{name}={value!r} (from {source}) is invalid: {valid}"
 GPUS_VALID = "use a positive integer, 'auto', or 'off' (also 0)"
@@ -145,6 +162,8 @@ class Settings:
     keras_backend_source: str = "the default"
     private_network: str = "auto"
     private_network_source: str = "the default"
+    leases: str = "per-test"
+    lease_timeout_s: float = LEASE_TIMEOUT_DEFAULT_S
 
     def command_line(self) -> str:
         """The options that reproduce this plan, each with where it came from."""
@@ -238,9 +257,24 @@ def resolve_settings(
         private, private_source = str(picked[0]).strip().lower(), picked[1]
         if private not in network.MODES:
             raise _fail(PRIVATE_NETWORK_OPTION, picked[0], private_source, PRIVATE_NETWORK_VALID)
+    leases = "per-test"
+    picked = _pick(cli.get("kerasmp_leases"), env, LEASES_ENV, ini(LEASES_INI), LEASES_INI)
+    if picked is not None:
+        leases = str(picked[0]).strip().lower()
+        if leases not in ("per-test", "off"):
+            raise _fail(LEASES_OPTION, picked[0], picked[1], LEASES_VALID)
+    lease_timeout = LEASE_TIMEOUT_DEFAULT_S
+    picked = _pick(cli.get("kerasmp_lease_timeout"), env, LEASE_TIMEOUT_ENV, ini(LEASE_TIMEOUT_INI), LEASE_TIMEOUT_INI)
+    if picked is not None:
+        try:
+            lease_timeout = float(str(picked[0]).strip())
+        except ValueError:
+            lease_timeout = float("nan")
+        if not 0 < lease_timeout < float("inf"):
+            raise _fail(LEASE_TIMEOUT_OPTION, picked[0], picked[1], LEASE_TIMEOUT_VALID)
     return Settings(
         gpus, gpus_source, requested, memory, require, memory_source, require_source, ray_timeout, ray_timeout_source,
-        backend, backend_source, private, private_source,
+        backend, backend_source, private, private_source, leases, lease_timeout,
     )
 
 

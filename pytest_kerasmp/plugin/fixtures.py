@@ -19,6 +19,7 @@ from pytest_kerasmp.errors import CLUSTER_SLOTS_PER_XDIST_WORKER
 from pytest_kerasmp.measure.comparison import Comparison
 from pytest_kerasmp.modelref import ModelRef
 from pytest_kerasmp.plugin.config import session_plan, session_settings
+from pytest_kerasmp.plugin.leasing import slots_of
 from pytest_kerasmp.plugin.sessionguard import SESSION_POOL_KEY
 from pytest_kerasmp.plugin.speedup import measure
 from pytest_kerasmp.runtime.cluster import TFCluster
@@ -35,14 +36,28 @@ DEVICE_UNPINNED = (
 )
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture
 def kerasmp_slots(pytestconfig: pytest.Config, request: pytest.FixtureRequest) -> tuple[DeviceSlot, ...]:
-    """The device slots this process owns (session scope; --kerasmp-gpus, --kerasmp-gpu-memory, --kerasmp-ray).
+    """The device slots of this test (function scope; --kerasmp-gpus, @pytest.mark.kerasmp_slots(n)).
 
-    Without -n: every slot of the session. Under -n: this xdist worker's part of them
-    (the header shows the parts); with more workers than slots, one slot shared with
-    another worker. Without --kerasmp-gpus: 'auto' slots, split the same way. Under
-    --kerasmp-ray: the slots planned on the Ray cluster's nodes.
+    Under --kerasmp-gpus the slots leased to this test: its process's own slot, or n of them
+    (its own first) for a test marked kerasmp_slots(n), and the session pool's slots too when
+    it uses kerasmp_pool. With --kerasmp-leases=off, or without --kerasmp-gpus: the slots this
+    process owns (kerasmp_worker_slots). Under --kerasmp-ray: the Ray cluster's slots.
+    """
+    if pytestconfig.getoption("kerasmp_ray", None):
+        slots: tuple[DeviceSlot, ...] = request.getfixturevalue("kerasmp_ray")
+        return slots
+    return slots_of(request.node) or session_plan(pytestconfig).own_slots
+
+
+@pytest.fixture(scope="session")
+def kerasmp_worker_slots(pytestconfig: pytest.Config, request: pytest.FixtureRequest) -> tuple[DeviceSlot, ...]:
+    """The device slots this pytest process owns for the session (session; for session fixtures).
+
+    Without -n: every slot of the session. Under -n: this xdist worker's part of them (the
+    header shows the parts). Under --kerasmp-ray: the Ray cluster's slots. A test uses
+    kerasmp_slots, which are the slots leased to it.
     """
     if pytestconfig.getoption("kerasmp_ray", None):
         slots: tuple[DeviceSlot, ...] = request.getfixturevalue("kerasmp_ray")
@@ -65,14 +80,14 @@ def kerasmp_device(pytestconfig: pytest.Config) -> DeviceSlot:
 
 
 @pytest.fixture(scope="session")
-def kerasmp_pool(kerasmp_slots: tuple[DeviceSlot, ...], request: pytest.FixtureRequest) -> Iterator[WorkerPool]:
+def kerasmp_pool(kerasmp_worker_slots: tuple[DeviceSlot, ...], request: pytest.FixtureRequest) -> Iterator[WorkerPool]:
     """A warm WorkerPool, one spawn worker per slot this process owns (session; --kerasmp-gpus, --kerasmp-ray).
 
     Without -n: one worker per session slot. Under -n: one per slot of this xdist worker's part.
     Under --kerasmp-ray: one Ray actor per slot of the cluster. Never handed out closed or
     broken: a test that closed or broke it leaves it restarted for the next (the summary says so).
     """
-    with WorkerPool(kerasmp_slots, name="session", **_backend(request)) as pool:
+    with WorkerPool(kerasmp_worker_slots, name="session", **_backend(request)) as pool:
         request.config.stash[SESSION_POOL_KEY] = pool  # a test that closes or breaks it: restarted (sessionguard)
         try:
             yield pool

@@ -192,6 +192,7 @@ class TFCluster(owners.Owned):
         self._say_exposed()
         if self.closed():  # close() from another thread while this start ran
             self._teardown("closed while starting")
+            self._close_network()
             raise ClusterClosedError(CLUSTER_CLOSED.format(cluster=self.name, what="start()"))
 
     def run(self, fn: Callable[..., Any], /, *args: Any, timeout: float | None = None, **kwargs: Any) -> list[Any]:
@@ -312,7 +313,7 @@ class TFCluster(owners.Owned):
                 lines = str(cause).strip().splitlines()
                 what = f"raised {type(cause).__name__}" + (f": {lines[-1].strip()}" if lines else "")
                 advice = "its traceback is attached below"
-                if "Could not start gRPC server" in str(cause):  # its port was taken meanwhile
+                if "Could not start gRPC server" in str(cause) and self.network is None:  # its port was taken meanwhile
                     port = self.ports[i]
                     advice = CLUSTER_PORT_LOST.format(port=port, holder=ports.holder(port) or "")
             error = ClusterTaskError(CLUSTER_TASK_FAILED.format(
@@ -403,7 +404,15 @@ class TFCluster(owners.Owned):
         """Tasks that listen where the network reaches them: the placement table says so in a
         pytest session with slots; elsewhere a warning does, once per process."""
         global _warned_exposed
-        if not self.network_note or _warned_exposed or placement.session_dir() is not None:
+        if not self.network_note:
+            return
+        # Recorded now: their server listens from the first collective on, and a failed run
+        # ends them without the audit of a graceful stop.
+        for pid, port in zip(self.pids(), self.ports, strict=False):
+            if pid:
+                where = [f"[::]:{port}"]
+                placement.record_network(pid, {"listening": where, "exposed": where, "private": False}, self.network_note)
+        if _warned_exposed or placement.session_dir() is not None:
             return
         _warned_exposed = True
         ports_ = ", ".join(f"task {t} port {p}" for t, p in zip(self.task_names, self.ports, strict=False))

@@ -220,9 +220,18 @@ class Child:
         return self.exitcode is None
 
     def exited(self) -> bool:
-        """Whether the process has ended, also while another thread holds its reaping lock
-        (``Popen.poll`` then answers None): its sentinel says so too."""
-        return self.exitcode is not None or (self.sentinel >= 0 and bool(wait([self.sentinel], 0)))
+        """Whether the process has ended or is ending: reaped, its sentinel ready (also while
+        another thread holds its reaping lock, when ``Popen.poll`` answers None), or a zombie
+        (a killed process with many threads shows as one for a while before it can be reaped:
+        seen under load with TensorFlow's threads)."""
+        if self.exitcode is not None or (self.sentinel >= 0 and bool(wait([self.sentinel], 0))):
+            return True
+        try:
+            with open(f"/proc/{self.pid}/stat") as stat:
+                state = stat.read().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            return True
+        return state in ("Z", "X")
 
     def describe_exit(self) -> tuple[str, str]:
         self._reap(1.0)
@@ -288,6 +297,8 @@ class Child:
         from the network under ``--kerasmp-private-network=require`` stops it."""
         from pytest_kerasmp.slots import network, placement
 
+        if placement.session_dir() is None and network.mode() != "require":
+            return {}  # nobody reads it: no placement table, nothing to enforce
         found = network.audit(self.pid)
         placement.record_network(self.pid, found, self.network_note)
         if require and found["exposed"] and network.mode() == "require":

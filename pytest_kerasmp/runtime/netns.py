@@ -10,8 +10,9 @@ their every-interface listen reaches nothing outside it, and they still reach ea
 The namespace is made and held by a small process (the holder, started here; it runs no
 framework and is pinned to nothing, so it is not a ``lifecycle.Child``): it makes the
 namespace, brings ``lo`` up, prints ``ready`` and waits; it exits when its standard input
-closes (:meth:`PrivateNetwork.close`, or its owner's death closes the pipe) and is killed
-with its parent (``PR_SET_PDEATHSIG``). A task joins the namespace first thing in its
+closes (:meth:`PrivateNetwork.close`, or its owner's death closes the pipe), and is killed
+when the thread that started it ends (``PR_SET_PDEATHSIG``; a cluster restarted later makes a
+new one if so). A task joins the namespace first thing in its
 bootstrap, while it has one thread (``setns`` refuses a threaded process a user namespace).
 The plugin's channels to a task (socket pairs and pipes) cross namespaces; TCP does not.
 """
@@ -19,14 +20,17 @@ The plugin's channels to a task (socket pairs and pipes) cross namespaces; TCP d
 from __future__ import annotations
 
 import ctypes
+import errno
 import os
-import select
 import subprocess
 import sys
 import time
+from multiprocessing.connection import wait
 
 CLONE_NEWUSER = 0x10000000
 CLONE_NEWNET = 0x40000000
+#: Refusals that do not pass while the process runs (a limit reached, ENOSPC, may pass).
+LASTING = tuple(os.strerror(e) for e in (errno.EPERM, errno.EACCES, errno.EINVAL))
 #: Bound on the holder's start (a Python interpreter and four system calls).
 START_TIMEOUT_S = 10.0
 
@@ -45,16 +49,19 @@ uid, gid = os.getuid(), os.getgid()
 user = os.geteuid() != 0
 if libc.unshare(0x40000000 | (0x10000000 if user else 0)) != 0:
     fail("unshare(CLONE_NEW%sNET)" % ("USER|CLONE_NEW" if user else ""))
+step = "writing /proc/self/uid_map"
 try:
     if user:
         for name, text in (("setgroups", "deny"), ("uid_map", "%d %d 1" % (uid, uid)), ("gid_map", "%d %d 1" % (gid, gid))):
+            step = "writing /proc/self/" + name
             with open("/proc/self/" + name, "w") as f:
                 f.write(text)
+    step = "bringing up lo in the new namespace"
     s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     flags = struct.unpack("16sh14x", fcntl.ioctl(s, 0x8913, struct.pack("16sh14x", b"lo", 0)))[1]
     fcntl.ioctl(s, 0x8914, struct.pack("16sh14x", b"lo", flags | 1))
 except OSError as exc:
-    print("refused: bringing up lo in the new namespace: " + exc.strerror, flush=True)
+    print("refused: " + step + ": " + exc.strerror, flush=True)
     sys.exit(1)
 print("ready", flush=True)
 sys.stdin.buffer.read()
@@ -91,14 +98,18 @@ class PrivateNetwork:
         #: The holder's pid: a task joins ``/proc/PID/ns/*``.
         self.pid = self._holder.pid
         assert self._holder.stdout is not None
-        ready, _, _ = select.select([self._holder.stdout], [], [], timeout)
-        line = self._holder.stdout.readline().decode(errors="replace").strip() if ready else ""
+        try:
+            ready = wait([self._holder.stdout.fileno()], timeout)
+            line = self._holder.stdout.readline().decode(errors="replace").strip() if ready else ""
+        except BaseException:  # an interrupt: no holder left behind
+            self.close()
+            raise
         if line != "ready":
             global _refused
             self.close()
             why = line.removeprefix("refused: ") or (
-                f"the namespace's holder did not answer within {timeout:g} s" if not ready else "its holder exited")
-            if line.startswith("refused: "):
+                f"its holder did not answer within {timeout:g} s" if not ready else "its holder exited")
+            if line.startswith("refused: ") and why.endswith(LASTING):  # a lasting refusal, not a passing limit
                 _refused = why
             raise PrivateNetworkRefused(why)
         #: Seconds the holder took to make the namespace.
@@ -128,16 +139,20 @@ def join(holder_pid: int) -> None:
     """Enter the holder's namespaces (its user namespace first, where it made one); call
     while this process has one thread, before anything listens."""
     libc = ctypes.CDLL(None, use_errno=True)
-    fds = []
-    for kind, flag in (("user", CLONE_NEWUSER), ("net", CLONE_NEWNET)):
-        path = f"/proc/{holder_pid}/ns/{kind}"
-        if os.stat(path).st_ino != os.stat(f"/proc/self/ns/{kind}").st_ino:
-            fds.append((os.open(path, os.O_RDONLY), flag, path))
+    fds: list[tuple[int, int, str]] = []
     try:
+        for kind, flag in (("user", CLONE_NEWUSER), ("net", CLONE_NEWNET)):
+            path = f"/proc/{holder_pid}/ns/{kind}"
+            try:
+                if os.stat(path).st_ino != os.stat(f"/proc/self/ns/{kind}").st_ino:
+                    fds.append((os.open(path, os.O_RDONLY), flag, path))
+            except FileNotFoundError:
+                raise OSError(errno.ESRCH, f"joining the cluster's private network: its holder (pid {holder_pid}) is gone") from None
         for fd, flag, path in fds:
             if libc.setns(fd, flag) != 0:
                 error = ctypes.get_errno()
-                raise OSError(error, f"joining the cluster's private network: setns({path}): {os.strerror(error)}")
+                hint = " (this process already runs threads: join first thing)" if error == errno.EINVAL else ""
+                raise OSError(error, f"joining the cluster's private network: setns({path}): {os.strerror(error)}{hint}")
     finally:
         for fd, _, _ in fds:
             os.close(fd)

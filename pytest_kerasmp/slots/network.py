@@ -39,9 +39,12 @@ class Listener:
 
 
 def mode(environ: dict[str, str] | None = None) -> str:
-    """The session's private-network mode (``auto`` unless the plugin or the user set one)."""
+    """The session's private-network mode (``auto`` unless the plugin or the user set one);
+    a value that is none of :data:`MODES` is a ValueError (it must not weaken ``require``)."""
     value = (environ if environ is not None else os.environ).get(MODE_ENV, "").strip().lower()
-    return value if value in MODES else "auto"
+    if value and value not in MODES:
+        raise ValueError(f"{MODE_ENV}={value!r} is invalid: use auto, require or off")
+    return value or "auto"
 
 
 def _address(hex_address: str) -> str:
@@ -127,12 +130,12 @@ def audit(pid: int) -> dict[str, Any]:
     """What the placement records keep of ``pid``'s network: its listeners, those reachable,
     and whether it runs in a private namespace (only ``lo``, not this process's)."""
     found = listening(pid)
-    own = namespace()
     theirs = namespace(pid)
     return {
         "listening": [x.describe() for x in found],
         "exposed": [x.describe() for x in found if x.reachable],
-        "private": theirs is not None and theirs != own and interfaces(pid) == ["lo"],
+        "private": theirs is not None and theirs != namespace() and not any(x.reachable for x in found)
+        and interfaces(pid) == ["lo"],
     }
 
 

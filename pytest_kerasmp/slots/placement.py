@@ -306,6 +306,8 @@ def exposures(records: Sequence[dict[str, Any]]) -> list[str]:
 
 def resources(rec: dict[str, Any]) -> set[str]:
     """What a recorded process occupied, from what it saw inside itself."""
+    if "_resources" in rec:  # a probe for a window of the caller's own
+        return set(rec["_resources"])
     if rec["slot"]["kind"] == "GPU":
         return {f"GPU {g}" for g in str(rec["cuda_visible_devices"]).split(",") if g}
     return {f"core {c}" for c in rec["cores"]}
@@ -320,25 +322,55 @@ def _overlap(a: dict[str, Any], start: float, end: float | None) -> bool:
     return a["start"] <= (end if end is not None else float("inf")) and start <= a_end
 
 
-def annotate(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+#: Under slot leases: per owner (xdist worker), the windows in which it held slots, each as
+#: (start, end, the resources of its slots). A process computes only inside its owner's.
+Windows = dict[str, list[tuple[float, float, set[str]]]]
+
+
+def _active(rec: dict[str, Any], windows: Windows | None, shared: set[str]) -> list[tuple[float, float]]:
+    """When ``rec`` could compute on ``shared``: its lifetime, cut to its owner's leases of it."""
+    start, end = rec["start"], rec["end"] if rec["end"] is not None else float("inf")
+    if windows is None:
+        return [(start, end)]
+    return [(max(start, a), min(end, b)) for a, b, held in windows.get(rec["owner"], []) if held & shared and a < end and start < b]
+
+
+def _compete(a: dict[str, Any], b: dict[str, Any], windows: Windows | None, start: float = 0.0, end: float = float("inf")) -> bool:
+    shared = resources(a) & resources(b)
+    if not shared:
+        return False
+    return any(max(s1, s2, start) < min(e1, e2, end)
+               for s1, e1 in _active(a, windows, shared) for s2, e2 in _active(b, windows, shared))
+
+
+def annotate(records: list[dict[str, Any]], windows: Windows | None = None) -> list[dict[str, Any]]:
     """Add ``shared_with`` (same owner) and ``competed_with`` (other owners) to each record:
-    the processes alive at the same time on the same GPU or cores."""
+    the processes alive at the same time on the same GPU or cores (under leases, ``windows``:
+    at a time when both their owners held those resources)."""
     for rec in records:
         mine = resources(rec)
         rec["shared_with"], rec["competed_with"] = [], []
         for other in records:
             if other is rec or not mine & resources(other) or not _overlap(other, rec["start"], rec["end"]):
                 continue
-            key = "shared_with" if other["owner"] == rec["owner"] else "competed_with"
-            rec[key].append(name_of(other))
+            if other["owner"] == rec["owner"]:
+                rec["shared_with"].append(name_of(other))
+            elif _compete(rec, other, windows):
+                rec["competed_with"].append(name_of(other))
     return records
 
 
-def competitors(records: Sequence[dict[str, Any]], owner: str, occupied: set[str], start: float, end: float) -> list[str]:
-    """Processes of other owners alive during [start, end] on any of ``occupied``."""
-    return sorted(
-        {name_of(r) for r in records if r["owner"] != owner and resources(r) & occupied and _overlap(r, start, end)}
-    )
+def competitors(records: Sequence[dict[str, Any]], owner: str, occupied: set[str], start: float, end: float,
+                windows: Windows | None = None) -> list[str]:
+    """Processes of other owners alive during [start, end] on any of ``occupied`` (under
+    leases, ``windows``: while their owner held those resources)."""
+    probe = {"owner": owner, "start": start, "end": end, "slot": {"kind": "CPU"}, "cores": [],
+             "_resources": occupied}
+    return sorted({
+        name_of(r) for r in records
+        if r["owner"] != owner and resources(r) & occupied and _overlap(r, start, end)
+        and (windows is None or _compete(probe, r, windows, start, end))
+    })
 
 
 def _memory(rec: dict[str, Any]) -> str:
@@ -350,7 +382,8 @@ def _memory(rec: dict[str, Any]) -> str:
 
 
 def table_lines(
-    records: list[dict[str, Any]], origin: float | None = None, session_slots: Sequence[DeviceSlot] = ()
+    records: list[dict[str, Any]], origin: float | None = None, session_slots: Sequence[DeviceSlot] = (),
+    windows: Windows | None = None,
 ) -> list[str]:
     """The placement table: one row per process, lifetimes in seconds from ``origin``. A
     process is shown on the session slot it occupies (a pool planned with ``plan_slots``
@@ -370,7 +403,7 @@ def table_lines(
     origin = min(r["start"] for r in records) if origin is None else origin
     header = ("process", "role", "backend", "slot", "cores/GPU", "pid", "lifetime", "GPU memory", "network", "shared")
     rows = [header]
-    for r in annotate(records):
+    for r in annotate(records, windows):
         where = (
             f"GPU {r['cuda_visible_devices']}" if r["slot"]["kind"] == "GPU"
             else "cores {" + ", ".join(map(str, r["cores"])) + "}"
@@ -390,12 +423,12 @@ def table_lines(
     return ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in rows]
 
 
-def to_json(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def to_json(records: list[dict[str, Any]], windows: Windows | None = None) -> list[dict[str, Any]]:
     """The report's ``placement`` section."""
     return [
         {k: r[k] for k in ("role", "owner", "label", "pid", "slot", "part", "cores", "cuda_visible_devices",
                            "memory_growth", "memory_limit_mb", "start", "end", "shared_with", "competed_with")}
         | {"keras_backend": r.get("keras_backend")}
         | {k: r.get(k) for k in ("listening", "exposed", "private", "network_why")}
-        for r in annotate(records)
+        for r in annotate(records, windows)
     ]
