@@ -17,11 +17,13 @@ and no module imports another in a circle:
     seeding, quiet logs. Imports only ``errors``.
 ``slots/`` and ``modelref``
     find devices, plan slots, pin a process (``slots.pinning.pin_process``, the one pin
-    function), record placement, seed; how a model crosses a process boundary.
+    function), record placement (and what each process listens on, ``slots.network``), lease
+    slots to tests (``slots.leases``, the session's one lease table), seed; how a model crosses
+    a process boundary.
 ``runtime/``
     the local execution backend: the one child lifecycle, wire messages, the shared-memory
     transport, the task queue, the dispatcher, ``WorkerPool``, ``InferenceServer`` and its
-    client, ``TFCluster``, ports. Pools and servers reach their execution backend through
+    client, ``TFCluster``, ports, a cluster's private network (``runtime.netns``). Pools and servers reach their execution backend through
     ``runtime.backends`` (by name or object), never by importing one: ``ray/`` plugs in there.
 ``ray/``
     the Ray execution backend (actors, its dispatcher, the Ray server, local Ray clusters);

@@ -348,6 +348,10 @@ CLUSTER_SLOTS_PER_XDIST_WORKER = (
     "workers; pass --kerasmp-gpus={need} or more ({tasks} per worker for {workers} workers), or "
     "run with fewer workers (-n)"
 )
+CLUSTER_SLOTS_LEASED = (
+    "cluster {cluster!r} needs one slot per task ({tasks} tasks: {names}) but the test leased "
+    "{leased} ({described}); mark the test @pytest.mark.kerasmp_slots({tasks}) to lease {tasks}"
+)
 CLUSTER_DIED_IDLE = (
     "task {task} ({slot}, pid {pid}) of cluster {cluster!r} died with {how} between runs, so "
     "run({fn}) was not started; every task of the cluster was stopped with it and the cluster "

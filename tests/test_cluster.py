@@ -373,28 +373,39 @@ def test_tasks_on_faked_gpus_get_their_own_gpu_and_its_memory_setting(monkeypatc
         assert [i["slot"]["memory_limit_mb"] for i in infos] == [1024, 1024]
 
 
-def test_the_fixture_makes_a_cluster_on_the_slots_this_process_owns(run_pytest, pytester):
-    pytester.makepyfile(test_uses=f"""
+def test_the_fixture_makes_a_cluster_on_the_slots_leased_to_the_test(run_pytest, pytester):
+    test = f"""
         import sys
+        import pytest
         sys.path.insert(0, {TESTS!r})
         import cluster_tasks
 
+        @pytest.mark.kerasmp_slots(2)
         def test_cluster(kerasmp_tf_cluster, kerasmp_slots):
             c = kerasmp_tf_cluster(2)
             infos = c.run(cluster_tasks.describe)
             assert [i["slot"]["index"] for i in infos] == [s.index for s in kerasmp_slots[:2]]
             print("PIDS", *c.pids())
-    """)
+    """
+    pytester.makepyfile(test_uses=test)
     result = run_pytest("--kerasmp-gpus=2", "-s")
     result.assert_outcomes(passed=1)
     pids = [int(p) for line in result.outlines if "PIDS" in line for p in line.split("PIDS")[1].split()]
     assert len(pids) == 2 and gone(pids, within=1)
-    result = run_pytest("--kerasmp-gpus=2", "-n", "2")
+    result = run_pytest("--kerasmp-gpus=2", "-n", "2")  # the same command line as one-slot tests
+    result.assert_outcomes(passed=1)
+    # Unmarked, it leases one slot: the error says which marker leases two.
+    pytester.makepyfile(test_uses=test.replace("@pytest.mark.kerasmp_slots(2)", ""))
+    result = run_pytest("--kerasmp-gpus=2")
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(["*needs one slot per task (2 tasks: worker:0, worker:1) but the test leased 1 slot (slot0*); "
+                                 "mark the test @pytest.mark.kerasmp_slots(2) to lease 2"])
+    # With the session-long split (--kerasmp-leases=off), a worker's part is what it owns.
+    result = run_pytest("--kerasmp-gpus=2", "-n", "2", "--kerasmp-leases=off")
     result.assert_outcomes(failed=1)
     result.stdout.fnmatch_lines([
         "*needs one slot per task (2 tasks: worker:0, worker:1) but xdist worker gw? owns 1 slot (slot?*): the session's "
         "2 slots are split among 2 xdist workers; pass --kerasmp-gpus=4 or more (2 per worker for 2 workers), or run with fewer workers (-n)",
     ])
-    assert "pass --kerasmp-gpus=2 or more" not in result.stdout.str()  # what was passed already
-    result = run_pytest("--kerasmp-gpus=4", "-n", "2")  # what the message says to pass works
+    result = run_pytest("--kerasmp-gpus=4", "-n", "2", "--kerasmp-leases=off")  # what the message says to pass works
     result.assert_outcomes(passed=1)

@@ -146,23 +146,25 @@ def test_a_wait_past_its_bound_fails_naming_who_holds_what(tmp_path):
     leases.release(tmp_path, holder, names)
 
 
-def test_a_worker_that_dies_holding_slots_frees_them(pytester, run_pytest):
-    pytester.makepyfile(test_die="""
+@pytest.mark.parametrize("fault", ["os._exit(1)", "time.sleep(60)"], ids=["dies", "times-out"])
+def test_a_holder_that_dies_or_times_out_frees_its_slots(pytester, run_pytest, fault):
+    pytester.makepyfile(test_fault=f"""
         import os, time
         import pytest
 
         @pytest.mark.kerasmp_slots(2)
-        def test_dies_holding_both(kerasmp_slots):
-            os._exit(1)
+        def test_fault_holding_both(kerasmp_slots):
+            {fault}
 
         @pytest.mark.kerasmp_slots(2)
         def test_then_both_again(kerasmp_slots):
             assert len(kerasmp_slots) == 2
     """)
     t0 = time.monotonic()
-    result = run_pytest("-n", "2", "--kerasmp-gpus=2", "--kerasmp-lease-timeout=60")
+    # pytest-timeout's signal method ends the sleeping test: its teardown ends the lease.
+    result = run_pytest("-n", "2", "--kerasmp-gpus=2", "--kerasmp-lease-timeout=60", "--timeout=3")
     result.assert_outcomes(passed=1, failed=1)
-    assert time.monotonic() - t0 < 90
+    assert time.monotonic() - t0 < 60, "the second test waited out its bound: the lease was not freed"
 
 
 def test_the_wait_notice_and_the_options(pytester, run_pytest):
@@ -198,3 +200,17 @@ def test_marker_arguments_are_checked(pytester, run_pytest):
     result = run_pytest("--kerasmp-gpus=2")
     result.stdout.fnmatch_lines(["*" + leasing.MARKER_BAD.format(args=(0,)) + "*"])
     result.assert_outcomes(errors=1)
+
+
+def test_too_many_slots_fail_under_require_gpu(pytester, run_pytest, monkeypatch):
+    monkeypatch.setenv("PYTEST_KERASMP_FAKE_GPUS", "2")
+    pytester.makepyfile("""
+        import pytest
+        @pytest.mark.kerasmp_slots(3)
+        def test_three(kerasmp_slots):
+            pass
+    """)
+    result = run_pytest("--kerasmp-gpus=2", "--kerasmp-require-gpu")
+    result.assert_outcomes(errors=1)
+    result.stdout.fnmatch_lines(["*" + leasing.TOO_MANY_REQUIRED.format(
+        wanted="3 slots", have="2 slots", source="the command line", n=3) + "*"])

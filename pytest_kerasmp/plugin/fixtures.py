@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from pytest_kerasmp.errors import CLUSTER_SLOTS_PER_XDIST_WORKER
+from pytest_kerasmp.errors import CLUSTER_SLOTS_LEASED, CLUSTER_SLOTS_PER_XDIST_WORKER
 from pytest_kerasmp.measure.comparison import Comparison
 from pytest_kerasmp.modelref import ModelRef
 from pytest_kerasmp.plugin.config import session_plan, session_settings
@@ -172,7 +172,7 @@ def kerasmp_inference_server(
 
 @pytest.fixture
 def kerasmp_tf_cluster(
-    kerasmp_slots: tuple[DeviceSlot, ...], pytestconfig: pytest.Config,
+    kerasmp_slots: tuple[DeviceSlot, ...], pytestconfig: pytest.Config, request: pytest.FixtureRequest,
 ) -> Iterator[Callable[..., TFCluster]]:
     """Factory: make(workers=2, **options) -> TFCluster, closed at test end (function).
 
@@ -181,12 +181,12 @@ def kerasmp_tf_cluster(
     test's ``run`` calls; for one warm cluster across a module, make a module-scoped fixture
     that yields ``TFCluster(...)`` as a context manager.
     """
-    yield from _clusters(TFCluster, kerasmp_slots, pytestconfig)
+    yield from _clusters(TFCluster, kerasmp_slots, pytestconfig, slots_of(request.node) is not None)
 
 
 @pytest.fixture
 def kerasmp_keras_cluster(
-    kerasmp_slots: tuple[DeviceSlot, ...], pytestconfig: pytest.Config,
+    kerasmp_slots: tuple[DeviceSlot, ...], pytestconfig: pytest.Config, request: pytest.FixtureRequest,
 ) -> Iterator[Callable[..., TFCluster]]:
     """Factory: make(workers=2, **options) -> KerasCluster for the session's Keras backend,
     closed at test end (function).
@@ -197,18 +197,18 @@ def kerasmp_keras_cluster(
     """
     from pytest_kerasmp.runtime.kerascluster import KerasCluster
 
-    yield from _clusters(KerasCluster, kerasmp_slots, pytestconfig)
+    yield from _clusters(KerasCluster, kerasmp_slots, pytestconfig, slots_of(request.node) is not None)
 
 
 def _clusters(
-    cls: type[TFCluster], kerasmp_slots: tuple[DeviceSlot, ...], pytestconfig: pytest.Config,
+    cls: type[TFCluster], kerasmp_slots: tuple[DeviceSlot, ...], pytestconfig: pytest.Config, leased: bool,
 ) -> Iterator[Callable[..., TFCluster]]:
     clusters: list[TFCluster] = []
 
     def make(workers: int = 2, **options: Any) -> TFCluster:
         options.setdefault("name", f"cluster{len(clusters)}")
         if "slots" not in options and isinstance(workers, int) and workers > 0:
-            _check_worker_part(pytestconfig, kerasmp_slots, workers, bool(options.get("chief")), options["name"])
+            _check_worker_part(pytestconfig, kerasmp_slots, workers, bool(options.get("chief")), options["name"], leased)
         options.setdefault("slots", kerasmp_slots)  # the first ones, one per task
         cluster = cls(workers, **options)
         clusters.append(cluster)
@@ -220,14 +220,21 @@ def _clusters(
             stack.callback(cluster.close, timeout=30.0)
 
 
-def _check_worker_part(config: pytest.Config, owned: Sequence[DeviceSlot], workers: int, chief: bool, name: str) -> None:
-    """Under -n, too few slots for a cluster: say how many each xdist worker needs, and the
-    --kerasmp-gpus that gives them that (the worker's part is what it owns, not the session)."""
+def _check_worker_part(config: pytest.Config, owned: Sequence[DeviceSlot], workers: int, chief: bool, name: str,
+                       leased: bool) -> None:
+    """Too few slots for a cluster: under leases, say which marker leases enough; under -n
+    without them, how many each xdist worker needs and the --kerasmp-gpus that gives them that
+    (the worker's part is what it owns, not the session)."""
     plan = session_plan(config)
     tasks = workers + chief
+    names = ", ".join((["chief:0"] if chief else []) + [f"worker:{i}" for i in range(workers)])
+    if leased and len(owned) < tasks:
+        raise ValueError(CLUSTER_SLOTS_LEASED.format(
+            cluster=name, tasks=tasks, names=names, leased=plural(len(owned), "slot"),
+            described="; ".join(s.describe() for s in owned),
+        ))
     if plan.role != "worker" or plan.workers < 2 or len(owned) >= tasks or config.getoption("kerasmp_ray", None):
         return  # without -n, TFCluster's own message says what to pass
-    names = ", ".join((["chief:0"] if chief else []) + [f"worker:{i}" for i in range(workers)])
     raise ValueError(CLUSTER_SLOTS_PER_XDIST_WORKER.format(
         cluster=name, tasks=tasks, names=names, worker=plan.worker_id, owned=plural(len(owned), "slot"),
         described="; ".join(s.describe() for s in owned), total=plural(len(plan.slots), "slot"),
