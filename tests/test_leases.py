@@ -93,7 +93,8 @@ def test_a_mixed_suite_never_runs_two_tests_on_one_slot_at_once(pytester, run_py
     assert record["leases_plot"] == "kerasmp-leases.png" and (report / "kerasmp-leases.png").stat().st_size > 0
     assert "### slot leases" in (report / "kerasmp-report.md").read_text()
     # The processes of different workers never competed: each computed only under its lease.
-    assert all(p["competed_with"] == [] for p in record["placement"]), record["placement"]
+    assert all(p["competed_with"] == [] for p in record["placement"]), [
+        (p["owner"], p["label"], p["competed_with"]) for p in record["placement"] if p["competed_with"]]
 
 
 def test_the_table_serves_first_come_first_served_and_lets_others_pass():
@@ -133,17 +134,23 @@ def test_a_holder_whose_process_is_gone_holds_nothing(tmp_path):
 
 def test_a_wait_past_its_bound_fails_naming_who_holds_what(tmp_path):
     names = ["slot0", "slot1"]
-    holder = leases.acquire(tmp_path, 2, want=[1], extra=0, owner="gw1", test="t.py::long", timeout=5, names=names)
-    t0 = time.monotonic()
-    with pytest.raises(LeaseTimeoutError) as info:
-        leases.acquire(tmp_path, 2, want=[0], extra=1, owner="gw0", test="t.py::wide", timeout=0.5, names=names)
+    with subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"]) as other:  # another live worker
+        granted = time.time()
+        table = {"holders": [{"id": "x", "pid": other.pid, "owner": "gw1", "test": "t.py::long", "want": [1], "extra": 0,
+                              "since": granted, "slots": [1], "granted": granted}], "queue": []}
+        (tmp_path / leases.TABLE).write_text(json.dumps(table))
+        t0 = time.monotonic()
+        try:
+            with pytest.raises(LeaseTimeoutError) as info:
+                leases.acquire(tmp_path, 2, want=[0], extra=1, owner="gw0", test="t.py::wide", timeout=0.5, names=names)
+        finally:
+            other.kill()
     assert time.monotonic() - t0 < 5
-    held_for = round(time.time() - holder.granted)
+    held_for = round(time.time() - granted)
     assert str(info.value) in [LEASE_TIMED_OUT.format(
         owner="gw0", test="t.py::wide", wanted="slot0 and 1 more", timeout=0.5, held=f"slot1 by gw1 (t.py::long) for {s} s")
         for s in (held_for - 1, held_for)]
-    assert [w for w in leases.read(tmp_path)["queue"]] == []  # the waiter that gave up wants nothing
-    leases.release(tmp_path, holder, names)
+    assert leases.read(tmp_path)["queue"] == []  # the waiter that gave up wants nothing
 
 
 @pytest.mark.parametrize("fault", ["os._exit(1)", "time.sleep(60)"], ids=["dies", "times-out"])
@@ -153,6 +160,7 @@ def test_a_holder_that_dies_or_times_out_frees_its_slots(pytester, run_pytest, f
         import pytest
 
         @pytest.mark.kerasmp_slots(2)
+        @pytest.mark.timeout(3)
         def test_fault_holding_both(kerasmp_slots):
             {fault}
 
@@ -162,7 +170,7 @@ def test_a_holder_that_dies_or_times_out_frees_its_slots(pytester, run_pytest, f
     """)
     t0 = time.monotonic()
     # pytest-timeout's signal method ends the sleeping test: its teardown ends the lease.
-    result = run_pytest("-n", "2", "--kerasmp-gpus=2", "--kerasmp-lease-timeout=60", "--timeout=3")
+    result = run_pytest("-n", "2", "--kerasmp-gpus=2", "--kerasmp-lease-timeout=60", "--timeout=60")
     result.assert_outcomes(passed=1, failed=1)
     assert time.monotonic() - t0 < 60, "the second test waited out its bound: the lease was not freed"
 
@@ -214,3 +222,26 @@ def test_too_many_slots_fail_under_require_gpu(pytester, run_pytest, monkeypatch
     result.assert_outcomes(errors=1)
     result.stdout.fnmatch_lines(["*" + leasing.TOO_MANY_REQUIRED.format(
         wanted="3 slots", have="2 slots", source="the command line", n=3) + "*"])
+
+
+def test_a_pool_of_a_broader_scope_keeps_its_slots_leased(pytester, run_pytest):
+    pytester.makepyfile("""
+        import pytest
+        from pytest_kerasmp import WorkerPool
+
+        @pytest.fixture(scope="module")
+        def wide(kerasmp_worker_slots):
+            with WorkerPool(kerasmp_worker_slots, import_tensorflow=False, name="wide") as pool:
+                yield pool
+
+        def test_before(kerasmp_slots):
+            assert len(kerasmp_slots) == 1
+
+        @pytest.mark.kerasmp_slots(2)
+        def test_opens_it(wide, kerasmp_slots):
+            assert len(wide.slots) == 2
+
+        def test_while_it_is_open(wide, kerasmp_slots):
+            assert len(kerasmp_slots) == 2   # its slots are this test's too: nobody else computes there
+    """)
+    run_pytest("--kerasmp-gpus=2").assert_outcomes(passed=3)

@@ -104,15 +104,28 @@ def check(item: pytest.Item) -> bool:
 
 
 def request_of(item: pytest.Item) -> tuple[list[int], int]:
-    """What a test leases: the slots it must have (its process's, and the session pool's if
-    it uses it) and how many more of any kind."""
+    """What a test leases: the slots it must have (its process's; the session pool's if it
+    uses it; those of every pool, server and cluster of this process still open, which a
+    fixture of a broader scope keeps from an earlier test) and how many more of any kind."""
     plan = cfg.session_plan(item.config)
     assert plan.pinned is not None
     want = [plan.slots.index(plan.pinned)]
     if "kerasmp_pool" in getattr(item, "fixturenames", ()):
         want += [plan.slots.index(s) for s in plan.own_slots if plan.slots.index(s) not in want]
+    kept = placement.resources_of(_slots_of_live_owners())
+    want += [i for i, s in enumerate(plan.slots) if i not in want and placement.resources_of([s]) & kept]
     n = marked_count(item, len(plan.slots)) or 1
     return want, max(0, n - len(want))
+
+
+def _slots_of_live_owners() -> list[DeviceSlot]:
+    from pytest_kerasmp.runtime import owners
+
+    found: list[DeviceSlot] = []
+    for owner in owners.live():
+        slots = getattr(owner, "slots", None) or [getattr(owner, "slot", None)]
+        found += [s for s in slots if isinstance(s, DeviceSlot) and not s.node]
+    return found
 
 
 def slots_of(item: pytest.Item) -> tuple[DeviceSlot, ...] | None:
@@ -136,7 +149,8 @@ class Leasing:
         self.names = [s.name for s in plan.slots]
         self.owner = plan.worker_id or "main"
 
-    @pytest.hookimpl(tryfirst=True)
+    # Not tryfirst: after pytest's skip and xfail(run=False) handling (a skipped test leases
+    # nothing), before the fixtures are set up (they start processes on the leased slots).
     def pytest_runtest_setup(self, item: pytest.Item) -> None:
         if not check(item):  # a bad marker fails before it waits; too many slots: skipped (marked)
             return
@@ -161,10 +175,12 @@ class Leasing:
         finally:
             lease = item.stash.get(LEASE_KEY, None)
             if lease is not None:
-                leases.release(self.directory, lease, self.names)
-                scope = item.stash.get(SCOPE_KEY, None)
-                if scope is not None:
-                    set_scope(scope.slots, scope.description)
+                try:
+                    leases.release(self.directory, lease, self.names)
+                finally:
+                    scope = item.stash.get(SCOPE_KEY, None)
+                    if scope is not None:
+                        set_scope(scope.slots, scope.description)
 
     def pytest_sessionfinish(self) -> None:
         leases.release_all(self.directory, os.getpid())

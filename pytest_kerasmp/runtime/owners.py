@@ -53,6 +53,11 @@ def register_owner(owner: Owner) -> None:
     install_sigterm_handler()  # a script that owns processes: SIGTERM ends them too
 
 
+def live() -> list[Any]:
+    """The pools, servers and clusters of this process that are not closed."""
+    return list(_owners)
+
+
 def add_killer(kill: Any) -> None:
     """Have ``kill()`` (lock-free, quick) run when the process is terminated: for processes
     started outside ``Child`` (a local Ray cluster's daemons)."""

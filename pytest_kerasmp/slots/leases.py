@@ -92,8 +92,10 @@ def _alive(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat") as stat:
             return stat.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-    except (OSError, IndexError):
+    except (FileNotFoundError, ProcessLookupError):
         return False
+    except (OSError, IndexError):  # unreadable (hidepid): alive, as process_alive said
+        return True
 
 
 def _grant(state: dict[str, Any], total: int, now: float) -> None:
@@ -143,6 +145,10 @@ def acquire(
     pause, noticed = 0.002, False
     try:
         with _table(directory) as state:
+            # A process runs one test at a time: anything it still holds or waits for was lost
+            # to an interrupt between a grant and its teardown (it would wait for itself).
+            state["holders"] = [h for h in state["holders"] if h["pid"] != entry["pid"]]
+            state["queue"] = [w for w in state["queue"] if w["pid"] != entry["pid"]]
             state["queue"].append(entry)
             _grant(state, total, time.time())
             mine = _mine(state, me)
@@ -172,9 +178,10 @@ def _mine(state: dict[str, Any], me: str) -> dict[str, Any] | None:
 def release(directory: Path, lease: Lease, names: Sequence[str]) -> None:
     """End ``lease`` and record it for the report (``lease-*.json`` beside the table)."""
     with _table(directory) as state:
+        released = time.time()  # under the lock: before any grant of these slots to another
         state["holders"] = [h for h in state["holders"] if h["id"] != lease.id]
     record = {"test": lease.test, "owner": lease.owner, "slots": [names[i] for i in lease.slots],
-              "requested": lease.requested, "granted": lease.granted, "released": time.time()}
+              "requested": lease.requested, "granted": lease.granted, "released": released}
     tmp = directory / f".lease-{lease.id}.tmp"
     tmp.write_text(json.dumps(record))
     os.replace(tmp, directory / f"lease-{lease.id}.json")
@@ -213,25 +220,31 @@ def windows(directory: Path, slots: Sequence[Any]) -> placement.Windows:
     return found
 
 
-def _held_by(state: dict[str, Any], slots: set[int], names: Sequence[str], now: float) -> str:
+def _held_by(state: dict[str, Any], slots: set[int], names: Sequence[str], now: float, me: str = "") -> str:
     held = [
         f"{names[i]} by {h['owner']} ({h['test']}) for {now - h['granted']:.0f} s"
         for h in state["holders"] for i in h["slots"] if i in slots
     ]
-    return "; ".join(held) or "reserved for tests queued earlier"
+    ahead = []
+    for w in state["queue"]:
+        if w["id"] == me:
+            break
+        ahead.append(f"{w['owner']} ({w['test']}) queued first, for {', '.join(names[i] for i in w['want'])}"
+                     + (f" and {w['extra']} more" if w["extra"] else ""))
+    return "; ".join(held + ahead) or "nothing now (it was being granted)"
 
 
 def waiting_line(state: dict[str, Any], entry: dict[str, Any], names: Sequence[str]) -> str:
     """``gw0 waits for slot1, held by gw1 (tests/test_x.py::test_y) for 12 s``."""
     now = time.time()
     wanted = ", ".join(names[i] for i in entry["want"]) + (f" and {entry['extra']} more" if entry["extra"] else "")
-    held = _held_by(state, set(range(len(names))) if entry["extra"] else set(entry["want"]), names, now)
+    held = _held_by(state, set(range(len(names))) if entry["extra"] else set(entry["want"]), names, now, entry["id"])
     return f"{entry['owner']} waits for {wanted} ({entry['test']}, {now - entry['since']:.0f} s so far): held: {held}"
 
 
 def timed_out(state: dict[str, Any], entry: dict[str, Any], names: Sequence[str], timeout: float) -> str:
     wanted = ", ".join(names[i] for i in entry["want"]) + (f" and {entry['extra']} more" if entry["extra"] else "")
-    held = _held_by(state, set(range(len(names))) if entry["extra"] else set(entry["want"]), names, time.time())
+    held = _held_by(state, set(range(len(names))) if entry["extra"] else set(entry["want"]), names, time.time(), entry["id"])
     return LEASE_TIMED_OUT.format(owner=entry["owner"], test=entry["test"], wanted=wanted, timeout=timeout, held=held)
 
 
