@@ -184,6 +184,7 @@ class Leasing:
 
     def pytest_sessionfinish(self) -> None:
         leases.release_all(self.directory, os.getpid())
+        leases.close(self.directory)
 
 
 class WaitNotices:
@@ -221,6 +222,7 @@ def windows(config: pytest.Config) -> placement.Windows | None:
 def session_summary(directory: Path, slot_count: int) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Every lease of the session and its summary (slot use, longest wait), for the report."""
     history = leases.history(directory)
+    leases.close(directory)
     return history, leases.summary(history, slot_count)
 
 

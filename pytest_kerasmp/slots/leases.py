@@ -1,8 +1,8 @@
 """Slots leased per test: one table for the session, shared by every pytest process.
 
-The table is a JSON file in the session's directory (``placement.session_dir()``), changed
-only under an exclusive ``flock`` on a lock file beside it and replaced whole (written, then
-renamed), so a reader without the lock still sees a whole table. Each entry is one test of
+The table is a JSON file in the session's directory (``placement.session_dir()``), read
+under a shared ``flock`` and changed under an exclusive one, in place, through a descriptor
+each process opens once; each process appends its ended leases to a history file of its own. Each entry is one test of
 one pytest process (an xdist worker, or the lone pytest process):
 
 - a **request** names the slots it must have (``want``: the slot its process is pinned to,
@@ -38,7 +38,6 @@ from pytest_kerasmp.errors import LEASE_TIMED_OUT, LeaseTimeoutError
 from pytest_kerasmp.slots import placement
 
 TABLE = "leases.json"
-LOCK = "leases.lock"
 #: A wait longer than this is shown on the terminal (and named in the error if it times out).
 NOTICE_S = 5.0
 #: Between two looks at the table while waiting: short at first, then at most this.
@@ -61,27 +60,78 @@ class Lease:
         return self.granted - self.requested
 
 
-@contextlib.contextmanager
-def _table(directory: Path) -> Iterator[dict[str, Any]]:
-    """The table, locked, for reading and changing; written back whole on exit."""
-    with open(directory / LOCK, "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, or its process dies
-        state = read(directory)
-        yield state
-        tmp = directory / f".{TABLE}.{os.getpid()}"
-        tmp.write_text(json.dumps(state))
-        os.replace(tmp, directory / TABLE)
+#: Per process, the table's descriptor, opened once: creating and renaming files costs
+#: about 0.2 ms each on an overlay file system (measured here), a read and a write in place
+#: a few microseconds.
+_fds: dict[Path, int] = {}
+#: Per process, its history file (one JSON line per ended lease), opened once for appending.
+_history_fds: dict[Path, int] = {}
 
 
-def read(directory: Path) -> dict[str, Any]:
-    """The table as it is now (no lock needed: it is replaced whole)."""
+_fds_pid = 0
+
+
+def _fd(directory: Path, name: str = TABLE, flags: int = os.O_RDWR) -> int:
+    global _fds_pid
+    if _fds_pid != os.getpid():  # a forked child opens its own (a lock is per open file)
+        _fds.clear()
+        _history_fds.clear()
+        _fds_pid = os.getpid()
+    cache = _fds if name == TABLE else _history_fds
+    fd = cache.get(directory)
+    if fd is None:
+        fd = cache[directory] = os.open(directory / name, flags | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    return fd
+
+
+def close(directory: Path) -> None:
+    """Close this process's descriptors of ``directory``'s table and history (its session ended)."""
+    for cache in (_fds, _history_fds):
+        fd = cache.pop(directory, None)
+        if fd is not None and _fds_pid == os.getpid():
+            os.close(fd)
+
+
+def _load(fd: int) -> dict[str, Any]:
+    raw = os.pread(fd, 1 << 24, 0)
     try:
-        state: dict[str, Any] = json.loads((directory / TABLE).read_text())
-    except (OSError, ValueError):
+        state: dict[str, Any] = json.loads(raw) if raw else {}
+    except ValueError:
         state = {}
     state.setdefault("holders", [])
     state.setdefault("queue", [])
     return state
+
+
+@contextlib.contextmanager
+def _table(directory: Path) -> Iterator[dict[str, Any]]:
+    """The table, under an exclusive lock, for reading and changing; written back in place."""
+    fd = _fd(directory)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # released below, or when its process dies
+    try:
+        state = _load(fd)
+        yield state
+        data = json.dumps(state).encode()
+        os.pwrite(fd, data, 0)
+        os.ftruncate(fd, len(data))
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+
+
+def read(directory: Path) -> dict[str, Any]:
+    """The table as it is now (under a shared lock: it is written in place)."""
+    if not (directory / TABLE).exists():
+        return _load_empty()
+    fd = _fd(directory)
+    fcntl.flock(fd, fcntl.LOCK_SH)
+    try:
+        return _load(fd)
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+
+
+def _load_empty() -> dict[str, Any]:
+    return {"holders": [], "queue": []}
 
 
 def _alive(pid: int) -> bool:
@@ -99,11 +149,18 @@ def _alive(pid: int) -> bool:
 
 
 def _grant(state: dict[str, Any], total: int, now: float) -> None:
-    """Drop entries of processes that are gone, then grant in queue order (see the module
-    docstring): a request is granted when its slots are free and unreserved; one that
-    cannot be reserves what it waits for."""
-    state["holders"] = [h for h in state["holders"] if _alive(h["pid"])]
-    state["queue"] = [w for w in state["queue"] if _alive(w["pid"])]
+    """Grant in queue order (see the module docstring): a request is granted when its slots
+    are free and unreserved; one that cannot be reserves what it waits for. Where one waits,
+    the entries of processes that are gone are dropped first (the uncontended path reads
+    no ``/proc``)."""
+    _grant_pass(state, total, now)
+    if state["queue"]:
+        state["holders"] = [h for h in state["holders"] if _alive(h["pid"])]
+        state["queue"] = [w for w in state["queue"] if _alive(w["pid"])]
+        _grant_pass(state, total, now)
+
+
+def _grant_pass(state: dict[str, Any], total: int, now: float) -> None:
     busy = {i for h in state["holders"] for i in h["slots"]}
     reserved: set[int] = set()
     waiting = []
@@ -182,9 +239,8 @@ def release(directory: Path, lease: Lease, names: Sequence[str]) -> None:
         state["holders"] = [h for h in state["holders"] if h["id"] != lease.id]
     record = {"test": lease.test, "owner": lease.owner, "slots": [names[i] for i in lease.slots],
               "requested": lease.requested, "granted": lease.granted, "released": released}
-    tmp = directory / f".lease-{lease.id}.tmp"
-    tmp.write_text(json.dumps(record))
-    os.replace(tmp, directory / f"lease-{lease.id}.json")
+    fd = _fd(directory, f"history-{os.getpid()}.jsonl", os.O_WRONLY | os.O_APPEND)
+    os.write(fd, (json.dumps(record) + "\n").encode())  # one write of a line: whole or absent
 
 
 def release_all(directory: Path, pid: int) -> None:
@@ -199,11 +255,16 @@ def release_all(directory: Path, pid: int) -> None:
 def history(directory: Path) -> list[dict[str, Any]]:
     """Every ended lease of the session, in the order they were granted."""
     found = []
-    for path in directory.glob("lease-*.json"):
+    for path in directory.glob("history-*.jsonl"):
         try:
-            found.append(json.loads(path.read_text()))
-        except (OSError, ValueError):
+            lines = path.read_text().splitlines()
+        except OSError:
             continue
+        for line in lines:
+            try:
+                found.append(json.loads(line))
+            except ValueError:
+                continue
     return sorted(found, key=lambda r: r["granted"])
 
 
@@ -271,4 +332,4 @@ def summary(leases: Sequence[dict[str, Any]], slot_count: int) -> dict[str, Any]
     }
 
 
-__all__ = ["Lease", "acquire", "history", "read", "release", "release_all", "summary", "waiting_line", "waits", "windows"]
+__all__ = ["Lease", "acquire", "close", "history", "read", "release", "release_all", "summary", "waiting_line", "waits", "windows"]
