@@ -245,3 +245,30 @@ def test_a_pool_of_a_broader_scope_keeps_its_slots_leased(pytester, run_pytest):
             assert len(kerasmp_slots) == 2   # its slots are this test's too: nobody else computes there
     """)
     run_pytest("--kerasmp-gpus=2").assert_outcomes(passed=3)
+
+
+def test_a_long_wait_shows_on_the_terminal_as_it_happens(pytester, run_pytest):
+    pytester.makeconftest("""
+        import time
+        import pytest
+
+        @pytest.hookimpl(tryfirst=True)
+        def pytest_runtest_setup(item):
+            if item.name == "test_one":  # asks after test_both holds both slots
+                time.sleep(2)
+    """)
+    pytester.makepyfile("""
+        import time
+        import pytest
+
+        @pytest.mark.kerasmp_slots(2)
+        def test_both(kerasmp_slots):
+            time.sleep(9)
+
+        def test_one(kerasmp_slots):
+            pass
+    """)
+    result = run_pytest("-n", "2", "--kerasmp-gpus=2")
+    result.assert_outcomes(passed=2)
+    result.stdout.fnmatch_lines(["kerasmp: gw? waits for slot? (test_a_long_wait_shows_on_the_terminal_as_it_happens.py::test_one, "
+                                 "* s so far): held: slot? by gw? (*::test_both) for * s"])

@@ -198,11 +198,13 @@ class WaitNotices:
         self._thread.start()
 
     def _watch(self) -> None:
-        reporter = self.config.pluginmanager.getplugin("terminalreporter")
         while not self._stop.wait(1.0):
+            # Looked up here: the terminal reporter registers itself after this plugin's configure.
+            reporter = self.config.pluginmanager.getplugin("terminalreporter")
             for key, line in leases.waits(leases.read(self.directory), self.names, leases.NOTICE_S):
                 if key not in self._said and reporter is not None:
                     self._said.add(key)
+                    reporter.ensure_newline()
                     reporter.write_line(f"kerasmp: {line}", yellow=True)
 
     def stop(self) -> None:
