@@ -55,10 +55,6 @@ class Lease:
     requested: float
     granted: float
 
-    @property
-    def waited_s(self) -> float:
-        return self.granted - self.requested
-
 
 #: Per process, the table's descriptor, opened once: creating and renaming files costs
 #: about 0.2 ms each on an overlay file system (measured here), a read and a write in place
