@@ -13,7 +13,7 @@ SUITE = """
 import time
 
 def serial():
-    time.sleep(0.02)
+    time.sleep(0.05)
     return 1
 
 def parallel():
@@ -24,7 +24,7 @@ def test_fast(kerasmp_speedup):
     c = kerasmp_speedup(serial, parallel, workers=2, rounds=3, variant="sleep",
                         check=lambda a, b: None)
     assert len(c.serial_s) == len(c.parallel_s) >= 6  # adaptive: at least a 95% interval
-    assert c.interval.low > 2
+    assert c.interval.low > 1.5  # 10x asleep: far above 1.5 even when a busy machine oversleeps
 
 def test_wrong(kerasmp_speedup):
     def check(a, b):

@@ -110,6 +110,9 @@ class _Server:
         self.outputs = [(tuple(o.shape[1:]), o.dtype.str) for o in outs]
         self.pending: collections.deque[tuple[_Request, int, int]] = collections.deque()
         self.batch_ran = False  # since the last look for requests
+        #: What had a message (or a connection) ready when the last batch ended, before any
+        #: answer went out: those were sent while it ran, not in reply to its answers.
+        self.came_during: set[Any] = set()
         self.waiting = 0  # accepted requests not yet answered
         self.clients: dict[Any, _Client] = {}  # by connection
         self.stats: dict[str, Any] = {"requests": 0, "batches": 0, "rows": 0, "errors": 0, "busy": 0}
@@ -188,7 +191,9 @@ class _Server:
         self.waiting -= 1
         req.client.open -= 1
 
-    def run_batch(self) -> None:
+    def run_batch(self, watch: list[Any]) -> None:
+        """Run one batch from the front of the line and answer what it completes; ``watch``:
+        the connections (and listener) to look at when it ends, before any answer goes out."""
         np = self.np
         taken: list[tuple[_Request, int, int]] = []
         rows = 0
@@ -214,13 +219,18 @@ class _Server:
                 np.concatenate([req.inputs[k][a:b] for req, a, b in taken]).astype(dtype, copy=False)
                 for k, (_, dtype, _) in enumerate(self.inputs)
             ]
-            outs = self.forward(*batch)
-        except Exception as exc:  # the model failed: every request in this batch gets the error
+            outs, failure = self.forward(*batch), None
+        except Exception as exc:
+            outs, failure = [], exc
+        # Looked at before answering: a request sent in reply to an answer of this batch is
+        # a new one to an idle server, and waits max_delay like any other.
+        self.came_during = set(wait(watch, timeout=0))
+        if failure is not None:  # the model failed: every request in this batch gets the error
             self.stats["errors"] += 1
             for req in {id(r): r for r, _, _ in taken}.values():
                 req.failed = True
                 self.settle(req)
-                self.fail_one(req.client, req.id, exc)
+                self.fail_one(req.client, req.id, failure)
             return
         self.compute.append(time.perf_counter() - now)
         self.stats["batches"] += 1
@@ -326,10 +336,11 @@ def serve(server: _Server, control: Connection, listener: socket.socket | None) 
     clients = server.clients
     closing = False
     while True:
-        # What a batch left, and what is ready the moment it ends, came while it ran: it has
-        # waited a whole batch already, so the next batch takes it without waiting for more
-        # (the delay is for a server that was idle, not for one that was busy).
+        # What a batch left, and what was ready when it ended (before its answers went out:
+        # run_batch looks), came while it ran: it has waited a whole batch already, so the next
+        # batch takes it without waiting for more (the delay is for a server that was idle).
         waited, server.batch_ran = server.batch_ran, False
+        came, server.came_during = server.came_during, set()
         if waited:
             for req, _, _ in server.pending:
                 req.waited = True
@@ -339,10 +350,7 @@ def serve(server: _Server, control: Connection, listener: socket.socket | None) 
         waitables: list[Any] = [*clients, *([control] if not closing else [])]
         if listener is not None:
             waitables.append(listener)
-        ready = wait(waitables, timeout=0) if waited else []
-        if not ready:
-            waited = False
-            ready = wait(waitables, timeout=1.0 if delay is None else delay)
+        ready = wait(waitables, timeout=0 if came else (1.0 if delay is None else delay))
         if listener is not None and listener in ready:  # take every waiting connection now
             ready.remove(listener)
             while True:
@@ -359,6 +367,8 @@ def serve(server: _Server, control: Connection, listener: socket.socket | None) 
                 clients[conn] = _Client(conn, Arena(), Arena())
                 if conn.poll(0):
                     ready.append(conn)
+                    if listener in came:
+                        came.add(conn)
         for obj in ready:
             if obj is control:
                 try:
@@ -373,7 +383,7 @@ def serve(server: _Server, control: Connection, listener: socket.socket | None) 
                 client = clients[obj]
                 try:
                     for _ in range(DRAIN):  # every request it has sent so far, not one per look
-                        server.on_message(client, closing, waited)
+                        server.on_message(client, closing, obj in came)
                         if not client.alive or not readable(client.conn.fileno(), 0):
                             break
                 except (EOFError, OSError):
@@ -382,7 +392,7 @@ def serve(server: _Server, control: Connection, listener: socket.socket | None) 
                     del clients[obj]
                     _drop(client, server)
         if server.due(closing) == 0.0:
-            server.run_batch()
+            server.run_batch([*clients, *([listener] if listener is not None else [])])
         for client in [c for c in clients.values() if not c.alive]:  # found gone while answering
             del clients[client.conn]
             _drop(client, server)
