@@ -23,7 +23,7 @@ and no module imports another in a circle:
 ``runtime/``
     the local execution backend: the one child lifecycle, wire messages, the shared-memory
     transport, the task queue, the dispatcher, ``WorkerPool``, ``InferenceServer`` and its
-    client, ``TFCluster``, ports, a cluster's private network (``runtime.netns``). Pools and servers reach their execution backend through
+    client, ``TFCluster``, ports, a cluster's private network (``runtime.process.netns``). Pools and servers reach their execution backend through
     ``runtime.backends`` (by name or object), never by importing one: ``ray/`` plugs in there.
 ``ray/``
     the Ray execution backend (actors, its dispatcher, the Ray server, local Ray clusters);
@@ -46,10 +46,10 @@ _WHERE = {
     "DeviceSlot": "slots.devices",
     "detect_gpus": "slots.devices",
     "plan_slots": "slots.devices",
-    "TFCluster": "runtime.cluster",
-    "KerasCluster": "runtime.kerascluster",
-    "init_distributed": "runtime.kerascluster",
-    "task_info": "runtime.cluster",
+    "TFCluster": "runtime.cluster.cluster",
+    "KerasCluster": "runtime.cluster.kerascluster",
+    "init_distributed": "runtime.cluster.kerascluster",
+    "task_info": "runtime.cluster.cluster",
     "ClusterClosedError": "errors",
     "ClusterStartError": "errors",
     "ClusterTaskError": "errors",
@@ -72,16 +72,16 @@ _WHERE = {
     "configure_tensorflow": "slots.pinning",
     "current_slot": "slots.pinning",
     "pin_process": "slots.pinning",
-    "WorkerPool": "runtime.pool",
-    "shared_empty": "runtime.shared",
+    "WorkerPool": "runtime.pool.workerpool",
+    "shared_empty": "runtime.wire.shared",
     "LocalRayCluster": "ray.cluster",
     "plan_ray_slots": "ray.cluster",
     "assert_same": "measure.results",
     "first_difference": "measure.results",
     "derive_seed": "slots.seeding",
     "seed_everything": "slots.seeding",
-    "InferenceClient": "runtime.client",
-    "InferenceServer": "runtime.server",
+    "InferenceClient": "runtime.serve.client",
+    "InferenceServer": "runtime.serve.server",
 }
 
 __all__ = sorted(_WHERE)
@@ -124,14 +124,14 @@ if TYPE_CHECKING:
     from pytest_kerasmp.modelref import ModelRef as ModelRef
     from pytest_kerasmp.ray.cluster import LocalRayCluster as LocalRayCluster
     from pytest_kerasmp.ray.cluster import plan_ray_slots as plan_ray_slots
-    from pytest_kerasmp.runtime.client import InferenceClient as InferenceClient
-    from pytest_kerasmp.runtime.cluster import TFCluster as TFCluster
-    from pytest_kerasmp.runtime.cluster import task_info as task_info
-    from pytest_kerasmp.runtime.kerascluster import KerasCluster as KerasCluster
-    from pytest_kerasmp.runtime.kerascluster import init_distributed as init_distributed
-    from pytest_kerasmp.runtime.pool import WorkerPool as WorkerPool
-    from pytest_kerasmp.runtime.server import InferenceServer as InferenceServer
-    from pytest_kerasmp.runtime.shared import shared_empty as shared_empty
+    from pytest_kerasmp.runtime.cluster.cluster import TFCluster as TFCluster
+    from pytest_kerasmp.runtime.cluster.cluster import task_info as task_info
+    from pytest_kerasmp.runtime.cluster.kerascluster import KerasCluster as KerasCluster
+    from pytest_kerasmp.runtime.cluster.kerascluster import init_distributed as init_distributed
+    from pytest_kerasmp.runtime.pool.workerpool import WorkerPool as WorkerPool
+    from pytest_kerasmp.runtime.serve.client import InferenceClient as InferenceClient
+    from pytest_kerasmp.runtime.serve.server import InferenceServer as InferenceServer
+    from pytest_kerasmp.runtime.wire.shared import shared_empty as shared_empty
     from pytest_kerasmp.slots.devices import GPU as GPU
     from pytest_kerasmp.slots.devices import DeviceSlot as DeviceSlot
     from pytest_kerasmp.slots.devices import detect_gpus as detect_gpus

@@ -207,7 +207,7 @@ def test_cluster_start_in_a_private_network_vs_on_the_host(kerasmp_speedup, kera
     (the default where the kernel allows it) against the same tasks on this machine's network."""
     if len(kerasmp_slots) < 2:
         pytest.skip("needs 2 or more slots: run with --kerasmp-gpus=2")
-    from pytest_kerasmp.runtime import netns
+    from pytest_kerasmp.runtime.process import netns
 
     if netns.refused() is not None:
         pytest.skip(f"the kernel refuses a private network here: {netns.refused()}")

@@ -99,7 +99,7 @@ def race_for_claims(directory: str, first_port: int, n: int, barrier, queue) -> 
     """Claim ports first_port.. one by one, in step with another racer (a port test)."""
     from pathlib import Path
 
-    from pytest_kerasmp.runtime import ports
+    from pytest_kerasmp.runtime.cluster import ports
 
     won = []
     for port in range(first_port, first_port + n):

@@ -133,8 +133,8 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def _broken_pools() -> set[int]:
-    from pytest_kerasmp.runtime import owners
-    from pytest_kerasmp.runtime.pool import WorkerPool
+    from pytest_kerasmp.runtime.process import owners
+    from pytest_kerasmp.runtime.pool.workerpool import WorkerPool
 
     return {id(o) for o in list(owners._owners) if isinstance(o, WorkerPool) and o._dispatcher.broken}
 
@@ -158,7 +158,7 @@ def _leak_guard(request: pytest.FixtureRequest):
     ``kerasmp_expect_broken``."""
     import time
 
-    from pytest_kerasmp.runtime import lifecycle
+    from pytest_kerasmp.runtime.process import lifecycle
 
     children = _leftover_children()
     ours = {id(c) for c in lifecycle.live_children()}
@@ -176,8 +176,8 @@ def _leak_guard(request: pytest.FixtureRequest):
 
 def _held_arena_maps() -> int:
     """Arena mappings that live pools hold legitimately (a session pool outlives a module)."""
-    from pytest_kerasmp.runtime import owners
-    from pytest_kerasmp.runtime.pool import WorkerPool
+    from pytest_kerasmp.runtime.process import owners
+    from pytest_kerasmp.runtime.pool.workerpool import WorkerPool
 
     held = 0
     for owner in list(owners._owners):

@@ -141,7 +141,7 @@ def say(text):
 
 def at_pin():
     """What the worker had imported, and its set-up time, when it pinned itself."""
-    from pytest_kerasmp.runtime import bootstrap as _child
+    from pytest_kerasmp.runtime.process import bootstrap as _child
 
     return _child.at_pin
 

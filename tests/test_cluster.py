@@ -32,7 +32,7 @@ from pytest_kerasmp import (
     WorkerPool,
     plan_slots,
 )
-from pytest_kerasmp.runtime import ports as _ports
+from pytest_kerasmp.runtime.cluster import ports as _ports
 from pytest_kerasmp.slots import network
 
 CORES = sorted(os.sched_getaffinity(0))
@@ -107,7 +107,7 @@ def test_a_chief_joins_the_workers_and_a_closed_cluster_refuses_work():
 CLAIMER = """
 import sys
 from pathlib import Path
-from pytest_kerasmp.runtime import ports as _ports
+from pytest_kerasmp.runtime.cluster import ports as _ports
 from pytest_kerasmp.slots import network
 print(*[_ports.claim_free_port(Path(sys.argv[1])) for _ in range(50)], flush=True)
 sys.stdin.read()  # alive (its claims held) until the test has every claimer's ports

@@ -31,7 +31,7 @@ from pytest_kerasmp import (
     WorkerStartupError,
 )
 from conftest import running as _running
-from pytest_kerasmp.runtime import dispatch as _dispatch
+from pytest_kerasmp.runtime.pool import dispatch as _dispatch
 
 CORES = sorted(os.sched_getaffinity(0))
 CPU0 = DeviceSlot(index=0, kind="CPU", cores=(CORES[0],))

@@ -17,9 +17,9 @@ import pytest
 
 import pool_tasks
 from pytest_kerasmp import DeviceSlot, PoolBrokenError, WorkerCrashedError, WorkerPool
-from pytest_kerasmp.runtime import dispatch as _dispatch
+from pytest_kerasmp.runtime.pool import dispatch as _dispatch
 from pytest_kerasmp.errors import WORKER_DIED_BEFORE_START
-from pytest_kerasmp.runtime.lifecycle import describe_exit
+from pytest_kerasmp.runtime.process.lifecycle import describe_exit
 
 CPU0 = DeviceSlot(index=0, kind="CPU", cores=(sorted(os.sched_getaffinity(0))[0],))
 

@@ -35,7 +35,7 @@ def _module_name(path: pathlib.Path) -> str:
 
 
 def _part(module: str) -> str:
-    """``pytest_kerasmp.runtime.pool`` -> ``runtime``; the package itself -> ``""``."""
+    """``pytest_kerasmp.runtime.pool.workerpool`` -> ``runtime``; the package itself -> ``""``."""
     parts = module.split(".")
     return parts[1] if len(parts) > 1 else ""
 

@@ -23,7 +23,7 @@ from conftest import CHILD_TIMEOUT_S, running
 from pytest_kerasmp import DeviceSlot, InferenceServer, KerasCluster, TFCluster, WorkerPool
 from pytest_kerasmp.errors import CLUSTER_NO_PRIVATE_NETWORK, NETWORK_SUMMARY
 from pytest_kerasmp.plugin import config as cfg
-from pytest_kerasmp.runtime import netns
+from pytest_kerasmp.runtime.process import netns
 from pytest_kerasmp.slots import network, placement
 
 CORES = sorted(os.sched_getaffinity(0))
@@ -215,7 +215,7 @@ def test_a_holder_whose_owner_dies_ends_too(tmp_path):
     script = tmp_path / "owner.py"
     script.write_text(textwrap.dedent("""
         import os
-        from pytest_kerasmp.runtime import netns
+        from pytest_kerasmp.runtime.process import netns
         net = netns.PrivateNetwork()
         print(net.pid, flush=True)
         os._exit(0)

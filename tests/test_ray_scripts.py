@@ -25,7 +25,7 @@ TESTS = os.path.dirname(os.path.abspath(__file__))
 GUARDED = """
 import sys, time
 from pytest_kerasmp import WorkerPool
-from pytest_kerasmp.runtime import lifecycle
+from pytest_kerasmp.runtime.process import lifecycle
 from pytest_kerasmp.ray.cluster import LocalRayCluster, plan_ray_slots
 
 def double(x):

@@ -11,7 +11,7 @@ import pytest
 
 import pool_tasks
 from pytest_kerasmp import DeviceSlot, RemoteTraceback, TaskTimeoutError, WorkerCrashedError, WorkerPool, shared_empty
-from pytest_kerasmp.runtime import shared
+from pytest_kerasmp.runtime.wire import shared
 
 CPU0 = DeviceSlot(index=0, kind="CPU", cores=(sorted(os.sched_getaffinity(0))[0],))
 

@@ -16,7 +16,7 @@ import pytest
 import server_models
 
 from pytest_kerasmp import DeviceSlot, ModelRef
-from pytest_kerasmp.runtime.serving import STALL_S
+from pytest_kerasmp.runtime.serve.child import STALL_S
 
 CPU0 = DeviceSlot(index=0, kind="CPU", cores=(sorted(os.sched_getaffinity(0))[0],))
 LINEAR = ModelRef.from_builder("server_models:linear")

@@ -312,7 +312,7 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
 def pytest_keyboard_interrupt(excinfo: pytest.ExceptionInfo[BaseException]) -> None:
     """Ctrl-C: end every pool and server of this process now (before fixture teardown,
     which would otherwise wait for running tasks)."""
-    from pytest_kerasmp.runtime import owners
+    from pytest_kerasmp.runtime.process import owners
 
     owners.terminate_all("interrupted (Ctrl-C)")
 

@@ -22,9 +22,9 @@ from pytest_kerasmp.plugin.config import session_plan, session_settings
 from pytest_kerasmp.plugin.leasing import slots_of
 from pytest_kerasmp.plugin.sessionguard import SESSION_POOL_KEY
 from pytest_kerasmp.plugin.speedup import measure
-from pytest_kerasmp.runtime.cluster import TFCluster
-from pytest_kerasmp.runtime.pool import WorkerPool
-from pytest_kerasmp.runtime.server import InferenceServer
+from pytest_kerasmp.runtime.cluster.cluster import TFCluster
+from pytest_kerasmp.runtime.pool.workerpool import WorkerPool
+from pytest_kerasmp.runtime.serve.server import InferenceServer
 from pytest_kerasmp.slots.devices import DeviceSlot, plural
 from pytest_kerasmp.slots.pinning import current_slot
 from pytest_kerasmp.slots.seeding import base_seed
@@ -195,7 +195,7 @@ def kerasmp_keras_cluster(
     coordinator on 127.0.0.1; torch's MASTER_ADDR/RANK/WORLD_SIZE); in a task,
     pytest_kerasmp.init_distributed() joins the others. --kerasmp-keras-backend picks it.
     """
-    from pytest_kerasmp.runtime.kerascluster import KerasCluster
+    from pytest_kerasmp.runtime.cluster.kerascluster import KerasCluster
 
     yield from _clusters(KerasCluster, kerasmp_slots, pytestconfig, slots_of(request.node) is not None)
 

@@ -119,7 +119,7 @@ def request_of(item: pytest.Item) -> tuple[list[int], int]:
 
 
 def _slots_of_live_owners() -> list[DeviceSlot]:
-    from pytest_kerasmp.runtime import owners
+    from pytest_kerasmp.runtime.process import owners
 
     found: list[DeviceSlot] = []
     for owner in owners.live():

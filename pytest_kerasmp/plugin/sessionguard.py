@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from pytest_kerasmp.runtime import owners
+from pytest_kerasmp.runtime.process import owners
 from pytest_kerasmp.slots import placement
 
 #: The session pool, once the kerasmp_pool fixture made it (fixtures.py stores it here).

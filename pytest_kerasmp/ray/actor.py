@@ -78,7 +78,7 @@ def start(slot_json: dict[str, Any], warm_import: bool, role: str, label: str) -
         placement.record(role, slot, label=label)
         main = os.environ.get(MAIN_ENV)
         if main and os.path.isfile(main):  # else a task that needs it says where it is missing
-            from pytest_kerasmp.runtime.bootstrap import _import_main
+            from pytest_kerasmp.runtime.process.bootstrap import _import_main
 
             _import_main(main)
         if warm_import:  # warm: the framework under Keras imported once per actor
@@ -135,7 +135,7 @@ class SlotWorker:
         self.nice = os.getpriority(os.PRIO_PROCESS, 0)
         if self.failure is None and init_call is not None:
             try:
-                from pytest_kerasmp.runtime.transport import loads_call
+                from pytest_kerasmp.runtime.wire.transport import loads_call
 
                 fn, args, kwargs = loads_call(init_call)
                 fn(*args, **kwargs)
@@ -156,8 +156,8 @@ class SlotWorker:
 
     def run(self, call: bytes, *buffers: Any) -> Any:
         from pytest_kerasmp.errors import pack_exception
-        from pytest_kerasmp.runtime.transport import loads_call
-        from pytest_kerasmp.runtime.wire import Failed
+        from pytest_kerasmp.runtime.wire.messages import Failed
+        from pytest_kerasmp.runtime.wire.transport import loads_call
 
         if os.getpriority(os.PRIO_PROCESS, 0) > self.nice:  # a Ray thread made after start
             owner_niceness()
@@ -182,7 +182,7 @@ class SlotWorker:
 
 
 class ServerWorker:
-    """An inference server on one slot: the local server's own loop (``runtime.serving.serve``)
+    """An inference server on one slot: the local server's own loop (``runtime.serve.child.serve``)
     in a thread, listening on a Unix socket that clients on this machine reach directly
     (shared memory, no Ray call on the request path: ``endpoint``). Clients elsewhere call
     :meth:`predict`, the fallback, which sends the request into the same loop."""
@@ -194,8 +194,8 @@ class ServerWorker:
         try:
             from multiprocessing import Pipe
 
-            from pytest_kerasmp.runtime.client import InferenceClient
-            from pytest_kerasmp.runtime.serving import _Server, listen, serve
+            from pytest_kerasmp.runtime.serve.child import _Server, listen, serve
+            from pytest_kerasmp.runtime.serve.client import InferenceClient
 
             server = _Server(model_ref.load(), options)
             self.address = b"\0kerasmp-ray-" + f"{os.getpid()}-{secrets.token_hex(8)}".encode()
@@ -220,8 +220,8 @@ class ServerWorker:
         return {**info, "failure": self.failure}
 
     def endpoint(self) -> dict[str, Any]:
-        """Where clients on this machine connect (``runtime.client.machine`` tells them apart)."""
-        from pytest_kerasmp.runtime.client import machine
+        """Where clients on this machine connect (``runtime.serve.client.machine`` tells them apart)."""
+        from pytest_kerasmp.runtime.serve.client import machine
 
         return {"address": self.address, "machine": machine()}
 
@@ -229,7 +229,7 @@ class ServerWorker:
         """Rows of request ``req_id``, or a ``wire`` message: Busy, Closed or Failed."""
         import numpy as np
 
-        from pytest_kerasmp.runtime.wire import Answer, Closed
+        from pytest_kerasmp.runtime.wire.messages import Answer, Closed
 
         try:
             msg, outputs = self.client._round_trip(req_id, arrays, f"#{req_id}", time.monotonic() + timeout, timeout)
@@ -244,7 +244,7 @@ class ServerWorker:
 
     def drain(self, timeout: float) -> int:
         """Refuse new requests; wait up to ``timeout`` for the accepted ones; how many are left."""
-        from pytest_kerasmp.runtime.wire import Stop
+        from pytest_kerasmp.runtime.wire.messages import Stop
 
         self.control.send(Stop())
         self.loop.join(timeout)

@@ -28,7 +28,7 @@ from pytest_kerasmp.errors import (
 )
 from pytest_kerasmp.ray import output
 from pytest_kerasmp.ray.connect import CONNECT_TIMEOUT_S, connect_bounded
-from pytest_kerasmp.runtime import bootstrap, owners
+from pytest_kerasmp.runtime.process import bootstrap, owners
 from pytest_kerasmp.slots.devices import DeviceSlot, plural, split_evenly
 
 #: Ray's setting for its workers' niceness (see _worker_niceness_zero).

@@ -38,8 +38,8 @@ from pytest_kerasmp.errors import (
     with_stacks,
 )
 from pytest_kerasmp.ray.cluster import kill_actor, node_alive
-from pytest_kerasmp.runtime.taskqueue import MAX_START_ATTEMPTS, QueuedTask, TaskQueue, resolve
-from pytest_kerasmp.runtime.wire import Failed
+from pytest_kerasmp.runtime.pool.taskqueue import MAX_START_ATTEMPTS, QueuedTask, TaskQueue, resolve
+from pytest_kerasmp.runtime.wire.messages import Failed
 from pytest_kerasmp.slots import placement
 from pytest_kerasmp.slots.devices import DeviceSlot
 

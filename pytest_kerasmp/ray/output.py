@@ -18,7 +18,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from pytest_kerasmp.runtime.childio import is_chatter, quiet_logs
+from pytest_kerasmp.runtime.process.childio import is_chatter, quiet_logs
 from pytest_kerasmp.slots.devices import DeviceSlot
 
 PREFIX = "kerasmp-"

@@ -29,8 +29,8 @@ from pytest_kerasmp.ray.actor import MAIN_ENV, NICE_ENV
 from pytest_kerasmp.ray.cluster import check_feasible, connect, kill_actor, slot_resources
 from pytest_kerasmp.ray.connect import CONNECT_TIMEOUT_S
 from pytest_kerasmp.ray.dispatch import STACKS_S, RayDispatcher, RayWorker, ray_failure
-from pytest_kerasmp.runtime import childio, lifecycle
-from pytest_kerasmp.runtime.transport import dumps_call
+from pytest_kerasmp.runtime.process import childio, lifecycle
+from pytest_kerasmp.runtime.wire.transport import dumps_call
 from pytest_kerasmp.slots.devices import DeviceSlot
 from pytest_kerasmp.slots.placement import SESSION_ENV
 

@@ -1,7 +1,7 @@
 """The Ray backend of :class:`~pytest_kerasmp.InferenceServer`: the server is a Ray actor.
 
 ``InferenceServer(model_ref, backend="ray")`` runs on a :class:`RayServerBackend` (found by
-name through ``runtime.backends``): the same dynamic batching (``runtime.serving``'s loop runs
+name through ``runtime.backends``): the same dynamic batching (``runtime.serve.child``'s loop runs
 in the actor, fed by concurrent actor calls) and the same client semantics (each request answered exactly once, ids, timeouts, busy, closed,
 died). The actor is named, so a :class:`RayInferenceClient` works in any process on any
 node that can reach the cluster: it connects to the cluster's address and looks the actor
@@ -31,8 +31,8 @@ from pytest_kerasmp.ray.cluster import check_feasible, connect, kill_actor, plan
 from pytest_kerasmp.ray.connect import CONNECT_TIMEOUT_S
 from pytest_kerasmp.ray.dispatch import ray_failure
 from pytest_kerasmp.ray.pool import actor_options
-from pytest_kerasmp.runtime.client import InferenceClient, _closed, machine
-from pytest_kerasmp.runtime.wire import Answer, Busy, Closed, Failed
+from pytest_kerasmp.runtime.serve.client import InferenceClient, _closed, machine
+from pytest_kerasmp.runtime.wire.messages import Answer, Busy, Closed, Failed
 from pytest_kerasmp.slots import placement
 
 NAMESPACE = "kerasmp"

@@ -9,7 +9,7 @@ plugins by entry point), so the runtime never imports a backend's module and the
 executors, joblib's ``parallel_config(backend=...)`` or Dask's schedulers do.
 
 A pool backend starts the pool's workers and returns the dispatcher that owns them (a
-:class:`~pytest_kerasmp.runtime.taskqueue.TaskQueue` with its thread): the pool only queues,
+:class:`~pytest_kerasmp.runtime.pool.taskqueue.TaskQueue` with its thread): the pool only queues,
 waits, closes and terminates through it. A server backend starts the server process and
 returns a handle the server closes, kills and makes clients from.
 """
@@ -23,12 +23,12 @@ from typing import TYPE_CHECKING, Any, Protocol
 from pytest_kerasmp.errors import BACKEND_UNKNOWN
 
 if TYPE_CHECKING:
-    from pytest_kerasmp.runtime.client import InferenceClient
-    from pytest_kerasmp.runtime.taskqueue import TaskQueue
+    from pytest_kerasmp.runtime.pool.taskqueue import TaskQueue
+    from pytest_kerasmp.runtime.serve.client import InferenceClient
 
 #: Backend name -> (pool backend, server backend), each "module:attribute".
 REGISTRY: dict[str, tuple[str, str]] = {
-    "local": ("pytest_kerasmp.runtime.local:LocalBackend", "pytest_kerasmp.runtime.server:LocalServerBackend"),
+    "local": ("pytest_kerasmp.runtime.pool.local:LocalBackend", "pytest_kerasmp.runtime.serve.server:LocalServerBackend"),
     "ray": ("pytest_kerasmp.ray.pool:RayBackend", "pytest_kerasmp.ray.server:RayServerBackend"),
 }
 

@@ -88,7 +88,7 @@ def _dropped(region: Region) -> None:
 def _new_region(nbytes: int) -> Region:
     import numpy as np
 
-    from pytest_kerasmp.runtime.transport import new_memfd
+    from pytest_kerasmp.runtime.wire.transport import new_memfd
 
     fd = new_memfd("kerasmp-shared", nbytes)
     try:

@@ -13,8 +13,8 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING, Any
 
-from pytest_kerasmp.runtime.taskqueue import QueuedTask
-from pytest_kerasmp.runtime.watcher import readable
+from pytest_kerasmp.runtime.pool.taskqueue import QueuedTask
+from pytest_kerasmp.runtime.process.watcher import readable
 
 #: How long a caller waiting for its own task reads its worker's answer itself (then the
 #: loop takes over): a short task's answer comes back without a thread switch.

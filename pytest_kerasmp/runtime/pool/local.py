@@ -1,8 +1,8 @@
 """The local execution backend: a pool's workers are child processes of this one.
 
-Each worker is a :class:`~pytest_kerasmp.runtime.lifecycle.Child` (the one lifecycle: pinned
+Each worker is a :class:`~pytest_kerasmp.runtime.process.lifecycle.Child` (the one lifecycle: pinned
 before it imports the framework, watched, its exit described, its stacks taken before a
-kill), owned by the pool's :class:`~pytest_kerasmp.runtime.dispatch.Dispatcher`. Calls are
+kill), owned by the pool's :class:`~pytest_kerasmp.runtime.pool.dispatch.Dispatcher`. Calls are
 pickled with their large arrays out of band, through the shared-memory transport.
 """
 
@@ -12,10 +12,10 @@ from collections.abc import Callable
 from typing import Any
 
 from pytest_kerasmp.errors import FORK_REFUSED
-from pytest_kerasmp.runtime import lifecycle
-from pytest_kerasmp.runtime.dispatch import Dispatcher, Worker
-from pytest_kerasmp.runtime.lifecycle import START_METHODS, Child
-from pytest_kerasmp.runtime.transport import dumps_call
+from pytest_kerasmp.runtime.pool.dispatch import Dispatcher, Worker
+from pytest_kerasmp.runtime.process import lifecycle
+from pytest_kerasmp.runtime.process.lifecycle import START_METHODS, Child
+from pytest_kerasmp.runtime.wire.transport import dumps_call
 from pytest_kerasmp.slots.devices import DeviceSlot
 
 

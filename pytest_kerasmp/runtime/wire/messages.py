@@ -50,7 +50,7 @@ class Task(NamedTuple):
     #: views of the others); ``fresh_out``: that arena was left to its views, make a new file.
     out: int = 0
     fresh_out: bool = False
-    #: ``map(into=...)``: where the worker writes the result instead (runtime.shared), the
+    #: ``map(into=...)``: where the worker writes the result instead (runtime.wire.shared), the
     #: regions it unmaps first, and the ids of those whose files follow this message.
     into: Any = None
     drop: tuple[int, ...] = ()
@@ -95,7 +95,7 @@ class Answer(NamedTuple):
 
 class PredictInline(NamedTuple):
     """Rows to predict, the arrays inside the message as (bytes, shape, dtype) (small requests
-    of ``client.submit``, several in flight on one connection: see ``runtime.pipeline``)."""
+    of ``client.submit``, several in flight on one connection: see ``runtime.serve.pipeline``)."""
 
     id: int
     arrays: list[tuple[bytes, tuple[int, ...], str]]

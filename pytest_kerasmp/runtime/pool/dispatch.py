@@ -33,14 +33,14 @@ from pytest_kerasmp.errors import (
     unpack_exception,
     with_stacks,
 )
-from pytest_kerasmp.runtime.childio import dump_stacks_of
-from pytest_kerasmp.runtime.fastpath import CallerAssist
-from pytest_kerasmp.runtime.lifecycle import Child
-from pytest_kerasmp.runtime.shared import SentRegions
-from pytest_kerasmp.runtime.taskqueue import MAX_START_ATTEMPTS, QueuedTask, TaskQueue, resolve
-from pytest_kerasmp.runtime.transport import Arena, ResultArenas
-from pytest_kerasmp.runtime.watcher import Watcher, readable
-from pytest_kerasmp.runtime.wire import Done, Failed, Ready, Stop, Task
+from pytest_kerasmp.runtime.pool.assist import CallerAssist
+from pytest_kerasmp.runtime.pool.taskqueue import MAX_START_ATTEMPTS, QueuedTask, TaskQueue, resolve
+from pytest_kerasmp.runtime.process.childio import dump_stacks_of
+from pytest_kerasmp.runtime.process.lifecycle import Child
+from pytest_kerasmp.runtime.process.watcher import Watcher, readable
+from pytest_kerasmp.runtime.wire.messages import Done, Failed, Ready, Stop, Task
+from pytest_kerasmp.runtime.wire.shared import SentRegions
+from pytest_kerasmp.runtime.wire.transport import Arena, ResultArenas
 from pytest_kerasmp.slots.devices import DeviceSlot
 
 #: The dispatcher wakes at least this often even when nothing happens.

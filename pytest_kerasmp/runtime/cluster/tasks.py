@@ -12,13 +12,13 @@ from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any
 
 from pytest_kerasmp.frameworks.tensorflow import set_collective_timeout
-from pytest_kerasmp.runtime.lifecycle import Child
-from pytest_kerasmp.runtime.local import LocalBackend
-from pytest_kerasmp.runtime.pool import WorkerPool
+from pytest_kerasmp.runtime.pool.local import LocalBackend
+from pytest_kerasmp.runtime.pool.workerpool import WorkerPool
+from pytest_kerasmp.runtime.process.lifecycle import Child
 from pytest_kerasmp.slots.devices import DeviceSlot
 
 if TYPE_CHECKING:
-    from pytest_kerasmp.runtime.cluster import TFCluster
+    from pytest_kerasmp.runtime.cluster.cluster import TFCluster
 
 
 class TaskPool(WorkerPool):

@@ -42,9 +42,9 @@ from pytest_kerasmp.errors import (
     WorkerStartupError,
     with_stacks,
 )
-from pytest_kerasmp.runtime import bootstrap
-from pytest_kerasmp.runtime.childio import STACK_DUMP_S, dump_stacks_of, is_chatter, quiet_logs, read_lines
-from pytest_kerasmp.runtime.wire import Ready, StartupError
+from pytest_kerasmp.runtime.process import bootstrap
+from pytest_kerasmp.runtime.process.childio import STACK_DUMP_S, dump_stacks_of, is_chatter, quiet_logs, read_lines
+from pytest_kerasmp.runtime.wire.messages import Ready, StartupError
 from pytest_kerasmp.slots.devices import DeviceSlot
 
 START_METHODS = ("spawn", "forkserver")
@@ -164,7 +164,7 @@ class Child:
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [_PACKAGE_ROOT, env.get("PYTHONPATH")]))
         try:
             self._popen: subprocess.Popen[bytes] | None = subprocess.Popen(
-                [sys.executable, "-c", "from pytest_kerasmp.runtime.bootstrap import spawned_main; spawned_main()",
+                [sys.executable, "-c", "from pytest_kerasmp.runtime.process.bootstrap import spawned_main; spawned_main()",
                  str(theirs.fileno()), str(stack_w)],
                 pass_fds=(theirs.fileno(), stack_w),
                 stdin=subprocess.DEVNULL,
@@ -189,7 +189,7 @@ class Child:
         framework = frameworks.active()
         for key, value in framework.preload_environ().items():  # the forkserver inherits them
             os.environ.setdefault(key, value)
-        ctx.set_forkserver_preload(["pytest_kerasmp.runtime.bootstrap", framework.module])
+        ctx.set_forkserver_preload(["pytest_kerasmp.runtime.process.bootstrap", framework.module])
         self.conn, theirs = ctx.Pipe(duplex=True)
         out_r, out_w = os.pipe()
         output, stacks = Connection(out_w, readable=False), Connection(stack_w, readable=False)

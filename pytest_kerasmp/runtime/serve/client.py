@@ -30,11 +30,11 @@ from pytest_kerasmp.errors import (
     ServerDiedError,
     unpack_exception,
 )
-from pytest_kerasmp.runtime.pipeline import Pipeline, answer_row_bytes
-from pytest_kerasmp.runtime.serving import InputSpec, input_problem
-from pytest_kerasmp.runtime.transport import SHM_MIN_BYTES, Arena, bound_blocking
-from pytest_kerasmp.runtime.watcher import readable
-from pytest_kerasmp.runtime.wire import Answer, Busy, Closed, Failed, Predict, Stats, StatsRequest
+from pytest_kerasmp.runtime.process.watcher import readable
+from pytest_kerasmp.runtime.serve.child import InputSpec, input_problem
+from pytest_kerasmp.runtime.serve.pipeline import Pipeline, answer_row_bytes
+from pytest_kerasmp.runtime.wire.messages import Answer, Busy, Closed, Failed, Predict, Stats, StatsRequest
+from pytest_kerasmp.runtime.wire.transport import SHM_MIN_BYTES, Arena, bound_blocking
 
 _ids = itertools.count()
 #: The clients of each server address in this process, so that close() can wait for the

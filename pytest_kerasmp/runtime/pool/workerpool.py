@@ -24,10 +24,11 @@ from pytest_kerasmp.errors import (
     PoolClosedError,
     TaskTimeoutError,
 )
-from pytest_kerasmp.runtime import backends, owners
+from pytest_kerasmp.runtime import backends
 from pytest_kerasmp.runtime.backends import PoolBackend
-from pytest_kerasmp.runtime.taskqueue import PoolStats, TaskQueue, interrupted_why, is_interrupt, new_task
-from pytest_kerasmp.runtime.transport import dumps_call
+from pytest_kerasmp.runtime.pool.taskqueue import PoolStats, TaskQueue, interrupted_why, is_interrupt, new_task
+from pytest_kerasmp.runtime.process import owners
+from pytest_kerasmp.runtime.wire.transport import dumps_call
 from pytest_kerasmp.slots.devices import DeviceSlot
 
 __all__ = ["PoolStats", "WorkerPool"]
@@ -159,7 +160,7 @@ class WorkerPool(owners.Owned):
         results = self._gather(futures, timeout, "map", fn, end_running=into is not None)
         if into is None:
             return results
-        from pytest_kerasmp.runtime.shared import copy_into
+        from pytest_kerasmp.runtime.wire.shared import copy_into
 
         for future, result, dest in zip(futures, results, dests, strict=True):
             if result is not dest:  # not written by the worker: copy it here (the same check)

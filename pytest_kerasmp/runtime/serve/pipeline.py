@@ -34,13 +34,13 @@ from pytest_kerasmp.errors import (
     ServerDiedError,
     unpack_exception,
 )
-from pytest_kerasmp.runtime.watcher import readable
-from pytest_kerasmp.runtime.wire import AnswerInline, Busy, Closed, Failed, PredictInline, pack, unpack
+from pytest_kerasmp.runtime.process.watcher import readable
+from pytest_kerasmp.runtime.wire.messages import AnswerInline, Busy, Closed, Failed, PredictInline, pack, unpack
 
 if TYPE_CHECKING:
     from multiprocessing.connection import Connection
 
-    from pytest_kerasmp.runtime.client import InferenceClient
+    from pytest_kerasmp.runtime.serve.client import InferenceClient
 
 #: An idle reader thread waits this long for the next request before it ends.
 LINGER_S = 1.0

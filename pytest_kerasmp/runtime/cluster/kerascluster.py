@@ -16,7 +16,7 @@ TensorFlow, whose strategy joins when it is created).
 from __future__ import annotations
 
 from pytest_kerasmp import frameworks
-from pytest_kerasmp.runtime.cluster import TFCluster
+from pytest_kerasmp.runtime.cluster.cluster import TFCluster
 
 _joined = False
 

@@ -16,7 +16,7 @@ import weakref
 from typing import Any, Protocol, Self
 
 from pytest_kerasmp.errors import TERMINATED, Terminated
-from pytest_kerasmp.runtime import lifecycle
+from pytest_kerasmp.runtime.process import lifecycle
 
 
 class Owner(Protocol):

@@ -4,7 +4,7 @@ Requests from every client are batched dynamically (up to ``max_batch_size`` row
 ``max_delay_ms`` after the oldest waiting request arrived) and each is answered exactly
 once, with its rows or an error. The server process runs on an execution backend
 (``runtime.backends``): locally a child of this process (:class:`LocalServerBackend`), or a
-Ray actor; this class is the same for both. Clients are in ``runtime.client``.
+Ray actor; this class is the same for both. Clients are in ``runtime.serve.client``.
 """
 
 from __future__ import annotations
@@ -17,11 +17,12 @@ from typing import Any
 
 from pytest_kerasmp.errors import SERVER_CLOSE_TIMED_OUT, KerasMPWarning, ServerDiedError
 from pytest_kerasmp.modelref import ModelRef
-from pytest_kerasmp.runtime import backends, owners
+from pytest_kerasmp.runtime import backends
 from pytest_kerasmp.runtime.backends import ServerBackend, ServerHandle
-from pytest_kerasmp.runtime.client import InferenceClient, _clients, _closed
-from pytest_kerasmp.runtime.lifecycle import Child
-from pytest_kerasmp.runtime.wire import Stop
+from pytest_kerasmp.runtime.process import owners
+from pytest_kerasmp.runtime.process.lifecycle import Child
+from pytest_kerasmp.runtime.serve.client import InferenceClient, _clients, _closed
+from pytest_kerasmp.runtime.wire.messages import Stop
 from pytest_kerasmp.slots.devices import DeviceSlot
 
 __all__ = ["InferenceClient", "InferenceServer", "LocalServerBackend"]
@@ -176,7 +177,7 @@ class LocalServerBackend:
 
 
 class LocalServer:
-    """A started local server process (``runtime.serving`` runs in it)."""
+    """A started local server process (``runtime.serve.child`` runs in it)."""
 
     def __init__(self, server: InferenceServer, start_method: str, start_timeout_s: float) -> None:
         assert server.slot is not None

@@ -46,9 +46,10 @@ from pytest_kerasmp.errors import (
     WorkerCrashedError,
     WorkerStartupError,
 )
-from pytest_kerasmp.runtime import childio, netns, owners, ports
-from pytest_kerasmp.runtime.clustertasks import TaskPool
-from pytest_kerasmp.runtime.lifecycle import Child, describe_exit
+from pytest_kerasmp.runtime.cluster import ports
+from pytest_kerasmp.runtime.cluster.tasks import TaskPool
+from pytest_kerasmp.runtime.process import childio, netns, owners
+from pytest_kerasmp.runtime.process.lifecycle import Child, describe_exit
 from pytest_kerasmp.slots import network, placement
 from pytest_kerasmp.slots.devices import DeviceSlot
 

@@ -15,14 +15,14 @@ from multiprocessing.connection import Connection
 from multiprocessing.reduction import recv_handle
 from typing import Any
 
-from pytest_kerasmp.runtime.bootstrap import exit_with_group, send_startup_error
-from pytest_kerasmp.runtime.wire import Done, Failed, Ready, Stop, Task
+from pytest_kerasmp.runtime.process.bootstrap import exit_with_group, send_startup_error
+from pytest_kerasmp.runtime.wire.messages import Done, Failed, Ready, Stop, Task
 
 
 def main(conn: Connection, initializer: bytes | None) -> None:
     """Entry point of a pool worker."""
     try:
-        from pytest_kerasmp.runtime.transport import loads_call
+        from pytest_kerasmp.runtime.wire.transport import loads_call
 
         if initializer is not None:
             fn, args, kwargs = loads_call(initializer)
@@ -36,11 +36,11 @@ def main(conn: Connection, initializer: bytes | None) -> None:
 
 def _serve(conn: Connection) -> None:
     from pytest_kerasmp.errors import pack_exception
-    from pytest_kerasmp.runtime.transport import Arena, dumps, loads_call
+    from pytest_kerasmp.runtime.wire.transport import Arena, dumps, loads_call
 
     inbox = Arena(header=True)
     outboxes: collections.defaultdict[int, Arena] = collections.defaultdict(Arena)
-    shared: Any = None  # runtime.shared.MappedRegions, from the first map(into=...) task on
+    shared: Any = None  # runtime.wire.shared.MappedRegions, from the first map(into=...) task on
     while True:
         try:
             msg = conn.recv()
@@ -55,7 +55,7 @@ def _serve(conn: Connection) -> None:
                 fds = [(rid, recv_handle(conn)) for rid in msg.regions]
                 try:
                     if shared is None:
-                        from pytest_kerasmp.runtime.shared import MappedRegions
+                        from pytest_kerasmp.runtime.wire.shared import MappedRegions
 
                         shared = MappedRegions()
                     shared.update(msg.drop, fds)

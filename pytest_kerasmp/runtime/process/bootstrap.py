@@ -23,9 +23,9 @@ from typing import Any
 PARENT_POLL_S = 0.5
 #: The role's entry point, as "module:function"; it gets the control connection first.
 ENTRY_POINTS = {
-    "pool-worker": "pytest_kerasmp.runtime.worker:main",
-    "server": "pytest_kerasmp.runtime.serving:main",
-    "cluster-task": "pytest_kerasmp.runtime.worker:main",  # a pool worker with TF_CONFIG (cluster.py)
+    "pool-worker": "pytest_kerasmp.runtime.pool.child:main",
+    "server": "pytest_kerasmp.runtime.serve.child:main",
+    "cluster-task": "pytest_kerasmp.runtime.pool.child:main",  # a pool worker with TF_CONFIG (cluster.py)
 }
 
 #: Set while this child imports its owner's ``__main__`` script (a script without a
@@ -92,7 +92,7 @@ def quick_exit() -> None:
 
 
 def send_startup_error(conn: Any) -> None:
-    from pytest_kerasmp.runtime.wire import StartupError
+    from pytest_kerasmp.runtime.wire.messages import StartupError
 
     try:
         conn.send(StartupError(traceback.format_exc()))
@@ -106,7 +106,7 @@ def _prepare(boot: dict[str, Any], stack_fd: int) -> None:
     import faulthandler
 
     if boot.get("netns"):  # first: setns wants one thread, and nothing may listen before it
-        from pytest_kerasmp.runtime.netns import join
+        from pytest_kerasmp.runtime.process.netns import join
 
         join(boot["netns"])
     if os.getpgrp() != os.getpid():

@@ -123,7 +123,7 @@ class _Server:
 
     def on_message(self, client: _Client, closing: bool, waited: bool = False) -> None:
         """Take one message of ``client``; ``waited``: it came while a batch ran."""
-        from pytest_kerasmp.runtime.wire import Busy, Closed, Predict, PredictInline, Stats, StatsRequest, unpack
+        from pytest_kerasmp.runtime.wire.messages import Busy, Closed, Predict, PredictInline, Stats, StatsRequest, unpack
 
         msg = client.conn.recv()
         if isinstance(msg, StatsRequest):
@@ -248,7 +248,7 @@ class _Server:
                 self.answer(req)
 
     def answer(self, req: _Request) -> None:
-        from pytest_kerasmp.runtime.wire import Answer, AnswerInline, pack
+        from pytest_kerasmp.runtime.wire.messages import Answer, AnswerInline, pack
 
         client = req.client
         assert req.outputs is not None
@@ -271,7 +271,7 @@ class _Server:
 
     def fail_one(self, client: _Client, req_id: int, exc: BaseException) -> None:
         from pytest_kerasmp.errors import pack_exception
-        from pytest_kerasmp.runtime.wire import Failed
+        from pytest_kerasmp.runtime.wire.messages import Failed
 
         text = "".join(traceback.format_exception(exc))
         self.reply(client, Failed(req_id, pack_exception(exc), text))
@@ -301,8 +301,8 @@ class _Server:
 
 def main(control: Connection, ref: Any, options: dict[str, Any], address: bytes) -> None:
     """Entry point of the server process (after ``_child`` pinned it)."""
-    from pytest_kerasmp.runtime.bootstrap import send_startup_error
-    from pytest_kerasmp.runtime.wire import Ready
+    from pytest_kerasmp.runtime.process.bootstrap import send_startup_error
+    from pytest_kerasmp.runtime.wire.messages import Ready
 
     try:
         server = _Server(ref.load(), options)
@@ -330,8 +330,8 @@ def listen(address: bytes) -> socket.socket:
 def serve(server: _Server, control: Connection, listener: socket.socket | None) -> None:
     """The server's loop: take connections and requests, run batches when due, answer; after
     ``control`` says stop (or closes), answer what was accepted and return."""
-    from pytest_kerasmp.runtime.transport import Arena, bound_blocking
-    from pytest_kerasmp.runtime.watcher import readable
+    from pytest_kerasmp.runtime.process.watcher import readable
+    from pytest_kerasmp.runtime.wire.transport import Arena, bound_blocking
 
     clients = server.clients
     closing = False

@@ -370,7 +370,7 @@ def _unimportable_cached(module: str, file: str | None, path: tuple[str, ...]) -
 
 def _unimportable(module: str) -> str | None:
     if module in ("__main__", "__mp_main__"):
-        from pytest_kerasmp.runtime.lifecycle import main_script
+        from pytest_kerasmp.runtime.process.lifecycle import main_script
 
         if main_script() is None:
             return "is the interactive session, a `python -m` module or a console script"
