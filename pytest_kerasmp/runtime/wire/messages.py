@@ -95,7 +95,7 @@ class Answer(NamedTuple):
 
 class PredictInline(NamedTuple):
     """Rows to predict, the arrays inside the message as (bytes, shape, dtype) (small requests
-    of ``client.submit``, several in flight on one connection: see ``runtime.serve.pipeline``)."""
+    of ``client.submit``, several in flight on one connection: see ``runtime.serve.client``)."""
 
     id: int
     arrays: list[tuple[bytes, tuple[int, ...], str]]
