@@ -47,8 +47,8 @@ _WHERE = {
     "detect_gpus": "slots.devices",
     "plan_slots": "slots.devices",
     "TFCluster": "runtime.cluster.cluster",
-    "KerasCluster": "runtime.cluster.kerascluster",
-    "init_distributed": "runtime.cluster.kerascluster",
+    "KerasCluster": "runtime.cluster.cluster",
+    "init_distributed": "runtime.cluster.cluster",
     "task_info": "runtime.cluster.cluster",
     "ClusterClosedError": "errors",
     "ClusterStartError": "errors",
@@ -124,10 +124,10 @@ if TYPE_CHECKING:
     from pytest_kerasmp.modelref import ModelRef as ModelRef
     from pytest_kerasmp.ray.cluster import LocalRayCluster as LocalRayCluster
     from pytest_kerasmp.ray.cluster import plan_ray_slots as plan_ray_slots
+    from pytest_kerasmp.runtime.cluster.cluster import KerasCluster as KerasCluster
     from pytest_kerasmp.runtime.cluster.cluster import TFCluster as TFCluster
+    from pytest_kerasmp.runtime.cluster.cluster import init_distributed as init_distributed
     from pytest_kerasmp.runtime.cluster.cluster import task_info as task_info
-    from pytest_kerasmp.runtime.cluster.kerascluster import KerasCluster as KerasCluster
-    from pytest_kerasmp.runtime.cluster.kerascluster import init_distributed as init_distributed
     from pytest_kerasmp.runtime.pool.workerpool import WorkerPool as WorkerPool
     from pytest_kerasmp.runtime.serve.client import InferenceClient as InferenceClient
     from pytest_kerasmp.runtime.serve.server import InferenceServer as InferenceServer

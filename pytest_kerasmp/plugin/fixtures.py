@@ -22,7 +22,7 @@ from pytest_kerasmp.plugin.config import session_plan, session_settings
 from pytest_kerasmp.plugin.leasing import slots_of
 from pytest_kerasmp.plugin.sessionguard import SESSION_POOL_KEY
 from pytest_kerasmp.plugin.speedup import measure
-from pytest_kerasmp.runtime.cluster.cluster import TFCluster
+from pytest_kerasmp.runtime.cluster.cluster import KerasCluster, TFCluster
 from pytest_kerasmp.runtime.pool.workerpool import WorkerPool
 from pytest_kerasmp.runtime.serve.server import InferenceServer
 from pytest_kerasmp.slots.devices import DeviceSlot, plural
@@ -187,7 +187,7 @@ def kerasmp_tf_cluster(
 @pytest.fixture
 def kerasmp_keras_cluster(
     kerasmp_slots: tuple[DeviceSlot, ...], pytestconfig: pytest.Config, request: pytest.FixtureRequest,
-) -> Iterator[Callable[..., TFCluster]]:
+) -> Iterator[Callable[..., KerasCluster]]:
     """Factory: make(workers=2, **options) -> KerasCluster for the session's Keras backend,
     closed at test end (function).
 
@@ -195,17 +195,15 @@ def kerasmp_keras_cluster(
     coordinator on 127.0.0.1; torch's MASTER_ADDR/RANK/WORLD_SIZE); in a task,
     pytest_kerasmp.init_distributed() joins the others. --kerasmp-keras-backend picks it.
     """
-    from pytest_kerasmp.runtime.cluster.kerascluster import KerasCluster
-
     yield from _clusters(KerasCluster, kerasmp_slots, pytestconfig, slots_of(request.node) is not None)
 
 
 def _clusters(
-    cls: type[TFCluster], kerasmp_slots: tuple[DeviceSlot, ...], pytestconfig: pytest.Config, leased: bool,
-) -> Iterator[Callable[..., TFCluster]]:
-    clusters: list[TFCluster] = []
+    cls: type[KerasCluster], kerasmp_slots: tuple[DeviceSlot, ...], pytestconfig: pytest.Config, leased: bool,
+) -> Iterator[Callable[..., Any]]:
+    clusters: list[KerasCluster] = []
 
-    def make(workers: int = 2, **options: Any) -> TFCluster:
+    def make(workers: int = 2, **options: Any) -> KerasCluster:
         options.setdefault("name", f"cluster{len(clusters)}")
         if "slots" not in options and isinstance(workers, int) and workers > 0:
             _check_worker_part(pytestconfig, kerasmp_slots, workers, bool(options.get("chief")), options["name"], leased)

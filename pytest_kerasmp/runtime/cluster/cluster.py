@@ -1,14 +1,25 @@
-"""A local TensorFlow cluster: one pinned, warm process per task, with shared fate.
+"""A local cluster for the session's Keras backend: one pinned, warm process per task, with
+shared fate.
 
-Synchronous multi-worker training (``tf.distribute.MultiWorkerMirroredStrategy``) runs one
-process per task, each told the whole cluster in ``TF_CONFIG``. :class:`TFCluster` starts
-those processes as a pool of the one lifecycle (``lifecycle.Child``, role ``cluster-task``):
-each pinned to its own slot before TensorFlow is imported, ``TF_CONFIG`` set for a cluster on
-127.0.0.1, TensorFlow imported and no op run (TensorFlow wants collectives configured before a
-process runs ops, and user code creates the strategy in its first call). ``run(fn)`` runs
-``fn`` in every task; if one task raises, dies or overruns the bound, every task is stopped
-(the others would wait for it in their next collective), the call raises one
-:class:`ClusterTaskError`, and the next call starts the cluster afresh on new ports.
+Synchronous multi-worker training runs one process per task, each told the whole cluster in
+its environment, from the backend's adapter:
+
+- TensorFlow: ``TF_CONFIG`` (``MultiWorkerMirroredStrategy`` reads it);
+- JAX: ``jax.distributed``'s coordinator on task 0's port, bound to 127.0.0.1 only
+  (``JAX_COORDINATOR_BIND_ADDRESS``), the process index, gloo for CPU collectives, and the
+  same as ``keras.distribution.initialize()`` reads it;
+- PyTorch: ``MASTER_ADDR``/``MASTER_PORT``/``RANK``/``WORLD_SIZE`` for ``env://``.
+
+:class:`KerasCluster` starts those processes as a pool of the one lifecycle
+(``lifecycle.Child``, role ``cluster-task``): each pinned to its own slot before the framework
+is imported, its environment set for a cluster on 127.0.0.1, the framework imported and no op
+run. ``run(fn)`` runs ``fn`` in every task; if one task raises, dies or overruns the bound,
+every task is stopped (the others would wait for it in their next collective), the call raises
+one :class:`ClusterTaskError`, and the next call starts the cluster afresh on new ports.
+:class:`TFCluster` is the same cluster with TensorFlow's environment whatever the session's
+backend. In a task, :func:`init_distributed` joins the others (``keras.distribution.initialize()``
+on JAX; ``torch.distributed.init_process_group`` with gloo on CPU, NCCL on GPU; nothing on
+TensorFlow, whose strategy joins when it is created).
 """
 
 from __future__ import annotations
@@ -46,8 +57,10 @@ from pytest_kerasmp.errors import (
     WorkerCrashedError,
     WorkerStartupError,
 )
+from pytest_kerasmp.frameworks.tensorflow import set_collective_timeout
 from pytest_kerasmp.runtime.cluster import ports
-from pytest_kerasmp.runtime.cluster.tasks import TaskPool
+from pytest_kerasmp.runtime.pool.local import LocalBackend
+from pytest_kerasmp.runtime.pool.workerpool import WorkerPool
 from pytest_kerasmp.runtime.process import childio, netns, owners
 from pytest_kerasmp.runtime.process.lifecycle import Child, describe_exit
 from pytest_kerasmp.slots import network, placement
@@ -62,11 +75,12 @@ OUTPUT_LINES = 20
 FAILURE_GRACE_S = 0.5
 
 
-class TFCluster(owners.Owned):
-    """A TensorFlow cluster of ``workers`` tasks (and a chief if asked) on this machine.
+class KerasCluster(owners.Owned):
+    """A cluster of ``workers`` tasks (and a chief if asked) on this machine, for the session's
+    Keras backend (see the module docstring).
 
-    Each task is a warm process pinned to its own slot, with ``TF_CONFIG`` naming the cluster
-    on 127.0.0.1 (free ports, claimed so that concurrent clusters and xdist workers never pick
+    Each task is a warm process pinned to its own slot, with its framework's cluster
+    environment naming the cluster on 127.0.0.1 (free ports, claimed so that concurrent clusters and xdist workers never pick
     the same one). A context manager; usable without pytest.
 
     Args:
@@ -77,7 +91,7 @@ class TFCluster(owners.Owned):
             else ``plan_slots("auto")``. A slot given twice puts two tasks on it, on purpose.
         ports: One port per task; default: free ports, picked anew at every (re)start.
         run_timeout_s: Default bound on one :meth:`run` (a positive number of seconds).
-        start_timeout_s: Bound on starting every task (TensorFlow import).
+        start_timeout_s: Bound on starting every task (the framework's import).
         collective_timeout_s: Given to every ``MultiWorkerMirroredStrategy`` a task creates
             without a ``communication_options`` timeout, so that a collective waiting for a
             peer fails in TensorFlow too. Off (``None``) by default: TensorFlow starts a
@@ -450,13 +464,23 @@ class TFCluster(owners.Owned):
         self.ports = []
 
     def framework(self) -> frameworks.Framework:
-        """The framework whose cluster environment the tasks get (TensorFlow's here)."""
-        return frameworks.get("tensorflow")
+        """The framework whose cluster environment the tasks get: the session's."""
+        return frameworks.active()
 
     def task_environ(self, index: int) -> dict[str, str]:
         """Task ``index``'s environment: its framework's cluster environment, and its name."""
         kind, number = self.tasks[index]
         return {**self.framework().cluster_environ(self.cluster_spec, kind, number), TASK_ENV: f"{kind}:{number}"}
+
+
+
+class TFCluster(KerasCluster):
+    """A :class:`KerasCluster` whose tasks get TensorFlow's cluster environment (``TF_CONFIG``,
+    for ``tf.distribute.MultiWorkerMirroredStrategy``) whatever the session's Keras backend;
+    the same arguments, methods and errors."""
+
+    def framework(self) -> frameworks.Framework:
+        return frameworks.get("tensorflow")
 
     def tf_config(self, index: int) -> str:
         """Task ``index``'s ``TF_CONFIG`` (the TensorFlow adapter's cluster environment)."""
@@ -483,4 +507,64 @@ def task_info() -> tuple[str, int] | None:
     return task["type"], int(task["index"])
 
 
-__all__ = ["TFCluster", "task_info"]
+_joined = False
+
+
+def init_distributed() -> None:
+    """In a task of a :class:`KerasCluster`: join the other tasks (once per process)."""
+    global _joined
+    if not _joined:
+        frameworks.active().init_distributed()
+        _joined = True
+
+
+# -------------------------------------------------------------------- the tasks, as a pool
+
+class TaskPool(WorkerPool):
+    """The cluster's processes: a pool whose worker i is task i (``TF_CONFIG`` set before
+    TensorFlow is imported), never replaced (the cluster restarts all of them together)."""
+
+    replace_workers = False
+
+    def __init__(self, cluster: KerasCluster) -> None:
+        super().__init__(
+            cluster.slots, start_timeout_s=cluster.start_timeout_s, backend=TaskBackend(cluster),
+            name=cluster.name, initializer=set_collective_timeout, initargs=(cluster.collective_timeout_s,),
+        )
+
+    def submit_to(self, index: int, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Future[Any]:
+        return self._submit(fn, args, kwargs, None, index)
+
+    def workers(self) -> list[Any]:
+        return list(self._dispatcher.workers)
+
+
+class TaskBackend(LocalBackend):
+    """Starts task i of the cluster as worker i: role ``cluster-task``, its ``TF_CONFIG``."""
+
+    def __init__(self, cluster: KerasCluster) -> None:
+        super().__init__(cluster.start_method)
+        self.cluster = cluster
+
+    def start_child(self, pool: Any, index: int, slot: DeviceSlot) -> Child:
+        cluster = self.cluster
+        task = cluster.task_names[index]
+        child = Child(
+            "cluster-task",
+            f"kerasmp-{cluster.name}-{task.replace(':', '')}",
+            slot,
+            (pool.init_call,),
+            start_method=self.start_method,
+            who=f"task {task} ({{slot}}, pid {{pid}}) of cluster {cluster.name!r}",
+            label=f"{cluster.name} {task}",
+            env=cluster.task_environ(index),
+            netns=cluster.network.pid if cluster.network is not None else None,
+            network_note=cluster.network_note,
+        )
+        cluster._starting.append(child)
+        return child
+
+# ------------------------------------------------------------------------------ in the tasks
+
+
+__all__ = ["KerasCluster", "TFCluster", "init_distributed", "task_info"]
