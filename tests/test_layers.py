@@ -1,7 +1,8 @@
 """The package's layering rule (its docstring), checked by reading every import of every module.
 
-Any ``import pytest_kerasmp...`` counts, at module level or inside a function; only imports
-under ``if TYPE_CHECKING:`` are left out (they never run).
+Any ``import pytest_kerasmp...`` counts, at module level or inside a function. Imports under
+``if TYPE_CHECKING:`` never run: the layers leave them out, the circle test and the rule inside
+``runtime/`` count them (a circle of type-only imports is still two modules that need each other).
 """
 
 from __future__ import annotations
@@ -24,6 +25,16 @@ ALLOWED = {
     "ray": {"errors", "frameworks", "slots", "modelref", "runtime"},
     "measure": {"errors", "frameworks", "slots"},
     "plugin": {"errors", "frameworks", "slots", "modelref", "runtime", "ray", "measure"},
+}
+#: Inside runtime/: each room and the rooms it may import. Process and wire are below pool,
+#: serve and cluster; serve never imports pool; the seam (backends) imports none of them.
+RUNTIME_ALLOWED = {
+    "wire": set(),
+    "process": {"wire"},
+    "backends": set(),
+    "pool": {"wire", "process", "backends"},
+    "serve": {"wire", "process", "backends"},
+    "cluster": {"wire", "process", "pool"},
 }
 PYTEST_MODULES = ("pytest", "_pytest", "xdist", "pytest_benchmark", "pluggy")
 
@@ -48,9 +59,10 @@ def _in_type_checking(node: ast.AST, parents: dict[ast.AST, ast.AST]) -> bool:
     return False
 
 
-def _imports() -> dict[str, set[str]]:
+def _imports(type_only: bool = False) -> dict[str, set[str]]:
     """Every module of the package -> the modules it imports (package modules and third
-    party, as dotted names; ``from pkg import sub`` is resolved to the submodule)."""
+    party, as dotted names; ``from pkg import sub`` is resolved to the submodule); with
+    ``type_only``, imports under ``if TYPE_CHECKING:`` too."""
     known = {_module_name(p) for p in PACKAGE.rglob("*.py")}
     graph: dict[str, set[str]] = {}
     for path in sorted(PACKAGE.rglob("*.py")):
@@ -59,7 +71,7 @@ def _imports() -> dict[str, set[str]]:
         parents = {child: node for node in ast.walk(tree) for child in ast.iter_child_nodes(node)}
         found: set[str] = set()
         for node in ast.walk(tree):
-            if isinstance(node, (ast.Import, ast.ImportFrom)) and _in_type_checking(node, parents):
+            if not type_only and isinstance(node, (ast.Import, ast.ImportFrom)) and _in_type_checking(node, parents):
                 continue
             if isinstance(node, ast.Import):
                 found.update(alias.name for alias in node.names)
@@ -73,6 +85,13 @@ def _imports() -> dict[str, set[str]]:
 
 GRAPH = _imports()
 OURS = {m: {i for i in deps if i.startswith("pytest_kerasmp")} for m, deps in GRAPH.items()}
+#: The package's own imports, type-only ones included.
+OURS_TYPED = {m: {i for i in deps if i.startswith("pytest_kerasmp")} for m, deps in _imports(type_only=True).items()}
+
+
+def _room(module: str) -> str:
+    """``pytest_kerasmp.runtime.pool.dispatch`` -> ``pool``; ``...runtime.backends`` -> ``backends``."""
+    return module.split(".")[2]
 
 
 def test_every_part_is_named_in_the_rule():
@@ -93,8 +112,25 @@ def test_nothing_below_the_plugin_imports_pytest(module):
     assert not wrong, f"{module} imports {wrong}: only pytest_kerasmp.plugin may"
 
 
+RUNTIME = sorted(m for m in GRAPH if _part(m) == "runtime" and m.count(".") >= 2)
+
+
+def test_every_room_of_runtime_is_named_in_its_rule():
+    assert {_room(m) for m in RUNTIME} == set(RUNTIME_ALLOWED), "a new room of runtime/ needs its place in the rule"
+
+
+@pytest.mark.parametrize("module", RUNTIME)
+def test_a_runtime_module_imports_only_the_rooms_below_its_own(module):
+    room = _room(module)
+    wrong = sorted(
+        i for i in OURS_TYPED[module]
+        if _part(i) == "runtime" and i.count(".") >= 2 and _room(i) not in {room, *RUNTIME_ALLOWED[room]}
+    )
+    assert not wrong, f"{module} ({room}) may import only {sorted(RUNTIME_ALLOWED[room])} of runtime/, not {wrong}"
+
+
 def test_no_import_circle():
-    """Tarjan's strongly connected components over the package's own imports."""
+    """Tarjan's strongly connected components over the package's own imports (type-only too)."""
     index: dict[str, int] = {}
     low: dict[str, int] = {}
     stack: list[str] = []
@@ -105,7 +141,7 @@ def test_no_import_circle():
         index[v] = low[v] = len(index)
         stack.append(v)
         on_stack.add(v)
-        for w in OURS.get(v, ()):
+        for w in OURS_TYPED.get(v, ()):
             if w not in GRAPH:
                 continue
             if w not in index:

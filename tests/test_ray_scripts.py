@@ -25,7 +25,7 @@ TESTS = os.path.dirname(os.path.abspath(__file__))
 GUARDED = """
 import sys, time
 from pytest_kerasmp import WorkerPool
-from pytest_kerasmp.runtime.process import lifecycle
+from pytest_kerasmp.runtime.wire import transport
 from pytest_kerasmp.ray.cluster import LocalRayCluster, plan_ray_slots
 
 def double(x):
@@ -38,7 +38,7 @@ if __name__ == "__main__":
         with WorkerPool(plan_ray_slots()[:1], backend="ray", name="script") as pool:  # imports TensorFlow
             print("RESULT", pool.submit(double, 21).result(timeout=60), flush=True)
             time.sleep(2)  # Ray's log monitor forwards the task's line
-        lifecycle.main_script = lambda: "/nonexistent/moved.py"  # as on a node without the script
+        transport.main_script = lambda: "/nonexistent/moved.py"  # as on a node without the script
         with WorkerPool(plan_ray_slots()[:1], backend="ray", name="moved", import_tensorflow=False) as pool:
             try:
                 pool.submit(double, 1).result(timeout=60)

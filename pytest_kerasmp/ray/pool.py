@@ -29,7 +29,8 @@ from pytest_kerasmp.ray.actor import MAIN_ENV, NICE_ENV
 from pytest_kerasmp.ray.cluster import check_feasible, connect, kill_actor, slot_resources
 from pytest_kerasmp.ray.connect import CONNECT_TIMEOUT_S
 from pytest_kerasmp.ray.dispatch import STACKS_S, RayDispatcher, RayWorker, ray_failure
-from pytest_kerasmp.runtime.process import childio, lifecycle
+from pytest_kerasmp.runtime.process import childio
+from pytest_kerasmp.runtime.wire import transport
 from pytest_kerasmp.runtime.wire.transport import dumps_call
 from pytest_kerasmp.slots.devices import DeviceSlot
 from pytest_kerasmp.slots.placement import SESSION_ENV
@@ -52,7 +53,7 @@ def actor_options(slot: DeviceSlot, name: str, reserve: bool = True) -> dict[str
     for key in (SESSION_ENV, "PYTEST_XDIST_WORKER"):  # so that the actor records its placement
         if os.environ.get(key):
             env[key] = os.environ[key]
-    main = lifecycle.main_script()
+    main = transport.main_script()
     if main:  # imported by the actor as local children do: task functions defined there resolve
         env[MAIN_ENV] = main
     env[NICE_ENV] = str(os.getpriority(os.PRIO_PROCESS, 0))  # taken back from Ray's niceness

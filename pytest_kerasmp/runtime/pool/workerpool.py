@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future
 from concurrent.futures import wait as wait_futures
-from typing import Any
+from typing import Any, Protocol
 
 from pytest_kerasmp.errors import (
     INTO_BAD,
@@ -25,11 +25,24 @@ from pytest_kerasmp.errors import (
     TaskTimeoutError,
 )
 from pytest_kerasmp.runtime import backends
-from pytest_kerasmp.runtime.backends import PoolBackend
 from pytest_kerasmp.runtime.pool.taskqueue import PoolStats, TaskQueue, interrupted_why, is_interrupt, new_task
 from pytest_kerasmp.runtime.process import owners
 from pytest_kerasmp.runtime.wire.transport import dumps_call
 from pytest_kerasmp.slots.devices import DeviceSlot
+
+
+class PoolBackend(Protocol):
+    name: str
+    #: What the pool reports as its start method ("spawn", "forkserver", "ray").
+    start_method: str
+
+    def start(self, pool: Any) -> TaskQueue:
+        """Start a worker on each of ``pool.slots`` and wait for all (raising
+        ``WorkerStartupError``); the dispatcher that owns them, its thread not yet started."""
+
+    def pack(self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[bytes, list[Any]]:
+        """A call as it travels to a worker: pickled, with its large buffers out of band."""
+
 
 __all__ = ["PoolStats", "WorkerPool"]
 
@@ -98,7 +111,7 @@ class WorkerPool(owners.Owned):
             "import_tensorflow": import_tensorflow, "backend": backend, "ray_address": ray_address,
             "ray_reserve": ray_reserve, "ray_timeout_s": ray_timeout_s,
         })  # for restart()
-        self.backend = backends.pool_backend(
+        self.backend: PoolBackend = backends.pool_backend(
             backend, start_method=start_method, ray_address=ray_address, ray_reserve=ray_reserve, ray_timeout_s=ray_timeout_s,
         )
         self.start_method = self.backend.start_method

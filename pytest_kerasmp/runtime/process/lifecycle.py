@@ -44,6 +44,7 @@ from pytest_kerasmp.errors import (
 )
 from pytest_kerasmp.runtime.process import bootstrap
 from pytest_kerasmp.runtime.process.childio import STACK_DUMP_S, dump_stacks_of, is_chatter, quiet_logs, read_lines
+from pytest_kerasmp.runtime.wire import transport
 from pytest_kerasmp.runtime.wire.messages import Ready, StartupError
 from pytest_kerasmp.slots.devices import DeviceSlot
 
@@ -140,7 +141,7 @@ class Child:
             "owner_pid": os.getpid(),
             "env": env,
             "sys_path": list(sys.path),
-            "main_path": main_script(),
+            "main_path": transport.main_script(),
             "warm_import": warm_import,
             "netns": netns,
             "args": pickle.dumps(args, protocol=5),
@@ -426,16 +427,6 @@ def wait_all_ready(
                 if msg is not None:
                     ready[i] = msg
     return [ready[i] for i in range(len(children))]
-
-
-def main_script() -> str | None:
-    """The owner's ``__main__`` script, if children should import it (a ``.py`` file run as
-    ``python script.py``; not ``python -m``, a console script or an interactive session)."""
-    main = sys.modules.get("__main__")
-    path = getattr(main, "__file__", None)
-    if main is None or getattr(main, "__spec__", None) is not None or not path:
-        return None
-    return os.path.abspath(path) if path.endswith(".py") else None
 
 
 def _kill_group(pid: int) -> None:

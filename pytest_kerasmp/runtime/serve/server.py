@@ -13,17 +13,42 @@ import os
 import secrets
 import time
 import warnings
-from typing import Any
+from typing import Any, Protocol
 
 from pytest_kerasmp.errors import SERVER_CLOSE_TIMED_OUT, KerasMPWarning, ServerDiedError
 from pytest_kerasmp.modelref import ModelRef
 from pytest_kerasmp.runtime import backends
-from pytest_kerasmp.runtime.backends import ServerBackend, ServerHandle
 from pytest_kerasmp.runtime.process import owners
 from pytest_kerasmp.runtime.process.lifecycle import Child
 from pytest_kerasmp.runtime.serve.client import InferenceClient, _clients, _closed
 from pytest_kerasmp.runtime.wire.messages import Stop
 from pytest_kerasmp.slots.devices import DeviceSlot
+
+
+class ServerHandle(Protocol):
+    """A started server process, as its :class:`~pytest_kerasmp.InferenceServer` uses it."""
+
+    pid: int
+    address: bytes
+    inputs: list[Any]
+    outputs: list[Any]
+
+    def client(self, server: Any, request_timeout_s: float, busy_timeout_s: float) -> InferenceClient: ...
+
+    def stop(self, timeout: float) -> str | None:
+        """Stop after answering what it accepted, within ``timeout``; past it, kill it and
+        return its stacks (``"(none)"`` if it gave none); None when it stopped in time."""
+
+    def kill(self) -> None: ...
+
+    def is_alive(self) -> bool: ...
+
+
+class ServerBackend(Protocol):
+    name: str
+
+    def start(self, server: Any, start_timeout_s: float) -> ServerHandle: ...
+
 
 __all__ = ["InferenceClient", "InferenceServer", "LocalServerBackend"]
 
@@ -82,7 +107,7 @@ class InferenceServer(owners.Owned):
         ray_timeout_s: float | None = None,
     ) -> None:
         check_options(model_ref, max_batch_size, max_queue, max_delay_ms)
-        self.backend = backends.server_backend(
+        self.backend: ServerBackend = backends.server_backend(
             backend, start_method=start_method, ray_address=ray_address, ray_reserve=ray_reserve, ray_timeout_s=ray_timeout_s,
         )
         self.name, self.model_ref = name, model_ref

@@ -368,10 +368,18 @@ def _unimportable_cached(module: str, file: str | None, path: tuple[str, ...]) -
     return None
 
 
+def main_script() -> str | None:
+    """The owner's ``__main__`` script, if children should import it by name (a ``.py`` file run as
+    ``python script.py``; not ``python -m``, a console script or an interactive session)."""
+    main = sys.modules.get("__main__")
+    path = getattr(main, "__file__", None)
+    if main is None or getattr(main, "__spec__", None) is not None or not path:
+        return None
+    return os.path.abspath(path) if path.endswith(".py") else None
+
+
 def _unimportable(module: str) -> str | None:
     if module in ("__main__", "__mp_main__"):
-        from pytest_kerasmp.runtime.process.lifecycle import main_script
-
         if main_script() is None:
             return "is the interactive session, a `python -m` module or a console script"
         return None
