@@ -21,10 +21,14 @@ and no module imports another in a circle:
     slots to tests (``slots.leases``, the session's one lease table), seed; how a model crosses
     a process boundary.
 ``runtime/``
-    the local execution backend: the one child lifecycle, wire messages, the shared-memory
-    transport, the task queue, the dispatcher, ``WorkerPool``, ``InferenceServer`` and its
-    client, ``TFCluster``, ports, a cluster's private network (``runtime.process.netns``). Pools and servers reach their execution backend through
-    ``runtime.backends`` (by name or object), never by importing one: ``ray/`` plugs in there.
+    the local execution backend, cut by what runs where: ``process/`` (a child's one
+    lifecycle, its bootstrap, its output, owners, a cluster's private network), ``wire/``
+    (messages, the shared-memory transport, shared arrays), ``pool/`` (``WorkerPool``, the
+    task queue, the dispatcher; ``pool/child.py`` runs inside a worker), ``serve/``
+    (``InferenceServer`` and its client; ``serve/child.py`` runs inside the server),
+    ``cluster/`` (``KerasCluster``, ``TFCluster``, ports). Pools and servers reach their
+    execution backend through ``runtime.backends`` (by name or object), never by importing
+    one: ``ray/`` plugs in there.
 ``ray/``
     the Ray execution backend (actors, its dispatcher, the Ray server, local Ray clusters);
     imports ``runtime``, never the reverse.

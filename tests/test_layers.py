@@ -172,3 +172,18 @@ def test_no_module_is_much_over_600_lines():
     sizes = {p.relative_to(PACKAGE).as_posix(): len(p.read_text().splitlines()) for p in PACKAGE.rglob("*.py")}
     big = {name: n for name, n in sizes.items() if n > 620}
     assert not big, f"split these modules (about 600 lines at most): {big}"
+
+
+def test_the_architecture_page_holds_the_figures_of_this_checkout():
+    import importlib.util
+
+    tools = PACKAGE.parent / "tools" / "layers.py"
+    if not tools.exists():
+        pytest.skip("not a checkout (tools/layers.py is not here)")
+    spec = importlib.util.spec_from_file_location("layers_tool", tools)
+    assert spec is not None and spec.loader is not None
+    layers = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(layers)
+    page = (PACKAGE.parent / "docs" / "architecture.md").read_text()
+    written = page.partition(layers.BEGIN)[2].partition(layers.END)[0].strip()
+    assert written == layers.figures(PACKAGE.parent), "docs/architecture.md is stale: run python3 tools/layers.py --write-docs"

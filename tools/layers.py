@@ -2,13 +2,15 @@
 """The package's shape from its own imports: module count, largest modules, import circles.
 
     python3 tools/layers.py [CHECKOUT]     # CHECKOUT defaults to this repository
+    python3 tools/layers.py --write-docs   # rewrite docs/architecture.md's figures from them
 
-Reads every ``import pytest_kerasmp...`` of every module (also inside functions; imports
-under ``if TYPE_CHECKING:`` do not run and do not count), builds the graph and prints its
-strongly connected components of more than one module: each is an import circle. Runs on
-any checkout, so the figures of an old commit can be set beside today's
-(``git worktree add /tmp/old COMMIT && python3 tools/layers.py /tmp/old``).
-``tests/test_layers.py`` enforces the rule itself (no circle, the layering, module size).
+Reads every ``import pytest_kerasmp...`` of every module (also inside functions and under
+``if TYPE_CHECKING:``: a circle of type-only imports is still two modules that need each
+other), builds the graph and prints its strongly connected components of more than one
+module: each is an import circle. Runs on any checkout, so the figures of an old commit can
+be set beside today's (``git worktree add /tmp/old COMMIT && python3 tools/layers.py /tmp/old``).
+``tests/test_layers.py`` enforces the rule itself (no circle, the layering, module size) and
+that docs/architecture.md holds this tool's figures for the checkout it documents.
 """
 
 from __future__ import annotations
@@ -25,15 +27,8 @@ def module_name(path: Path, root: Path) -> str:
 
 def imports(path: Path, known: set[str]) -> set[str]:
     tree = ast.parse(path.read_text())
-    typing_only = {
-        id(inner) for node in ast.walk(tree)
-        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test)
-        for child in node.body for inner in ast.walk(child)
-    }
     found: set[str] = set()
     for node in ast.walk(tree):
-        if id(node) in typing_only:
-            continue
         if isinstance(node, ast.Import):
             found |= {alias.name for alias in node.names if alias.name in known}
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
@@ -76,18 +71,63 @@ def circles(graph: dict[str, set[str]]) -> list[list[str]]:
     return found
 
 
-def main(checkout: Path) -> None:
+BEGIN, END = "<!-- tools/layers.py: begin -->", "<!-- tools/layers.py: end -->"
+
+
+def figures(checkout: Path) -> str:
+    """The figures as markdown: the whole package, each part, the rooms of runtime/, circles."""
     root = checkout / "pytest_kerasmp"
     files = sorted(root.rglob("*.py"))
     known = {module_name(p, root) for p in files}
     graph = {module_name(p, root): imports(p, known) - {module_name(p, root)} for p in files}
-    sizes = sorted(((len(p.read_text().splitlines()), p.relative_to(root).as_posix()) for p in files), reverse=True)
+    lines = {p.relative_to(root).as_posix(): len(p.read_text().splitlines()) for p in files}
     inits = sum(p.name == "__init__.py" for p in files)
-    print(f"modules: {len(files)} files ({len(files) - inits} modules + {inits} __init__), {sum(n for n, _ in sizes)} lines")
-    print("largest:", ", ".join(f"{name} {lines}" for lines, name in sizes[:4]))
     found = circles(graph)
-    print(f"import circles: {len(found)}" + "".join(f"\n  {' <-> '.join(c)}" for c in found))
+
+    def rows(group: dict[str, list[str]]) -> list[str]:
+        out = []
+        for name, members in group.items():
+            largest = max(members, key=lambda m: lines[m])
+            out.append(f"| `{name}` | {len(members)} | {sum(lines[m] for m in members)} | `{largest}` {lines[largest]} |")
+        return out
+
+    parts: dict[str, list[str]] = {}
+    rooms: dict[str, list[str]] = {}
+    for name in lines:
+        first = name.split("/")[0]
+        parts.setdefault(first.removesuffix(".py") + ("/" if "/" in name else ""), []).append(name)
+        if first == "runtime" and name.count("/") >= 1:
+            room = name.split("/")[1]
+            rooms.setdefault(room.removesuffix(".py") + ("/" if name.count("/") == 2 else ""), []).append(name)
+    head = ["| part | files | lines | largest module |", "| --- | --- | --- | --- |"]
+    return "\n".join([
+        f"{len(files)} files ({len(files) - inits} modules + {inits} `__init__`), {sum(lines.values())} lines;"
+        f" import circles (type-only imports counted): {len(found)}"
+        + "".join(f"; {' <-> '.join(c)}" for c in found) + ".",
+        "", *head, *rows(dict(sorted(parts.items()))),
+        "", "The rooms of `runtime/`:", "", *head, *rows(dict(sorted(rooms.items()))),
+    ])
+
+
+def write_docs(checkout: Path) -> bool:
+    """Rewrite the figures between the markers of docs/architecture.md; True if they changed."""
+    doc = checkout / "docs" / "architecture.md"
+    text = doc.read_text()
+    before, _, rest = text.partition(BEGIN)
+    _, _, after = rest.partition(END)
+    new = f"{before}{BEGIN}\n{figures(checkout)}\n{END}{after}"
+    if new != text:
+        doc.write_text(new)
+    return new != text
+
+
+def main(argv: list[str]) -> None:
+    if argv[:1] == ["--write-docs"]:
+        checkout = Path(__file__).resolve().parent.parent
+        print("docs/architecture.md:", "rewritten" if write_docs(checkout) else "already current")
+        return
+    print(figures(Path(argv[0]) if argv else Path(__file__).resolve().parent.parent))
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]) if len(sys.argv) > 1 else Path(__file__).resolve().parent.parent)
+    main(sys.argv[1:])
