@@ -23,14 +23,14 @@ def test_augmentation_in_the_pool_equals_serial(kerasmp_pool, images):
 
 
 def test_factory_pool_defaults_to_my_slots(kerasmp_pool_factory, kerasmp_slots):
-    pool = kerasmp_pool_factory(import_tensorflow=False)
+    pool = kerasmp_pool_factory(warm_import=False)
     for s in pool.broadcast(tasks.where):
         assert_placed(s, kerasmp_slots)
 
 
 def test_plan_slots_spreads_over_what_this_process_owns(kerasmp_slots):
     # Without -n this process owns every slot of the session; under -n its worker's part.
-    with WorkerPool(plan_slots(len(kerasmp_slots)), import_tensorflow=False, name="planned") as pool:
+    with WorkerPool(plan_slots(len(kerasmp_slots)), warm_import=False, name="planned") as pool:
         seen = pool.broadcast(tasks.where)
     if len(kerasmp_slots) >= 2 and kerasmp_slots[0].kind == "CPU":
         assert seen[0]["cores"] != seen[1]["cores"], seen  # two workers, two different cores

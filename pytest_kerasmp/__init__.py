@@ -43,55 +43,34 @@ and no module imports another in a circle:
 from __future__ import annotations
 
 import importlib
+import re
+import warnings
 from typing import TYPE_CHECKING, Any
 
-_WHERE = {
-    "GPU": "slots.devices",
-    "DeviceSlot": "slots.devices",
-    "detect_gpus": "slots.devices",
-    "plan_slots": "slots.devices",
-    "TFCluster": "runtime.cluster.cluster",
-    "KerasCluster": "runtime.cluster.cluster",
-    "init_distributed": "runtime.cluster.cluster",
-    "task_info": "runtime.cluster.cluster",
-    "ClusterClosedError": "errors",
-    "ClusterStartError": "errors",
-    "ClusterTaskError": "errors",
-    "DeviceAlreadyInitializedError": "errors",
-    "KerasMPError": "errors",
-    "KerasMPWarning": "errors",
-    "PoolBrokenError": "errors",
-    "PoolClosedError": "errors",
-    "RayConnectError": "errors",
-    "RemoteTraceback": "errors",
-    "ServerBusyError": "errors",
-    "ServerClosedError": "errors",
-    "ServerDiedError": "errors",
-    "TaskCancelledError": "errors",
-    "TaskTimeoutError": "errors",
-    "Terminated": "errors",
-    "WorkerCrashedError": "errors",
-    "WorkerStartupError": "errors",
-    "ModelRef": "modelref",
-    "configure_tensorflow": "slots.pinning",
-    "current_slot": "slots.pinning",
-    "pin_process": "slots.pinning",
-    "WorkerPool": "runtime.pool.workerpool",
-    "shared_empty": "runtime.wire.shared",
-    "LocalRayCluster": "ray.cluster",
-    "plan_ray_slots": "ray.cluster",
-    "assert_same": "measure.results",
-    "first_difference": "measure.results",
-    "derive_seed": "slots.seeding",
-    "seed_everything": "slots.seeding",
-    "InferenceClient": "runtime.serve.client",
-    "InferenceServer": "runtime.serve.server",
+
+#: Each public name -> the module it lives in, read from the one list of them (the imports
+#: under ``if TYPE_CHECKING:`` below, which type checkers read), so that ``import
+#: pytest_kerasmp`` imports nothing else: a name is loaded when first used.
+def _public_names() -> dict[str, str]:
+    with open(__file__, encoding="utf-8") as source:
+        found = re.findall(r"^    from pytest_kerasmp\.([\w.]+) import (\w+) as \2$", source.read(), re.M)
+    return {name: module for module, name in found}
+
+
+_WHERE = _public_names()
+#: Old names, loaded with a DeprecationWarning for one release: name -> (module, advice).
+_MOVED = {
+    "RemoteTraceback": ("errors", "import it from pytest_kerasmp.errors (it is the cause of an error, never raised)"),
 }
 
 __all__ = sorted(_WHERE)
 
 
 def __getattr__(name: str) -> Any:
+    if name in _MOVED:
+        moved_to, advice = _MOVED[name]
+        warnings.warn(f"pytest_kerasmp.{name} is deprecated and goes in the next release: {advice}", DeprecationWarning, stacklevel=2)
+        return getattr(importlib.import_module(f"pytest_kerasmp.{moved_to}"), name)
     module = _WHERE.get(name)
     if module is None:
         raise AttributeError(f"module 'pytest_kerasmp' has no attribute {name!r}")
@@ -114,7 +93,6 @@ if TYPE_CHECKING:
     from pytest_kerasmp.errors import PoolBrokenError as PoolBrokenError
     from pytest_kerasmp.errors import PoolClosedError as PoolClosedError
     from pytest_kerasmp.errors import RayConnectError as RayConnectError
-    from pytest_kerasmp.errors import RemoteTraceback as RemoteTraceback
     from pytest_kerasmp.errors import ServerBusyError as ServerBusyError
     from pytest_kerasmp.errors import ServerClosedError as ServerClosedError
     from pytest_kerasmp.errors import ServerDiedError as ServerDiedError
@@ -126,12 +104,14 @@ if TYPE_CHECKING:
     from pytest_kerasmp.measure.results import assert_same as assert_same
     from pytest_kerasmp.measure.results import first_difference as first_difference
     from pytest_kerasmp.modelref import ModelRef as ModelRef
+    from pytest_kerasmp.ray.backend import RayBackend as RayBackend
     from pytest_kerasmp.ray.cluster import LocalRayCluster as LocalRayCluster
     from pytest_kerasmp.ray.cluster import plan_ray_slots as plan_ray_slots
     from pytest_kerasmp.runtime.cluster.cluster import KerasCluster as KerasCluster
     from pytest_kerasmp.runtime.cluster.cluster import TFCluster as TFCluster
     from pytest_kerasmp.runtime.cluster.cluster import init_distributed as init_distributed
     from pytest_kerasmp.runtime.cluster.cluster import task_info as task_info
+    from pytest_kerasmp.runtime.pool.taskqueue import PoolStats as PoolStats
     from pytest_kerasmp.runtime.pool.workerpool import WorkerPool as WorkerPool
     from pytest_kerasmp.runtime.serve.client import InferenceClient as InferenceClient
     from pytest_kerasmp.runtime.serve.server import InferenceServer as InferenceServer

@@ -400,6 +400,14 @@ RAY_MISSING = (
     "the Ray backend needs Ray, which is not installed: pip install 'pytest-kerasmp[ray]' "
     "(or ray[serve]), or use backend='local'"
 )
+RAY_KEYWORDS_DEPRECATED = (
+    "{face}({given}=...) is deprecated and goes in the next release: pass the configured backend instead, "
+    "backend=pytest_kerasmp.RayBackend(address=..., reserve=..., timeout_s=...)"
+)
+WARM_IMPORT_DEPRECATED = (
+    "WorkerPool(warm_import=...) is deprecated and goes in the next release: use warm_import=... "
+    "(it imports the session's Keras backend: TensorFlow, JAX or PyTorch)"
+)
 BACKEND_UNKNOWN = (
     "backend={backend!r} is not one of {known}; pass one of those names or a backend object "
     "(pytest_kerasmp.runtime.backends)"

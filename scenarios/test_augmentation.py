@@ -162,7 +162,7 @@ def same(serial: np.ndarray, parallel: np.ndarray) -> None:
 @pytest.mark.parametrize("workers", [1, 2, 4])
 def test_augmentation_in_the_pool_is_bitwise_serial(kerasmp_speedup, kerasmp_pool_factory, kerasmp_slots, images, serial_result, workers):
     pool = kerasmp_pool_factory(
-        [kerasmp_slots[i % len(kerasmp_slots)] for i in range(workers)], import_tensorflow=False, name=f"augment{workers}"
+        [kerasmp_slots[i % len(kerasmp_slots)] for i in range(workers)], warm_import=False, name=f"augment{workers}"
     )
     same(serial_result, in_pool(pool, images, 4 * workers))  # the pool result itself, first
     kerasmp_speedup(
@@ -199,7 +199,7 @@ def test_augmentation_pool_against_peers(kerasmp_speedup, kerasmp_pool_factory, 
     if peer == "loky":
         pytest.importorskip("joblib", reason="the loky row needs joblib (the peers extra)")
     workers = len(kerasmp_slots)
-    pool = kerasmp_pool_factory(list(kerasmp_slots), import_tensorflow=False, name=f"augment-vs-{peer}")
+    pool = kerasmp_pool_factory(list(kerasmp_slots), warm_import=False, name=f"augment-vs-{peer}")
     other = Peer(peer, workers)
     try:
         same(serial_result, in_peer(other, images, 4 * workers))

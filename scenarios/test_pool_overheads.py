@@ -133,7 +133,7 @@ def test_crashed_worker_replaced_vs_one_tensorflow_import(kerasmp_speedup, keras
 
 @pytest.mark.parametrize("transport", ["shared-memory", "pipe-pickle"])
 def test_array_round_trip_vs_two_copies(kerasmp_speedup, kerasmp_pool_factory, two_slots, transport):
-    pool = kerasmp_pool_factory(two_slots[:1], import_tensorflow=False, name="arrays")
+    pool = kerasmp_pool_factory(two_slots[:1], warm_import=False, name="arrays")
     array = np.random.default_rng(0).random((32, 224, 224, 3), dtype=np.float32)
 
     def two_copies() -> np.ndarray:
@@ -183,7 +183,7 @@ def test_second_task_on_a_loaded_modelref_vs_the_first(kerasmp_speedup, kerasmp_
 
 
 def test_empty_task_round_trip(benchmark, kerasmp_pool_factory, two_slots):
-    pool = kerasmp_pool_factory(two_slots[:1], import_tensorflow=False, name="empty")
+    pool = kerasmp_pool_factory(two_slots[:1], warm_import=False, name="empty")
 
     def round_trip() -> None:
         pool.submit(noop).result(timeout=30)

@@ -46,8 +46,8 @@ def test_pool_start_local_vs_ray(kerasmp_speedup, kerasmp_slots, ray_slots):
 
 @pytest.mark.parametrize("what", ["empty-task", "array-19MiB"])
 def test_round_trip_local_vs_ray(kerasmp_speedup, kerasmp_pool_factory, kerasmp_slots, ray_slots, what):
-    local = kerasmp_pool_factory(kerasmp_slots[:1], import_tensorflow=False, name="rt-local")
-    ray = kerasmp_pool_factory(ray_slots[:1], import_tensorflow=False, name="rt-ray", backend="ray")
+    local = kerasmp_pool_factory(kerasmp_slots[:1], warm_import=False, name="rt-local")
+    ray = kerasmp_pool_factory(ray_slots[:1], warm_import=False, name="rt-ray", backend="ray")
 
     def round_trip(pool):
         if what == "empty-task":

@@ -125,7 +125,7 @@ def served(kerasmp_worker_slots, kerasmp_scale, tmp_path_factory):
 
 
 def client_pool(slots, name: str) -> WorkerPool:
-    return WorkerPool([slots[i % len(slots)] for i in range(8)], import_tensorflow=False, name=name)
+    return WorkerPool([slots[i % len(slots)] for i in range(8)], warm_import=False, name=name)
 
 
 @pytest.fixture(scope="module")

@@ -29,10 +29,10 @@ def main(backend: str, trials: int) -> None:
         from pytest_kerasmp.ray.cluster import LocalRayCluster, plan_ray_slots
 
         cluster = LocalRayCluster(1, cpus_per_node=1)
-        pool = WorkerPool(plan_ray_slots()[:1], backend="ray", import_tensorflow=False, name="idle")
+        pool = WorkerPool(plan_ray_slots()[:1], backend="ray", warm_import=False, name="idle")
     else:
         slot = DeviceSlot(index=0, kind="CPU", cores=(sorted(os.sched_getaffinity(0))[0],))
-        pool = WorkerPool([slot], import_tensorflow=False, name="idle")
+        pool = WorkerPool([slot], warm_import=False, name="idle")
     failed: collections.Counter[str] = collections.Counter()
     try:
         assert pool.submit(pool_tasks.add, 1, 1).result(timeout=60) == 2

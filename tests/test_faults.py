@@ -40,7 +40,7 @@ SIGRT = signal.SIGRTMIN + 1  # a signal without a name in signal.Signals
 
 
 def light_pool(slots=(CPU0,), **options) -> WorkerPool:
-    return WorkerPool(list(slots), import_tensorflow=False, **options)
+    return WorkerPool(list(slots), warm_import=False, **options)
 
 
 # -------------------------------------------------------------------------------- deaths
@@ -166,7 +166,7 @@ sys.path.insert(0, {tests!r})
 import pool_tasks
 from pytest_kerasmp import WorkerPool, DeviceSlot
 if __name__ == "__main__":
-    with WorkerPool([DeviceSlot(index=0, kind="CPU", cores=(0,))] * 2, import_tensorflow=False) as pool:
+    with WorkerPool([DeviceSlot(index=0, kind="CPU", cores=(0,))] * 2, warm_import=False) as pool:
         print(*pool.pids(), flush=True)
         pool.map(pool_tasks.sleep_then, [1000] * 4)
 """
@@ -203,7 +203,7 @@ def test_ctrl_c_under_pytest_ends_running_tasks_within_seconds(pytester, tmp_pat
         import pool_tasks
 
         def test_interrupted(kerasmp_pool_factory):
-            pool = kerasmp_pool_factory([DeviceSlot(index=0, kind="CPU", cores=(0,))] * 2, import_tensorflow=False)
+            pool = kerasmp_pool_factory([DeviceSlot(index=0, kind="CPU", cores=(0,))] * 2, warm_import=False)
             open({str(pidfile)!r}, "w").write(" ".join(map(str, pool.pids())))
             signal.signal(signal.SIGINT, signal.default_int_handler)  # even if launched ignoring it
             threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGINT)).start()
@@ -228,7 +228,7 @@ def test_a_script_without_a_main_guard_gets_a_clear_error(tmp_path):
         sys.path.insert(0, {os.path.dirname(pool_tasks.__file__)!r})
         import pool_tasks
         from pytest_kerasmp import WorkerPool, DeviceSlot
-        pool = WorkerPool([DeviceSlot(index=0, kind="CPU", cores=(0,))], import_tensorflow=False, start_timeout_s=30)
+        pool = WorkerPool([DeviceSlot(index=0, kind="CPU", cores=(0,))], warm_import=False, start_timeout_s=30)
         print(pool.submit(pool_tasks.add, 1, 2).result(30))
         pool.close()
     """))
@@ -248,7 +248,7 @@ def test_task_functions_of_a_guarded_script_run_in_workers(tmp_path):
             return 3 * x
 
         if __name__ == "__main__":
-            with WorkerPool([DeviceSlot(index=0, kind="CPU", cores=(0,))], import_tensorflow=False) as pool:
+            with WorkerPool([DeviceSlot(index=0, kind="CPU", cores=(0,))], warm_import=False) as pool:
                 print(pool.map(triple, [1, 2]))
     """))
     done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60)
@@ -264,7 +264,7 @@ def test_a_task_function_workers_cannot_import_is_refused_at_submit(pytester):
             return 2 * x
 
         def test_refused(kerasmp_pool_factory):
-            pool = kerasmp_pool_factory([DeviceSlot(index=0, kind="CPU", cores=(0,))], import_tensorflow=False)
+            pool = kerasmp_pool_factory([DeviceSlot(index=0, kind="CPU", cores=(0,))], warm_import=False)
             with pytest.raises(TypeError, match="cannot run in a worker process: .*is not on sys.path.*put task functions in a module"):
                 pool.submit(double, 1)
     """)

@@ -47,7 +47,7 @@ def kill_idle_then_submit(pool: WorkerPool, trials: int) -> list[BaseException]:
 
 
 def test_local_a_task_submitted_right_after_an_idle_worker_died_runs(no_leftovers):
-    with WorkerPool([CPU0], import_tensorflow=False, name="idle-local") as pool:
+    with WorkerPool([CPU0], warm_import=False, name="idle-local") as pool:
         assert kill_idle_then_submit(pool, 10) == []
         assert pool.stats.crashes == 10 and pool.stats.tasks_failed == 0 and pool.stats.tasks_done == 10
 
@@ -56,7 +56,7 @@ def test_local_a_task_its_worker_never_started_is_requeued_once_then_fails_sayin
     """The pool does not see the workers' mark (as if each died before making it): the task
     that kills its worker is put back once, then fails with the message for that."""
     monkeypatch.setattr(_dispatch.Dispatcher, "_started", staticmethod(lambda w: False))
-    with WorkerPool([CPU0], import_tensorflow=False, name="requeue") as pool:
+    with WorkerPool([CPU0], warm_import=False, name="requeue") as pool:
         t0 = time.monotonic()
         with pytest.raises(WorkerCrashedError) as info:
             pool.submit(pool_tasks.kill_self).result(timeout=30)
@@ -72,7 +72,7 @@ def test_local_a_task_its_worker_never_started_is_requeued_once_then_fails_sayin
 
 
 def test_local_a_task_that_was_running_still_fails_with_its_worker(no_leftovers):
-    with WorkerPool([CPU0], import_tensorflow=False, name="running") as pool:
+    with WorkerPool([CPU0], warm_import=False, name="running") as pool:
         with pytest.raises(WorkerCrashedError, match=r"died with SIGKILL while running task 0 \(pool_tasks:kill_self\)"):
             pool.submit(pool_tasks.kill_self).result(timeout=30)
         assert pool.stats.crashes == 1
@@ -90,7 +90,7 @@ def ray_slot(ray_cluster):
 
 
 def test_ray_a_task_submitted_right_after_an_idle_actor_died_runs(ray_slot, no_leftovers):
-    with WorkerPool([ray_slot], backend="ray", import_tensorflow=False, name="idle-ray") as pool:
+    with WorkerPool([ray_slot], backend="ray", warm_import=False, name="idle-ray") as pool:
         assert pool.submit(pool_tasks.add, 0, 0).result(timeout=30) == 0
         time.sleep(0.2)  # idle since an earlier round: the next task is taken before it runs
         assert kill_idle_then_submit(pool, 5) == []

@@ -53,7 +53,7 @@ def _gone(pids, within: float) -> bool:
 
 
 def test_an_exception_raised_into_map_ends_that_calls_tasks_and_the_pool_serves_on(no_leftovers):
-    with WorkerPool([CPU0, CPU0], import_tensorflow=False) as pool:
+    with WorkerPool([CPU0, CPU0], warm_import=False) as pool:
         before = pool.pids()
         old = _alarm_in(1.0)
         try:
@@ -72,7 +72,7 @@ def test_an_exception_raised_into_map_ends_that_calls_tasks_and_the_pool_serves_
 
 
 def test_an_interrupted_future_result_cancels_its_task_with_the_workers_stacks(no_leftovers):
-    with WorkerPool([CPU0], import_tensorflow=False) as pool:
+    with WorkerPool([CPU0], warm_import=False) as pool:
         running_task = pool.submit(pool_tasks.sleep_then, 1000)
         queued = pool.submit(pool_tasks.add, 1, 2)
         pid = pool.pids()[0]
@@ -91,7 +91,7 @@ def test_an_interrupted_future_result_cancels_its_task_with_the_workers_stacks(n
 
 
 def test_a_wait_that_times_out_by_its_own_timeout_leaves_the_task_running(no_leftovers):
-    with WorkerPool([CPU0], import_tensorflow=False) as pool:
+    with WorkerPool([CPU0], warm_import=False) as pool:
         future = pool.submit(pool_tasks.sleep_then, 1.5, "done")
         with pytest.raises(TimeoutError):
             future.result(timeout=0.2)
@@ -99,7 +99,7 @@ def test_a_wait_that_times_out_by_its_own_timeout_leaves_the_task_running(no_lef
 
 
 def test_ctrl_c_in_map_still_ends_the_whole_pool(no_leftovers):
-    pool = WorkerPool([CPU0], import_tensorflow=False)
+    pool = WorkerPool([CPU0], warm_import=False)
 
     def press(*_):
         raise KeyboardInterrupt
@@ -279,7 +279,7 @@ def mine(signum, frame):
 if __name__ == "__main__":
     if {own_handler!r}:
         signal.signal(signal.SIGTERM, mine)
-    with WorkerPool([DeviceSlot(index=0, kind="CPU", cores=(0,))] * 2, import_tensorflow=False) as pool:
+    with WorkerPool([DeviceSlot(index=0, kind="CPU", cores=(0,))] * 2, warm_import=False) as pool:
         print(*pool.pids(), flush=True)
         pool.map(pool_tasks.sleep_then, [1000] * 2)
 """

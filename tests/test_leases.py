@@ -42,7 +42,7 @@ def test_one(kerasmp_slots, kerasmp_device, i):
 
 @pytest.mark.kerasmp_slots(2)
 def test_pool_on_two(kerasmp_slots, kerasmp_pool_factory):
-    pool = kerasmp_pool_factory(import_tensorflow=False)
+    pool = kerasmp_pool_factory(warm_import=False)
     assert len(pool.pids()) == 2
     record("pool", kerasmp_slots, pool_slots=sorted(s.name for s in pool.slots))
 
@@ -231,7 +231,7 @@ def test_a_pool_of_a_broader_scope_keeps_its_slots_leased(pytester, run_pytest):
 
         @pytest.fixture(scope="module")
         def wide(kerasmp_worker_slots):
-            with WorkerPool(kerasmp_worker_slots, import_tensorflow=False, name="wide") as pool:
+            with WorkerPool(kerasmp_worker_slots, warm_import=False, name="wide") as pool:
                 yield pool
 
         def test_before(kerasmp_slots):

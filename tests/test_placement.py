@@ -34,13 +34,13 @@ def test_session_pool(kerasmp_pool, kerasmp_slots):
     (OUT / f"{ME}-self.json").write_text(json.dumps(probe_tasks.where() | {"own": [s.name for s in kerasmp_slots]}))
 
 def test_factory_pool(kerasmp_pool_factory):
-    pool = kerasmp_pool_factory(import_tensorflow=False)
+    pool = kerasmp_pool_factory(warm_import=False)
     for rec in pool.broadcast(probe_tasks.where):
         (OUT / f"{ME}-factory-{rec['pid']}.json").write_text(json.dumps(rec))
 
 def test_plan_slots_inside(recwarn):
     slots = plan_slots(2)
-    with WorkerPool(slots, import_tensorflow=False, name="planned") as pool:
+    with WorkerPool(slots, warm_import=False, name="planned") as pool:
         for rec in pool.broadcast(probe_tasks.where):
             (OUT / f"{ME}-planned-{rec['pid']}.json").write_text(json.dumps(rec))
     (OUT / f"{ME}-plan.json").write_text(json.dumps({"warnings": [str(w.message) for w in recwarn]}))

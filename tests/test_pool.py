@@ -14,7 +14,8 @@ import pytest
 
 import pool_tasks
 from conftest import running as _running
-from pytest_kerasmp import DeviceSlot, PoolClosedError, RemoteTraceback, TaskTimeoutError, WorkerCrashedError, WorkerPool, WorkerStartupError
+from pytest_kerasmp.errors import RemoteTraceback
+from pytest_kerasmp import DeviceSlot, PoolClosedError, TaskTimeoutError, WorkerCrashedError, WorkerPool, WorkerStartupError
 from pytest_kerasmp.errors import FORK_REFUSED
 
 CPU0 = DeviceSlot(index=0, kind="CPU", cores=(sorted(os.sched_getaffinity(0))[0],))
@@ -92,7 +93,7 @@ def test_large_arrays_travel_through_shared_memory_and_leave_nothing(no_leftover
     from conftest import arena_maps
 
     held = set(arena_maps())  # other pools' (each worker's arena holds a control word)
-    pool = kerasmp_pool_factory([CPU0], import_tensorflow=False)
+    pool = kerasmp_pool_factory([CPU0], warm_import=False)
     rng = np.random.default_rng(0)
     array = rng.random((32, 64, 64, 3), dtype=np.float32)
     sent = array.copy()
@@ -116,7 +117,7 @@ def test_large_arrays_travel_through_shared_memory_and_leave_nothing(no_leftover
 
 
 def test_results_come_as_views_of_the_workers_arenas_never_overwritten(no_leftovers, kerasmp_pool_factory):
-    pool = kerasmp_pool_factory([CPU0], import_tensorflow=False)
+    pool = kerasmp_pool_factory([CPU0], warm_import=False)
     arenas = pool._dispatcher.workers[0].from_worker.arenas
     kept = [pool.submit(pool_tasks.scale, np.full(200_000, float(i)), 1.0).result(timeout=30) for i in range(10)]
     for i, result in enumerate(kept):  # more results alive than the worker has arenas
@@ -245,7 +246,7 @@ def test_what_a_task_started_ends_with_its_worker(pool, tmp_path, end):
 def test_startup_failures_raise_worker_startup_error(no_leftovers, options, reason):
     slots = options.pop("slots", [CPU0])
     with pytest.raises(WorkerStartupError, match="worker 0 .* failed to start") as info:
-        WorkerPool(slots, import_tensorflow=False, **options)
+        WorkerPool(slots, warm_import=False, **options)
     assert reason in str(info.value) + str(info.value.__cause__)
 
 
@@ -258,13 +259,13 @@ def test_fork_is_refused():
 
 
 def test_close_drains_then_refuses_and_cancel_fails_pending(no_leftovers):
-    pool = WorkerPool([CPU0], import_tensorflow=False)
+    pool = WorkerPool([CPU0], warm_import=False)
     futures = [pool.submit(pool_tasks.sleep_then, 0.05, i) for i in range(5)]
     pool.close()
     assert [f.result(timeout=0) for f in futures] == list(range(5))
     with pytest.raises(PoolClosedError, match="is closed"):
         pool.submit(pool_tasks.add, 1)
-    pool = WorkerPool([CPU0], import_tensorflow=False)
+    pool = WorkerPool([CPU0], warm_import=False)
     futures = [pool.submit(pool_tasks.sleep_then, 0.5, i) for i in range(4)]
     t0 = time.perf_counter()
     pool.close(cancel_pending=True)
@@ -282,7 +283,7 @@ def test_workers_die_when_the_parent_is_killed(tmp_path):
             from pytest_kerasmp import WorkerPool, DeviceSlot
             import pool_tasks
             if __name__ == "__main__":
-                pool = WorkerPool([DeviceSlot(index=0, kind="CPU", cores=(0,))] * 2, import_tensorflow=False)
+                pool = WorkerPool([DeviceSlot(index=0, kind="CPU", cores=(0,))] * 2, warm_import=False)
                 grandchild = pool.submit(pool_tasks.start_grandchild, {str(tmp_path / "pid")!r}).result(60)
                 print(*pool.pids(), grandchild, flush=True)
                 os.kill(os.getpid(), signal.SIGKILL)
@@ -306,7 +307,7 @@ def test_interrupted_session_leaves_no_worker(pytester, run_pytest, tmp_path):
         from pytest_kerasmp import DeviceSlot
 
         def test_interrupted(kerasmp_pool_factory):
-            pool = kerasmp_pool_factory([DeviceSlot(index=0, kind="CPU", cores=(0,))], import_tensorflow=False)
+            pool = kerasmp_pool_factory([DeviceSlot(index=0, kind="CPU", cores=(0,))], warm_import=False)
             open({str(pidfile)!r}, "w").write(" ".join(map(str, pool.pids())))
             signal.signal(signal.SIGINT, signal.default_int_handler)  # even if launched ignoring it
             os.kill(os.getpid(), signal.SIGINT)

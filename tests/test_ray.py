@@ -21,6 +21,7 @@ pytest.importorskip("ray")
 import pool_tasks  # noqa: E402
 
 from pytest_kerasmp import (  # noqa: E402
+    RayBackend,
     DeviceSlot,
     KerasMPError,
     ModelRef,
@@ -42,8 +43,9 @@ from pytest_kerasmp.ray.cluster import (  # noqa: E402
 
 
 def ray_pool(slots, **options) -> WorkerPool:
-    options.setdefault("import_tensorflow", False)
-    return WorkerPool(list(slots), backend="ray", **options)
+    options.setdefault("warm_import", False)
+    options.setdefault("backend", "ray")
+    return WorkerPool(list(slots), **options)
 
 
 @pytest.fixture
@@ -80,7 +82,7 @@ def test_slots_are_planned_from_the_nodes(slots, ray_cluster):
 
 
 def test_the_pool_runs_pinned_warm_workers_one_per_node(slots, no_leftovers):
-    with ray_pool(slots, import_tensorflow=True, name="ray-basic") as pool:
+    with ray_pool(slots, warm_import=True, name="ray-basic") as pool:
         assert pool.backend.name == "ray" and pool.start_method == "ray" and isinstance(pool, WorkerPool)
         who = pool.broadcast(pool_tasks.whoami, timeout=60)
         assert [w["pid"] for w in who] == pool.pids() and len(set(pool.pids())) == 2
@@ -174,9 +176,9 @@ def test_an_actor_that_dies_idle_is_replaced_without_failing_the_next_task(slots
 
 def test_unreserved_pools_share_a_slot_as_local_pools_do(slots, no_leftovers):
     """What the fixtures do under --kerasmp-ray: a session pool does not starve later ones."""
-    with ray_pool(slots[:1], name="ray-first", ray_reserve=False) as first:
+    with ray_pool(slots[:1], name="ray-first", backend=RayBackend(reserve=False)) as first:
         t0 = time.monotonic()
-        with ray_pool(slots[:1], name="ray-second", ray_reserve=False, start_timeout_s=20) as second:
+        with ray_pool(slots[:1], name="ray-second", backend=RayBackend(reserve=False), start_timeout_s=20) as second:
             assert second.submit(pool_tasks.add, 2, 3).result(timeout=30) == 5
         assert first.submit(pool_tasks.add, 1, 1).result(timeout=30) == 2
         assert time.monotonic() - t0 < 20
@@ -185,7 +187,7 @@ def test_unreserved_pools_share_a_slot_as_local_pools_do(slots, no_leftovers):
 @pytest.mark.kerasmp_expect_broken
 def test_a_node_removed_mid_task_is_a_clear_error(ray_cluster, no_leftovers):
     local = DeviceSlot(index=0, kind="CPU", cores=(sorted(os.sched_getaffinity(0))[0],))
-    with WorkerPool([local], import_tensorflow=False, name="bystander") as bystander:
+    with WorkerPool([local], warm_import=False, name="bystander") as bystander:
         node = ray_cluster.add_node(1)
         assert not set(bystander.pids()) & set(ray_cluster.processes()), "the cluster would end another owner's process"
     node_id = str(node.node_id)
@@ -276,7 +278,7 @@ import pool_tasks
 from pytest_kerasmp import LocalRayCluster, WorkerPool, plan_ray_slots
 if __name__ == "__main__":  # actors import the script, as local workers do
     cluster = LocalRayCluster(2)
-    pool = WorkerPool(plan_ray_slots(), backend="ray", import_tensorflow=False, name="exit")
+    pool = WorkerPool(plan_ray_slots(), backend="ray", warm_import=False, name="exit")
     pool.submit(pool_tasks.sleep_then, 60)
     time.sleep(0.5)
     open({pids!r}, "w").write(json.dumps(cluster.processes()))

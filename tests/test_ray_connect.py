@@ -141,10 +141,10 @@ def test_ctrl_c_during_a_connect_ends_it_within_two_seconds(tmp_path, silent_por
 def test_the_python_api_takes_the_bound_and_says_what_was_tried(run_python):
     done = run_python(f"""
         import time
-        from pytest_kerasmp import DeviceSlot, RayConnectError, WorkerPool, plan_ray_slots
+        from pytest_kerasmp import DeviceSlot, RayBackend, RayConnectError, WorkerPool, plan_ray_slots
         from pytest_kerasmp.ray.cluster import import_ray
         for attempt in (lambda: plan_ray_slots({UNRESOLVABLE!r}, timeout_s=30),
-                        lambda: WorkerPool([DeviceSlot(index=0, kind="CPU", cores=(0,), node="n")], backend="ray", ray_address="127.0.0.1:{_refused_port()}", ray_timeout_s=5)):
+                        lambda: WorkerPool([DeviceSlot(index=0, kind="CPU", cores=(0,), node="n")], backend=RayBackend(address="127.0.0.1:{_refused_port()}", timeout_s=5))):
             t0 = time.monotonic()
             try:
                 attempt()

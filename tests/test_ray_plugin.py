@@ -17,7 +17,7 @@ def add(a, b):
 # each and end with the test, before the session pool takes every slot.
 def test_1_factories_run_on_ray(kerasmp_slots, kerasmp_pool_factory, kerasmp_inference_server):
     assert len(kerasmp_slots) >= 2 and all(s.node for s in kerasmp_slots)
-    pool = kerasmp_pool_factory(kerasmp_slots[:1], import_tensorflow=False)
+    pool = kerasmp_pool_factory(kerasmp_slots[:1], warm_import=False)
     assert pool.backend.name == "ray"
     assert pool.map(add, [1, 2], [3, 4], timeout=60) == [4, 6]
     server = kerasmp_inference_server(ModelRef.from_builder("models:tiny"), kerasmp_slots[1])

@@ -39,7 +39,7 @@ if __name__ == "__main__":
             print("RESULT", pool.submit(double, 21).result(timeout=60), flush=True)
             time.sleep(2)  # Ray's log monitor forwards the task's line
         transport.main_script = lambda: "/nonexistent/moved.py"  # as on a node without the script
-        with WorkerPool(plan_ray_slots()[:1], backend="ray", name="moved", import_tensorflow=False) as pool:
+        with WorkerPool(plan_ray_slots()[:1], backend="ray", name="moved", warm_import=False) as pool:
             try:
                 pool.submit(double, 1).result(timeout=60)
             except RuntimeError as exc:
@@ -56,7 +56,7 @@ from pytest_kerasmp import WorkerPool
 from pytest_kerasmp.ray.cluster import LocalRayCluster, plan_ray_slots
 cluster = LocalRayCluster(1, cpus_per_node=1)
 try:
-    pool = WorkerPool(plan_ray_slots()[:1], backend="ray", import_tensorflow=False, start_timeout_s=60)
+    pool = WorkerPool(plan_ray_slots()[:1], backend="ray", warm_import=False, start_timeout_s=60)
     print(pool.submit(pool_tasks.add, 1, 2).result(timeout=60))
 except Exception as exc:
     print("REFUSED", type(exc).__name__, exc, flush=True)

@@ -50,7 +50,7 @@ def test_a_ray_server_batches_and_answers_every_client_once(ray_cluster, no_left
             t.join(60)
         assert results == [{"answered": 30, "wrong": 0}] * 4
         # a client pickled to a pool worker on the other node (the same machine: direct)
-        with WorkerPool(slots[1:], backend="ray", import_tensorflow=False, name="ray-clients") as pool:
+        with WorkerPool(slots[1:], backend="ray", warm_import=False, name="ray-clients") as pool:
             assert pool.submit(server_tasks.hammer, server.client(), 9, 20).result(timeout=60) == {"answered": 20, "wrong": 0}
             assert pool.submit(server_tasks.route_of, server.client()).result(timeout=60) == "direct"
         # a client on another machine goes through actor calls into the same loop

@@ -113,7 +113,7 @@ def test_a_failing_batch_fails_its_requests_and_later_batches_are_served(server)
 def test_many_client_processes_random_sizes_nothing_lost_duplicated_or_misrouted(server, no_leftovers):
     client = server.client()
     before = server.stats()["requests"]
-    with WorkerPool([CPU0] * 8, import_tensorflow=False, name="clients") as pool:
+    with WorkerPool([CPU0] * 8, warm_import=False, name="clients") as pool:
         reports = pool.map(server_tasks.hammer, [client] * 8, range(8), [2000] * 8)
     assert [r["answered"] for r in reports] == [2000] * 8
     assert all(r["wrong"] == 0 for r in reports), reports

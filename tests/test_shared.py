@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 import pool_tasks
-from pytest_kerasmp import DeviceSlot, RemoteTraceback, TaskTimeoutError, WorkerCrashedError, WorkerPool, shared_empty
+from pytest_kerasmp.errors import RemoteTraceback
+from pytest_kerasmp import DeviceSlot, TaskTimeoutError, WorkerCrashedError, WorkerPool, shared_empty
 from pytest_kerasmp.runtime.wire import shared
 
 CPU0 = DeviceSlot(index=0, kind="CPU", cores=(sorted(os.sched_getaffinity(0))[0],))
@@ -18,7 +19,7 @@ CPU0 = DeviceSlot(index=0, kind="CPU", cores=(sorted(os.sched_getaffinity(0))[0]
 
 @pytest.fixture(scope="module")
 def pool():
-    with WorkerPool([CPU0, CPU0], import_tensorflow=False, name="into") as two:
+    with WorkerPool([CPU0, CPU0], warm_import=False, name="into") as two:
         yield two
 
 
@@ -93,7 +94,7 @@ def test_freed_arrays_are_reused_then_unmapped_by_the_workers(pool):
 
 
 def test_a_map_timeout_ends_running_tasks_so_nothing_lands_late(no_leftovers, kerasmp_pool_factory):
-    pool = kerasmp_pool_factory([CPU0, CPU0], import_tensorflow=False, name="into-timeout")
+    pool = kerasmp_pool_factory([CPU0, CPU0], warm_import=False, name="into-timeout")
     out = shared_empty((2, 4), np.float32)
     out[:] = 0
     with pytest.raises(TaskTimeoutError):
@@ -104,7 +105,7 @@ def test_a_map_timeout_ends_running_tasks_so_nothing_lands_late(no_leftovers, ke
 
 
 def test_a_replaced_worker_is_sent_the_region_again(no_leftovers, kerasmp_pool_factory):
-    crashy = kerasmp_pool_factory([CPU0], import_tensorflow=False, name="into-crash")
+    crashy = kerasmp_pool_factory([CPU0], warm_import=False, name="into-crash")
     out = shared_empty((2, 16), np.float32)
     crashy.map(pool_tasks.filled, [(16,)], [1.0], into=[out[0]])
     with pytest.raises(WorkerCrashedError):

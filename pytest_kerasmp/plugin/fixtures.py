@@ -285,4 +285,8 @@ def _backend(request: pytest.FixtureRequest) -> dict[str, Any]:
     """Options that put a fixture's pool or server on Ray under --kerasmp-ray. They do not
     reserve their slots' CPUs in Ray, so fixtures share slots as they do locally (a session
     pool would otherwise hold them, and a factory's pool would wait for them)."""
-    return {"backend": "ray", "ray_reserve": False} if request.config.getoption("kerasmp_ray", None) else {}
+    if not request.config.getoption("kerasmp_ray", None):
+        return {}
+    from pytest_kerasmp.ray.backend import RayBackend
+
+    return {"backend": RayBackend(reserve=False)}

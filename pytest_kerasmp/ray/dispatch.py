@@ -87,7 +87,7 @@ class RayDispatcher(TaskQueue):
 
     def __init__(self, pool: Any, backend: Any, workers: list[RayWorker]) -> None:
         super().__init__(pool, workers)
-        self.backend = backend  # the RayBackend that starts replacements
+        self.backend = backend  # the RayPoolBackend that starts replacements
         self.ray = backend.ray
         self.events: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
         self.thread = threading.Thread(target=self.run, name=f"kerasmp-{self.name}-ray-dispatch", daemon=True)

@@ -1,6 +1,6 @@
 """The Ray backend of :class:`~pytest_kerasmp.WorkerPool`: one Ray actor per slot.
 
-``WorkerPool(slots, backend="ray")`` runs on a :class:`RayBackend` (found by name through
+``WorkerPool(slots, backend="ray")`` runs on a :class:`RayPoolBackend` (found by name through
 ``runtime.backends``): the same pool, API and errors, with Ray actors in place of local
 children. One dispatcher thread owns the workers and the queue, as on the local backend;
 Ray's completion callbacks only post events to it. Arguments and results travel through
@@ -26,6 +26,7 @@ from pytest_kerasmp.errors import (
 )
 from pytest_kerasmp.ray import output
 from pytest_kerasmp.ray.actor import MAIN_ENV, NICE_ENV
+from pytest_kerasmp.ray.backend import RayBackend
 from pytest_kerasmp.ray.cluster import check_feasible, connect, kill_actor, slot_resources
 from pytest_kerasmp.ray.connect import CONNECT_TIMEOUT_S
 from pytest_kerasmp.ray.dispatch import STACKS_S, RayDispatcher, RayWorker, ray_failure
@@ -65,26 +66,16 @@ def actor_options(slot: DeviceSlot, name: str, reserve: bool = True) -> dict[str
     }
 
 
-class RayBackend:
-    """Workers as Ray actors on the slots' nodes (slots from :func:`~pytest_kerasmp.plan_ray_slots`).
-
-    Args:
-        ray_address: The cluster to connect to (default: the one this process is connected
-            to, else a new local one).
-        ray_reserve: Reserve the slots' CPUs in Ray (default), or share them with other pools
-            and servers on the same slots (as local pools do).
-        ray_timeout_s: The bound on connecting to ``ray_address`` (default 30 s).
-    """
+class RayPoolBackend:
+    """Workers as Ray actors on the slots' nodes (slots from :func:`~pytest_kerasmp.plan_ray_slots`),
+    as ``config`` says (made by :meth:`RayBackend.for_pool <pytest_kerasmp.RayBackend>`)."""
 
     name = "ray"
     start_method = "ray"
 
-    def __init__(
-        self, ray_address: str | None = None, ray_reserve: bool = True, ray_timeout_s: float | None = None,
-        **_other_backends_options: Any,
-    ) -> None:
-        self.address, self.reserve = ray_address, ray_reserve
-        self.timeout_s = CONNECT_TIMEOUT_S if ray_timeout_s is None else ray_timeout_s
+    def __init__(self, config: RayBackend) -> None:
+        self.address, self.reserve = config.address, config.reserve
+        self.timeout_s = CONNECT_TIMEOUT_S if config.timeout_s is None else config.timeout_s
         self.ray: Any = None
         self._gens = itertools.count()
 

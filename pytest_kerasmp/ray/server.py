@@ -27,6 +27,7 @@ from pytest_kerasmp.errors import (
     WorkerStartupError,
 )
 from pytest_kerasmp.ray import output
+from pytest_kerasmp.ray.backend import RayBackend
 from pytest_kerasmp.ray.cluster import check_feasible, connect, kill_actor, plan_ray_slots
 from pytest_kerasmp.ray.connect import CONNECT_TIMEOUT_S
 from pytest_kerasmp.ray.dispatch import ray_failure
@@ -142,19 +143,14 @@ class RayInferenceClient(InferenceClient):
 
 
 class RayServerBackend:
-    """The server as a named Ray actor on a Ray slot (default: the cluster's first).
-
-    Args: ``ray_address``, ``ray_reserve``, ``ray_timeout_s`` as for the pool's RayBackend.
-    """
+    """The server as a named Ray actor on a Ray slot (default: the cluster's first), as
+    ``config`` says (made by :meth:`RayBackend.for_server <pytest_kerasmp.RayBackend>`)."""
 
     name = "ray"
 
-    def __init__(
-        self, ray_address: str | None = None, ray_reserve: bool = True, ray_timeout_s: float | None = None,
-        **_other_backends_options: Any,
-    ) -> None:
-        self.address, self.reserve = ray_address, ray_reserve
-        self.timeout_s = CONNECT_TIMEOUT_S if ray_timeout_s is None else ray_timeout_s
+    def __init__(self, config: RayBackend) -> None:
+        self.address, self.reserve = config.address, config.reserve
+        self.timeout_s = CONNECT_TIMEOUT_S if config.timeout_s is None else config.timeout_s
 
     def start(self, server: Any, start_timeout_s: float) -> RayServer:
         ray = connect(self.address, timeout_s=self.timeout_s)

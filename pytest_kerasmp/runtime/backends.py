@@ -1,30 +1,35 @@
-"""Execution backends: where a pool's workers and a server run, behind one small protocol.
+"""Execution backends: where a pool's workers and a server run, configured by one object.
 
 :class:`~pytest_kerasmp.WorkerPool` and :class:`~pytest_kerasmp.InferenceServer` are one
-class each, whatever runs them. ``backend=`` names an execution backend (``"local"``: child
-processes of this one; ``"ray"``: Ray actors) or is a backend object; the name is looked up in
-:data:`REGISTRY` (``"module:attribute"`` entries, loaded on first use, the way pytest finds
+class each, whatever runs them, and know no backend's options. ``backend=`` is a name
+(``"local"``: child processes of this one; ``"ray"``: Ray actors), a configured backend object
+(:class:`Local`, or :class:`~pytest_kerasmp.RayBackend` made with its address, reserve and
+timeout), or an object that starts workers itself (a ``PoolBackend``). A name is looked up
+in :data:`REGISTRY` (``"module:attribute"`` entries, loaded on first use, the way pytest finds
 plugins by entry point), so the runtime never imports a backend's module and the Ray backend
-(``pytest_kerasmp.ray``) sits above it and plugs in from there, as ``concurrent.futures``
-executors, joblib's ``parallel_config(backend=...)`` or Dask's schedulers do.
+(``pytest_kerasmp.ray``) sits above it and plugs in from there, as joblib's
+``parallel_config(backend=..., **backend_params)`` and ``concurrent.futures`` executors do.
 
-What a backend must do is said by the face that uses it, as a protocol: ``PoolBackend`` in
-``pool.workerpool`` (start the pool's workers and return the dispatcher that owns them), and
-``ServerBackend``/``ServerHandle`` in ``serve.server`` (start the server process and return a
-handle the server closes, kills and makes clients from). This module imports neither.
+A configured backend is frozen (it can be shared, compared and reused by a restart) and makes
+the two objects that do the work: ``for_pool(start_method)`` and ``for_server(start_method)``.
+What those must do is said by the face that uses them, as a protocol: ``PoolBackend`` in
+``pool.workerpool``, ``ServerBackend``/``ServerHandle`` in ``serve.server``. This module
+imports neither.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
-from typing import Any
+import warnings
+from typing import Any, ClassVar
 
-from pytest_kerasmp.errors import BACKEND_UNKNOWN
+from pytest_kerasmp.errors import BACKEND_UNKNOWN, RAY_KEYWORDS_DEPRECATED
 
-#: Backend name -> (pool backend, server backend), each "module:attribute".
-REGISTRY: dict[str, tuple[str, str]] = {
-    "local": ("pytest_kerasmp.runtime.pool.local:LocalBackend", "pytest_kerasmp.runtime.serve.server:LocalServerBackend"),
-    "ray": ("pytest_kerasmp.ray.pool:RayBackend", "pytest_kerasmp.ray.server:RayServerBackend"),
+#: Backend name -> its configured backend's class, "module:attribute" (made with defaults).
+REGISTRY: dict[str, str] = {
+    "local": "pytest_kerasmp.runtime.backends:Local",
+    "ray": "pytest_kerasmp.ray.backend:RayBackend",
 }
 
 
@@ -33,26 +38,58 @@ def _load(entry: str) -> Any:
     return getattr(importlib.import_module(module), attribute)
 
 
-def register(name: str, pool: str, server: str) -> None:
-    """Make ``backend=name`` mean these backends ("module:attribute" factories)."""
-    REGISTRY[name] = (pool, server)
+@dataclasses.dataclass(frozen=True)
+class Local:
+    """Child processes of this one (the default): ``backend="local"``, or ``backend=Local()``."""
+
+    name: ClassVar[str] = "local"
+
+    def for_pool(self, start_method: str) -> Any:
+        return _load("pytest_kerasmp.runtime.pool.local:LocalBackend")(start_method)
+
+    def for_server(self, start_method: str) -> Any:
+        return _load("pytest_kerasmp.runtime.serve.server:LocalServerBackend")(start_method)
 
 
-def pool_backend(backend: Any, **options: Any) -> Any:
-    """The pool backend ``backend`` names, made with the ``options`` it takes (each factory
-    takes what it knows: ``start_method`` locally, ``ray_address``... on Ray); an object is
-    used as it is."""
+def register(name: str, entry: str) -> None:
+    """Make ``backend=name`` mean the configured backend class at ``entry`` ("module:attribute",
+    made with no arguments; it has ``for_pool`` and ``for_server``)."""
+    REGISTRY[name] = entry
+
+
+def configured(backend: Any) -> Any:
+    """The configured backend ``backend`` names; an object is returned as it is."""
     if not isinstance(backend, str):
         return backend
     if backend not in REGISTRY:
         raise ValueError(BACKEND_UNKNOWN.format(backend=backend, known=tuple(REGISTRY)))
-    return _load(REGISTRY[backend][0])(**options)
+    return _load(REGISTRY[backend])()
 
 
-def server_backend(backend: Any, **options: Any) -> Any:
-    """As :func:`pool_backend`, for a server."""
-    if not isinstance(backend, str):
+def for_pool(backend: Any, start_method: str) -> Any:
+    """What starts a pool's workers: from a name or a configured backend, or ``backend``
+    itself when it starts workers (has ``start``)."""
+    made = configured(backend)
+    return made if hasattr(made, "start") else made.for_pool(start_method)
+
+
+def for_server(backend: Any, start_method: str) -> Any:
+    """As :func:`for_pool`, for a server."""
+    made = configured(backend)
+    return made if hasattr(made, "start") else made.for_server(start_method)
+
+
+def from_ray_keywords(backend: Any, face: str, address: str | None, reserve: bool | None, timeout_s: float | None) -> Any:
+    """``backend`` with the deprecated ``ray_address``/``ray_reserve``/``ray_timeout_s`` of
+    ``face`` folded in (a DeprecationWarning when any is given; one release, then gone). As
+    before, they mean nothing to a backend other than ``"ray"``."""
+    given = {k: v for k, v in (("ray_address", address), ("ray_reserve", reserve), ("ray_timeout_s", timeout_s)) if v is not None}
+    if not given:
         return backend
-    if backend not in REGISTRY:
-        raise ValueError(BACKEND_UNKNOWN.format(backend=backend, known=tuple(REGISTRY)))
-    return _load(REGISTRY[backend][1])(**options)
+    warnings.warn(RAY_KEYWORDS_DEPRECATED.format(face=face, given=", ".join(given)), DeprecationWarning, stacklevel=3)
+    if backend != "ray":
+        return backend
+    return _load(REGISTRY["ray"])(address=address, reserve=True if reserve is None else reserve, timeout_s=timeout_s)
+
+
+__all__ = ["REGISTRY", "Local", "configured", "for_pool", "for_server", "register"]

@@ -24,7 +24,7 @@ class LocalBackend:
 
     name = "local"
 
-    def __init__(self, start_method: str = "spawn", **_other_backends_options: Any) -> None:
+    def __init__(self, start_method: str = "spawn") -> None:
         if start_method == "fork":
             raise ValueError(FORK_REFUSED)
         if start_method not in START_METHODS:

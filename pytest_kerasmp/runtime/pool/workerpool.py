@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import time
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future
 from concurrent.futures import wait as wait_futures
@@ -20,6 +21,7 @@ from pytest_kerasmp.errors import (
     MAP_TIMED_OUT,
     POOL_BROKEN,
     POOL_CLOSED,
+    WARM_IMPORT_DEPRECATED,
     PoolBrokenError,
     PoolClosedError,
     TaskTimeoutError,
@@ -73,17 +75,16 @@ class WorkerPool(owners.Owned):
             dumped, the worker killed and replaced, and raises :class:`TaskTimeoutError`.
         start_timeout_s: Bound on a worker's start (TF import and initializer).
         name: Name used in process names and messages.
-        import_tensorflow: Import TensorFlow in each worker before it is ready (warm).
+        warm_import: Import the session's Keras backend (TensorFlow, JAX or PyTorch) in each
+            worker before it is ready (default); ``False`` for pools that run numpy only.
         backend: ``"local"`` (default): child processes of this one; ``"ray"``: one Ray
             actor per slot (slots from :func:`~pytest_kerasmp.plan_ray_slots`), same API and
-            errors; or an execution backend object (``pytest_kerasmp.runtime.backends``).
-        ray_address: With ``backend="ray"``: the cluster to connect to (default: the one this
-            process is connected to, else a new local one).
-        ray_reserve: With ``backend="ray"``: reserve the slots' CPUs in Ray (default), or
-            share them with other pools and servers on the same slots (as local pools do).
-        ray_timeout_s: With ``backend="ray"`` and an address: the bound on connecting to it
-            (default 30 s; :class:`~pytest_kerasmp.RayConnectError` past it, saying what was
-            tried).
+            errors; or a configured backend, e.g. ``RayBackend(address=..., reserve=False)``
+            (:class:`~pytest_kerasmp.RayBackend`; ``pytest_kerasmp.runtime.backends``).
+        import_tensorflow: Deprecated: ``warm_import``.
+        ray_address: Deprecated: ``backend=RayBackend(address=...)``.
+        ray_reserve: Deprecated: ``backend=RayBackend(reserve=...)``.
+        ray_timeout_s: Deprecated: ``backend=RayBackend(timeout_s=...)``.
     """
 
     #: Whether a worker that dies is replaced (a cluster's owner restarts all of them instead).
@@ -99,29 +100,31 @@ class WorkerPool(owners.Owned):
         task_timeout_s: float | None = None,
         start_timeout_s: float = 120.0,
         name: str = "pool",
-        import_tensorflow: bool = True,
-        backend: str | PoolBackend = "local",
+        warm_import: bool = True,
+        backend: Any = "local",
+        import_tensorflow: bool | None = None,
         ray_address: str | None = None,
-        ray_reserve: bool = True,
+        ray_reserve: bool | None = None,
         ray_timeout_s: float | None = None,
     ) -> None:
+        if import_tensorflow is not None:
+            warnings.warn(WARM_IMPORT_DEPRECATED, DeprecationWarning, stacklevel=2)
+            warm_import = import_tensorflow
+        backend = backends.from_ray_keywords(backend, "WorkerPool", ray_address, ray_reserve, ray_timeout_s)
         self._init_args = (slots, {
             "start_method": start_method, "initializer": initializer, "initargs": initargs,
             "task_timeout_s": task_timeout_s, "start_timeout_s": start_timeout_s, "name": name,
-            "import_tensorflow": import_tensorflow, "backend": backend, "ray_address": ray_address,
-            "ray_reserve": ray_reserve, "ray_timeout_s": ray_timeout_s,
+            "warm_import": warm_import, "backend": backend,
         })  # for restart()
-        self.backend: PoolBackend = backends.pool_backend(
-            backend, start_method=start_method, ray_address=ray_address, ray_reserve=ray_reserve, ray_timeout_s=ray_timeout_s,
-        )
+        self.backend: PoolBackend = backends.for_pool(backend, start_method)
         self.start_method = self.backend.start_method
         self.name = name
         self.slots = checked_slots(slots)
         self.task_timeout_s = task_timeout_s
         self.start_timeout_s = start_timeout_s
         self.stats = PoolStats()
-        #: Import the framework in each worker before it is ready (``import_tensorflow``).
-        self.warm_import = import_tensorflow
+        #: Import the framework in each worker before it is ready.
+        self.warm_import = warm_import
         #: The initializer's call, pickled (run once in every worker).
         self.init_call: bytes | None = None
         if initializer is not None:

@@ -79,13 +79,11 @@ class InferenceServer(owners.Owned):
         start_method: ``"spawn"`` (default) or ``"forkserver"``.
         backend: ``"local"`` (default) or ``"ray"``: the server is a Ray actor on a Ray
             slot, with the same batching and client semantics; its clients work in any
-            process that can reach the cluster. Or an execution backend object.
-        ray_address: With ``backend="ray"``: the cluster (default: the one this process is
-            connected to, else a new local one).
-        ray_reserve: With ``backend="ray"``: reserve the slot's CPUs in Ray (default), or
-            share them with pools and servers on the same slot.
-        ray_timeout_s: With ``backend="ray"`` and an address: the bound on connecting to it
-            (default 30 s).
+            process that can reach the cluster. Or a configured backend, e.g.
+            ``RayBackend(address=..., reserve=False)`` (:class:`~pytest_kerasmp.RayBackend`).
+        ray_address: Deprecated: ``backend=RayBackend(address=...)``.
+        ray_reserve: Deprecated: ``backend=RayBackend(reserve=...)``.
+        ray_timeout_s: Deprecated: ``backend=RayBackend(timeout_s=...)``.
     """
 
     def __init__(
@@ -101,15 +99,14 @@ class InferenceServer(owners.Owned):
         start_timeout_s: float = 120.0,
         start_method: str = "spawn",
         name: str = "server",
-        backend: str | ServerBackend = "local",
+        backend: Any = "local",
         ray_address: str | None = None,
-        ray_reserve: bool = True,
+        ray_reserve: bool | None = None,
         ray_timeout_s: float | None = None,
     ) -> None:
         check_options(model_ref, max_batch_size, max_queue, max_delay_ms)
-        self.backend: ServerBackend = backends.server_backend(
-            backend, start_method=start_method, ray_address=ray_address, ray_reserve=ray_reserve, ray_timeout_s=ray_timeout_s,
-        )
+        backend = backends.from_ray_keywords(backend, "InferenceServer", ray_address, ray_reserve, ray_timeout_s)
+        self.backend: ServerBackend = backends.for_server(backend, start_method)
         self.name, self.model_ref = name, model_ref
         self.slot: DeviceSlot | None = slot  # the backend's default when None
         self.request_timeout_s, self.busy_timeout_s = request_timeout_s, busy_timeout_s
@@ -189,7 +186,7 @@ class LocalServerBackend:
 
     name = "local"
 
-    def __init__(self, start_method: str = "spawn", **_other_backends_options: Any) -> None:
+    def __init__(self, start_method: str = "spawn") -> None:
         self.start_method = start_method
 
     def start(self, server: InferenceServer, start_timeout_s: float) -> LocalServer:
