@@ -89,10 +89,10 @@ def test_failing_replacements_are_bounded_then_the_pool_refuses_work(no_leftover
 def test_an_error_in_the_dispatcher_fails_every_future_and_breaks_the_pool(no_leftovers, monkeypatch):
     pool = light_pool()
     try:
-        def explode(self):
+        def explode(self, *args):
             raise RuntimeError("injected dispatcher fault")
 
-        monkeypatch.setattr(_dispatch.Dispatcher, "_assign", explode)
+        monkeypatch.setattr(_dispatch.Dispatcher, "hand", explode)
         future = pool.submit(pool_tasks.add, 1)
         with pytest.raises(PoolBrokenError, match="dispatcher thread failed with RuntimeError: injected") as info:
             future.result(timeout=5)

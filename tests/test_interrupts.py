@@ -83,7 +83,7 @@ def test_an_interrupted_future_result_cancels_its_task_with_the_workers_stacks(n
         finally:
             signal.setitimer(signal.ITIMER_REAL, 0)
             signal.signal(signal.SIGALRM, old)
-        with pytest.raises(TaskCancelledError, match=r"was cancelled while it ran on worker 0 .* its caller's wait in Future.result\(\) ended with Interrupted: the alarm went off; the worker was killed \(the pool is starting a replacement\)") as info:
+        with pytest.raises(TaskCancelledError, match=r"was cancelled while it ran on worker 0 .* its caller's wait in Future.result\(\) ended with Interrupted: the alarm went off; the worker was killed \(the pool is starting a replacement on the same slot\)") as info:
             running_task.result(timeout=10)
         assert "sleep_then" in info.value.stacks  # where it was when it was ended
         assert _gone([pid], within=3)

@@ -26,19 +26,14 @@ from pytest_kerasmp.errors import (
     POOL_CLOSED_RUNNING,
     RAY_STARTUP_TIMED_OUT,
     SLOT_NODE_GONE,
-    TASK_TIMED_OUT,
-    WORKER_CRASHED,
-    WORKER_DIED_BEFORE_START,
     PoolClosedError,
-    TaskCancelledError,
-    TaskTimeoutError,
-    WorkerCrashedError,
     WorkerStartupError,
     unpack_exception,
     with_stacks,
 )
 from pytest_kerasmp.ray.cluster import kill_actor, node_alive
-from pytest_kerasmp.runtime.pool.taskqueue import MAX_START_ATTEMPTS, QueuedTask, TaskQueue, resolve
+from pytest_kerasmp.runtime.pool.policy import DispatchPolicy
+from pytest_kerasmp.runtime.pool.taskqueue import QueuedTask, resolve
 from pytest_kerasmp.runtime.wire.messages import Failed
 from pytest_kerasmp.slots import placement
 from pytest_kerasmp.slots.devices import DeviceSlot
@@ -80,7 +75,7 @@ class RayWorker:
     crashed_at: float | None = None
     killed: bool = False
 
-class RayDispatcher(TaskQueue):
+class RayDispatcher(DispatchPolicy):
     """One thread that owns the workers and the queue of a :class:`RayWorkerPool`."""
 
     workers: list[RayWorker]
@@ -132,11 +127,8 @@ class RayDispatcher(TaskQueue):
             for w in self.workers:
                 w.watch = self._watch("gone", w, w.actor.watch.remote())
             self._loop()
-        except BaseException as exc:  # fail closed, as the local dispatcher
-            with self.lock:
-                self.broken = f"its dispatcher thread failed with {type(exc).__name__}: {exc}"
-                self.broken_cause = exc
-            self.fail_everything(self.broken)
+        except BaseException as exc:
+            self.fail_closed(exc)
 
     def _loop(self) -> None:
         while True:
@@ -154,10 +146,10 @@ class RayDispatcher(TaskQueue):
                 self._on_event(event)
             if self.abort is not None:
                 busy = [w for w in self.workers if w.task is not None]
-                self.fail_everything(self.abort, self._stacks(busy) if self.dump_on_abort else None)
+                self.fail_everything(self.abort, self.take_stacks(busy) if self.dump_on_abort else None)
                 return
-            self._check_deadlines()
-            self._assign()
+            self.check_deadlines()
+            self.assign()
             with self.lock:
                 busy_now = any(w.state == "busy" for w in self.workers)
                 if self.closing and not busy_now and not self.pending:
@@ -186,14 +178,14 @@ class RayDispatcher(TaskQueue):
             try:
                 self.backend.check_ready(self.pool, w, None if error else future.result(), error)
             except WorkerStartupError as exc:
-                self._start_failed(w, exc)
+                self.start_failed(w, exc)
                 return
             w.deadline, w.failed_starts, w.fresh = None, 0, True
             if w.crashed_at is not None:
                 self.stats.replacement_ready_s.append(time.monotonic() - w.crashed_at)
             w.watch = self._watch("gone", w, w.actor.watch.remote())
         elif kind == "gone" and w.state == "idle":  # died between tasks: replaced, nothing failed
-            self._gone(w)
+            self.on_death(w)
         elif kind == "accepted" and w.task is not None and not w.task_started:
             if error is None:  # it holds the task: now it runs it
                 self._send(w, w.actor.run_accepted.remote())
@@ -218,39 +210,38 @@ class RayDispatcher(TaskQueue):
                 self.stats.tasks_done += 1
                 resolve(task.future, result=result)
 
-    def _gone(self, w: RayWorker) -> None:
-        """``w`` died while it held no task: replaced (or its slot given up), nothing failed."""
-        w.state = "dead"
-        self.stats.crashes += 1
-        if not self.closing:
-            self._restart(w, time.monotonic(), 0)
-
-    def _fate(self, w: RayWorker) -> str:
-        """What happens to a dead worker's slot, in words (``_restart`` does it)."""
-        if self.closing:
-            return "it was not replaced: the pool is closing"
-        if not node_alive(w.slot.node):
-            return f"its slot was given up, no replacement started: its Ray node {w.slot.node[:8]} is gone from the cluster"
-        return "the pool is starting a replacement on the same slot"
-
     def _crashed(self, w: RayWorker, error: BaseException) -> None:
-        """``w`` died holding a task: charged to it if it may have started, else requeued (once)."""
+        """``w`` died holding a task: the policy charges it (or requeues it) and replaces ``w``."""
         if self.abort is not None:  # killed by terminate() or an expired close(): not a crash;
             return  # the loop fails its task as closed, right after this round's events
-        task, w.task, w.deadline = w.task, None, None
-        if task is not None and (w.task_started or not self.requeue(task)):
-            how, hint = ray_failure(error, w.slot.node)
-            crash = WorkerCrashedError((WORKER_CRASHED if w.task_started else WORKER_DIED_BEFORE_START).format(
-                index=w.index, slot=w.slot.describe(), pid=w.pid, pool=self.name, how=how, task=task.id, fn=task.fn,
-                fate=self._fate(w), hint=hint,
-            ))
-            crash.__cause__ = error
-            self.fail(task, crash)
-        self._gone(w)
+        how, hint = ray_failure(error, w.slot.node)
+        self.retire(w)
+        self.worker_died(w, how, hint, cause=error)
 
-    def _restart(self, w: RayWorker, crashed_at: float | None, failed_starts: int) -> None:
+    # ------------------------------------------------------- the policy's interface
+
+    def end_now(self, w: RayWorker) -> None:
+        kill_actor(w.actor)
+
+    def retire(self, w: RayWorker) -> None:
+        w.state = "dead"
         kill_actor(w.actor)
         placement.release(w.pid)
+
+    def slot_lost(self, w: RayWorker) -> str | None:
+        if node_alive(w.slot.node):
+            return None
+        return f"its slot was given up, no replacement started: its Ray node {w.slot.node[:8]} is gone from the cluster"
+
+    def start_timed_out(self, w: RayWorker) -> Exception:
+        return WorkerStartupError(RAY_STARTUP_TIMED_OUT.format(who=self.backend.who(self.pool, w), timeout=self.pool.start_timeout_s))
+
+    def after_overdue(self, w: RayWorker) -> None:
+        self.retire(w)
+        if not self.closing:
+            self.restart(w, time.monotonic(), 0)
+
+    def restart(self, w: RayWorker, crashed_at: float | None, failed_starts: int) -> None:
         if not node_alive(w.slot.node):  # no start is tried: its slot is given up
             cause = SLOT_NODE_GONE.format(pool=self.name, slot=w.slot.describe(), node=w.slot.node[:8])
             self.give_up(w, WorkerStartupError(cause), failed_starts, cause=cause)
@@ -260,16 +251,7 @@ class RayDispatcher(TaskQueue):
         self.workers[w.index] = new
         self._watch("ready", new, new.ready)
 
-    def _start_failed(self, w: RayWorker, error: Exception) -> None:
-        w.state = "dead"
-        attempts = w.failed_starts + 1
-        if attempts < MAX_START_ATTEMPTS and not self.closing and self.abort is None:
-            self._restart(w, w.crashed_at, attempts)
-        else:
-            kill_actor(w.actor)
-            self.give_up(w, error, attempts)
-
-    def _stacks(self, workers: list[RayWorker]) -> dict[int, str | None]:
+    def take_stacks(self, workers: list[RayWorker]) -> dict[int, str | None]:
         refs = {w.index: w.actor.stacks.remote() for w in workers}
         out: dict[int, str | None] = {}
         deadline = time.monotonic() + STACKS_S
@@ -280,61 +262,25 @@ class RayDispatcher(TaskQueue):
                 out[index] = None
         return out
 
-    def _check_deadlines(self) -> None:
-        """As the local dispatcher's: starts past their bound fail; running tasks past their
-        timeout or abandoned by their caller end (stacks, then the actor is replaced)."""
-        now = time.monotonic()
-        ending: list[RayWorker] = []
-        for w in self.workers:
-            if w.state == "dead":
-                continue
-            expired = w.deadline is not None and now >= w.deadline
-            if w.state == "starting" and expired:
-                w.deadline = None
-                self._start_failed(w, WorkerStartupError(RAY_STARTUP_TIMED_OUT.format(who=self.backend.who(self.pool, w), timeout=self.pool.start_timeout_s)))
-            elif w.task is not None and (expired or w.task.abandoned is not None):
-                ending.append(w)
-        if not ending:
-            return
-        stacks = self._stacks(ending)
-        for w in ending:
-            task, w.task, w.deadline = w.task, None, None
-            assert task is not None
-            fate = self._fate(w)
-            if task.abandoned is not None:
-                error: TaskCancelledError | TaskTimeoutError = self.cancelled_error(task, w, fate)
-            else:
-                self.stats.timeouts += 1
-                error = TaskTimeoutError(TASK_TIMED_OUT.format(
-                    task=task.id, fn=task.fn, timeout=task.timeout_s, index=w.index, slot=w.slot.describe(), pid=w.pid, fate=fate,
-                ))
-            self.fail(task, with_stacks(error, stacks.get(w.index)))
-            w.state = "dead"
-            if not self.closing:
-                self._restart(w, time.monotonic(), 0)
-            else:
-                kill_actor(w.actor)
+    def died_unseen(self, w: RayWorker) -> bool:
+        return w.watch is not None and w.watch.done()  # Ray reported its death
 
-    def _assign(self) -> None:
+    def on_death(self, w: RayWorker) -> None:
+        self.retire(w)
+        self.worker_died(w, "", "")
+
+    def hand(self, w: RayWorker, task: QueuedTask) -> None:
+        w.deadline = time.monotonic() + task.timeout_s if task.timeout_s else None
+        if w.fresh:  # it answered in this round: the task goes straight to it
+            self._send(w, w.actor.run.remote(task.call, *(task.buffers or ())))  # the buffers: ObjectRefs, read in place
+        else:  # idle since earlier: it takes the task first, so that a death before is not charged to it
+            w.ref = w.actor.accept.remote(task.call, *(task.buffers or ()))
+            self._watch("accepted", w, w.ref)
+
+    def assign(self) -> None:
+        super().assign()
         for w in self.workers:
-            if w.state != "idle":
-                continue
-            task = self.next_task(w)
-            if task is None:
-                continue
-            if w.watch is not None and w.watch.done():  # Ray reported its death: no task for it
-                self.put_back(task)
-                self._gone(w)
-                continue
-            w.state, w.task, w.task_started = "busy", task, False
-            w.deadline = time.monotonic() + task.timeout_s if task.timeout_s else None
-            if w.fresh:  # it answered in this round: the task goes straight to it
-                self._send(w, w.actor.run.remote(task.call, *(task.buffers or ())))  # the buffers: ObjectRefs, read in place
-            else:  # idle since earlier: it takes the task first, so that a death before is not charged to it
-                w.ref = w.actor.accept.remote(task.call, *(task.buffers or ()))
-                self._watch("accepted", w, w.ref)
-        for w in self.workers:
-            w.fresh = False
+            w.fresh = False  # a worker is fresh only in the round its answer arrived
 
     def _send(self, w: RayWorker, ref: Any) -> None:
         """``ref`` is the call that runs ``w``'s task: from now on a death is the task's failure."""

@@ -22,7 +22,7 @@ HELP_WAIT_S = 0.002
 
 
 class CallerAssist:
-    """Mixed into the local ``Dispatcher`` (which has ``turn``, ``watcher``, ``_assign``, ...)."""
+    """Mixed into the local ``Dispatcher`` (which has ``turn``, ``watcher``, ``assign``, ...)."""
 
     turn: Any
     watcher: Any
@@ -32,7 +32,7 @@ class CallerAssist:
         def append(self, task: QueuedTask) -> None: ...
         def wake(self) -> None: ...
         def fail_closed(self, exc: BaseException) -> None: ...
-        def _assign(self) -> None: ...
+        def assign(self) -> None: ...
         def _on_message(self, w: Any) -> bool: ...
 
     def enqueue(self, task: QueuedTask) -> None:
@@ -44,7 +44,7 @@ class CallerAssist:
             try:
                 self.append(task)
                 try:
-                    self._assign()
+                    self.assign()
                 except Exception as exc:  # fail closed, as in the dispatcher's own thread
                     self.fail_closed(exc)
                 finally:

@@ -9,7 +9,6 @@ the dispatcher itself marks the pool broken with that cause.
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import pickle
 import threading
@@ -19,22 +18,15 @@ from typing import Any
 
 from pytest_kerasmp.errors import (
     ARENA_FAILED,
-    NONE_REPLACED,
     POOL_CLOSED_RUNNING,
-    TASK_TIMED_OUT,
-    WORKER_CRASHED,
-    WORKER_DIED_BEFORE_START,
-    WORKER_GONE,
     PoolClosedError,
-    TaskCancelledError,
-    TaskTimeoutError,
-    WorkerCrashedError,
     WorkerStartupError,
     unpack_exception,
     with_stacks,
 )
 from pytest_kerasmp.runtime.pool.assist import CallerAssist
-from pytest_kerasmp.runtime.pool.taskqueue import MAX_START_ATTEMPTS, QueuedTask, TaskQueue, resolve
+from pytest_kerasmp.runtime.pool.policy import DispatchPolicy
+from pytest_kerasmp.runtime.pool.taskqueue import MAX_START_ATTEMPTS, QueuedTask, resolve
 from pytest_kerasmp.runtime.process.childio import dump_stacks_of
 from pytest_kerasmp.runtime.process.lifecycle import Child
 from pytest_kerasmp.runtime.process.watcher import Watcher, readable
@@ -67,7 +59,7 @@ class Worker:
         return self.child.pid
 
 
-class Dispatcher(CallerAssist, TaskQueue):
+class Dispatcher(CallerAssist, DispatchPolicy):
     """State and loop of one pool; ``pool.py`` is its public face (the queue: ``_queue``)."""
 
     workers: list[Worker]
@@ -79,7 +71,6 @@ class Dispatcher(CallerAssist, TaskQueue):
         #: submitting thread that hands its task to an idle worker itself.
         self.turn = threading.RLock()
         self.watcher = Watcher()
-        self.failed_closed = False
         for w in workers:
             self.watcher.add(w)
         self.thread = threading.Thread(target=self.run, name=f"kerasmp-{self.name}-dispatch", daemon=True)
@@ -123,22 +114,6 @@ class Dispatcher(CallerAssist, TaskQueue):
         except BaseException as exc:
             self.fail_closed(exc)
 
-    def fail_closed(self, exc: BaseException) -> None:
-        """An unexpected error in the dispatcher's work (in its thread, or a caller's doing it):
-        every future is resolved with PoolBrokenError naming it, and the pool is broken."""
-        cause = f"its dispatcher thread failed with {type(exc).__name__}: {exc}"
-        self.failed_closed = True
-        with self.lock:
-            self.broken, self.broken_cause = cause, exc
-            queued, self.pending = list(self.pending), collections.deque()
-        running = [w.task for w in self.workers if w.task is not None]
-        for w in self.workers:
-            w.task = None
-            w.child.kill()
-        for task in queued + running:
-            self.fail(task, self.broken_error())
-        self.wake()  # the loop sees the pool broken and ends
-
     def _loop(self) -> None:
         while not self.failed_closed:  # a caller's thread may fail it closed too
             if self.abort is not None:
@@ -163,8 +138,8 @@ class Dispatcher(CallerAssist, TaskQueue):
                         self._on_message(w)
                 for w in exits:
                     self._on_exit(w)
-                self._check_deadlines()
-                self._assign()
+                self.check_deadlines()
+                self.assign()
 
     def _abort_now(self, why: str) -> None:
         """Kill running work (its stacks first, when a close timed out), fail it and
@@ -204,7 +179,7 @@ class Dispatcher(CallerAssist, TaskQueue):
         try:
             ready = w.child.poll_startup()
         except WorkerStartupError as exc:
-            self._start_failed(w, exc)
+            self.start_failed(w, exc)
             return False
         if isinstance(ready, Ready):
             w.state, w.deadline, w.failed_starts = "idle", None, 0
@@ -230,7 +205,7 @@ class Dispatcher(CallerAssist, TaskQueue):
             try:
                 w.child.poll_startup()
             except WorkerStartupError as exc:
-                self._start_failed(w, exc)
+                self.start_failed(w, exc)
             return
         while self._pending_message(w):  # a result sent just before dying still counts
             if not self._on_message(w):
@@ -239,42 +214,13 @@ class Dispatcher(CallerAssist, TaskQueue):
         w.task_started = w.task_started or self._started(w)  # read before the arena is closed
         if w.task is not None and not w.task_started and w.task.buffers is None:
             w.task.buffers = w.to_worker.read(w.task.layout)  # it may be requeued: take its arrays back
-        self._bury(w)
+        self.retire(w)
         if self.abort is not None:  # killed by terminate() or an expired close(): not a crash
             if w.task is not None:
                 task, w.task = w.task, None
                 self.fail(task, self._closed_running(w, task, self.abort))
             return
-        if not w.killed:
-            self.stats.crashes += 1
-        replace = not self.closing and self.pool.replace_workers
-        if w.task is not None and not w.task_started and self.requeue(w.task):
-            w.task = None  # it never marked it started: the task never ran, and goes back to the queue (once)
-        if w.task is not None:
-            task, w.task = w.task, None
-            fate = (
-                "the pool is starting a replacement on the same slot" if replace
-                else "it was not replaced: the pool is closing" if self.closing
-                else "it was not replaced: its owner restarts all its processes together"
-            )
-            self.fail(task, WorkerCrashedError((WORKER_CRASHED if w.task_started else WORKER_DIED_BEFORE_START).format(
-                index=w.index, slot=w.slot.describe(), pid=w.pid, pool=self.name,
-                how=how, task=task.id, fn=task.fn, fate=fate, hint=hint,
-            )))
-        if replace:
-            self._restart(w, crashed_at=time.monotonic())
-        elif not self.closing:  # not replaced: what only this worker could run never runs now
-            alive = any(x.state != "dead" for x in self.workers)
-            with self.lock:
-                if not alive:
-                    self.broken = NONE_REPLACED
-                doomed = [t for t in self.pending if t.worker == w.index or not alive]
-                for task in doomed:
-                    self.pending.remove(task)
-            for task in doomed:
-                self.fail(task, WorkerCrashedError(WORKER_GONE.format(
-                    index=w.index, slot=w.slot.describe(), pid=w.pid, pool=self.name, how=how, task=task.id, fn=task.fn,
-                )) if task.worker == w.index else self.broken_error())
+        self.worker_died(w, how, hint)
 
     @staticmethod
     def _started(w: Worker) -> bool:
@@ -289,14 +235,16 @@ class Dispatcher(CallerAssist, TaskQueue):
         except (OSError, ValueError):  # closed, or broken by the death
             return False
 
-    def _bury(self, w: Worker) -> None:
+    # ------------------------------------------------------- the policy's interface
+
+    def retire(self, w: Worker) -> None:
         w.state, w.writing = "dead", None  # (dead: its region may be reused)
         self.watcher.remove(w)
         w.child.stop(grace=0.0)
         w.to_worker.close()
         w.from_worker.close()
 
-    def _restart(self, w: Worker, crashed_at: float | None, failed_starts: int = 0) -> None:
+    def restart(self, w: Worker, crashed_at: float | None, failed_starts: int = 0) -> None:
         while True:
             try:
                 child = self.backend.start_child(self.pool, w.index, w.slot)
@@ -311,79 +259,48 @@ class Dispatcher(CallerAssist, TaskQueue):
         self.workers[w.index] = new
         self.watcher.add(new)
 
-    def _start_failed(self, w: Worker, error: Exception) -> None:
-        self._bury(w)
-        attempts = w.failed_starts + 1
-        if attempts < MAX_START_ATTEMPTS and not self.closing and self.abort is None:
-            self._restart(w, w.crashed_at, attempts)
-        else:
-            self.give_up(w, error, attempts)
+    def end_now(self, w: Worker) -> None:
+        w.child.kill()
 
-    def _check_deadlines(self) -> None:
-        """Fail a start past its bound; end running tasks past their timeout, or abandoned by
-        their caller: their stacks first (all at once), then the kill; the exit replaces them."""
-        now = time.monotonic()
-        ending: list[Worker] = []
-        for w in self.workers:
-            if w.state == "dead":
-                continue
-            expired = w.deadline is not None and now >= w.deadline
-            if w.state == "starting" and expired:
-                w.deadline = None
-                self._start_failed(w, w.child.timed_out_starting(self.pool.start_timeout_s))
-            elif w.task is not None and (expired or w.task.abandoned is not None):
-                ending.append(w)
-        if not ending:
+    def take_stacks(self, workers: list[Worker]) -> dict[int, str | None]:
+        by_pid = dump_stacks_of([w.child for w in workers])
+        return {w.index: by_pid.get(w.pid) for w in workers}
+
+    def start_timed_out(self, w: Worker) -> Exception:
+        return w.child.timed_out_starting(self.pool.start_timeout_s)
+
+    def after_overdue(self, w: Worker) -> None:
+        w.child.kill()  # its exit shows next round: _on_exit replaces it
+
+    # -------------------------------------------------------------------------- tasks
+
+    def died_unseen(self, w: Worker) -> bool:
+        return readable(w.child.sentinel, 0)
+
+    def on_death(self, w: Worker) -> None:
+        self._on_exit(w)
+
+    def hand(self, w: Worker, task: QueuedTask) -> None:
+        try:
+            layout = w.to_worker.write(task.buffers or ())
+        except OSError as exc:
+            w.state, w.task = "idle", None
+            self.fail(task, OSError(ARENA_FAILED.format(task=task.id, fn=task.fn, error=exc)))
             return
-        stacks = dump_stacks_of([w.child for w in ending])
-        fate = "the pool is starting a replacement" if not self.closing else "not replaced: the pool is closing"
-        for w in ending:
-            task, w.task, w.deadline = w.task, None, None
-            assert task is not None
-            w.killed = True
-            w.child.kill()  # its exit shows next round: _on_exit replaces it
-            if task.abandoned is not None:
-                error: TaskCancelledError | TaskTimeoutError = self.cancelled_error(task, w, fate)
-            else:
-                self.stats.timeouts += 1
-                error = TaskTimeoutError(TASK_TIMED_OUT.format(
-                    task=task.id, fn=task.fn, timeout=task.timeout_s, index=w.index,
-                    slot=w.slot.describe(), pid=w.pid, fate=fate,
-                ))
-            self.fail(task, with_stacks(error, stacks.get(w.pid)))
-
-    def _assign(self) -> None:
-        for w in self.workers:
-            if w.state != "idle":
-                continue
-            task = self.next_task(w)
-            if task is None:
-                continue
-            if readable(w.child.sentinel, 0):  # it died since the last look: never given a task
-                self.put_back(task)
-                self._on_exit(w)
-                continue
-            w.state, w.task, w.task_started = "busy", task, False  # from here on a failure of any kind resolves it
-            try:
-                layout = w.to_worker.write(task.buffers or ())
-            except OSError as exc:
-                w.state, w.task = "idle", None
-                self.fail(task, OSError(ARENA_FAILED.format(task=task.id, fn=task.fn, error=exc)))
-                continue
-            task.buffers, task.layout = None, layout  # in the worker's arena now (read back if requeued)
-            out, fresh_out = w.from_worker.choose()
-            into, drop, new = w.regions.route(task.into)
-            w.writing = task.into if into is not None else None
-            try:
-                w.child.conn.send(Task(
-                    task.id, task.call, layout, w.to_worker.fresh, out, fresh_out, into, drop, tuple(r.id for r in new),
-                ))
-                w.to_worker.hand_over(w.child.conn)
-                for region in new:
-                    send_handle(w.child.conn, region.fd, 0)
-            except OSError:  # it died just now, before it could mark the task started: its exit requeues it
-                pass
-            w.deadline = time.monotonic() + task.timeout_s if task.timeout_s else None
+        task.buffers, task.layout = None, layout  # in the worker's arena now (read back if requeued)
+        out, fresh_out = w.from_worker.choose()
+        into, drop, new = w.regions.route(task.into)
+        w.writing = task.into if into is not None else None
+        try:
+            w.child.conn.send(Task(
+                task.id, task.call, layout, w.to_worker.fresh, out, fresh_out, into, drop, tuple(r.id for r in new),
+            ))
+            w.to_worker.hand_over(w.child.conn)
+            for region in new:
+                send_handle(w.child.conn, region.fd, 0)
+        except OSError:  # it died just now, before it could mark the task started: its exit requeues it
+            pass
+        w.deadline = time.monotonic() + task.timeout_s if task.timeout_s else None
 
     def _closed_running(self, w: Worker, task: QueuedTask, why: str) -> PoolClosedError:
         return PoolClosedError(POOL_CLOSED_RUNNING.format(
