@@ -10,6 +10,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, ClassVar
 
+from pytest_kerasmp.runtime import backends
+
 
 @dataclasses.dataclass(frozen=True)
 class RayBackend:
@@ -33,15 +35,13 @@ class RayBackend:
         if self.timeout_s is not None and not (isinstance(self.timeout_s, (int, float)) and self.timeout_s > 0):
             raise ValueError(f"timeout_s={self.timeout_s!r} must be a positive number of seconds (or None: 30 s)")
 
+    # Made by name (as runtime.backends finds a backend): ray.pool and ray.server take this
+    # object, so importing them here would tie the three modules in a circle.
     def for_pool(self, start_method: str) -> Any:
-        from pytest_kerasmp.ray.pool import RayPoolBackend
-
-        return RayPoolBackend(self)
+        return backends.load("pytest_kerasmp.ray.pool:RayPoolBackend")(self)
 
     def for_server(self, start_method: str) -> Any:
-        from pytest_kerasmp.ray.server import RayServerBackend
-
-        return RayServerBackend(self)
+        return backends.load("pytest_kerasmp.ray.server:RayServerBackend")(self)
 
 
 __all__ = ["RayBackend"]

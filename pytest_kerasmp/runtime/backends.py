@@ -33,7 +33,8 @@ REGISTRY: dict[str, str] = {
 }
 
 
-def _load(entry: str) -> Any:
+def load(entry: str) -> Any:
+    """The object at ``entry`` ("module:attribute"), its module imported now."""
     module, _, attribute = entry.partition(":")
     return getattr(importlib.import_module(module), attribute)
 
@@ -44,11 +45,12 @@ class Local:
 
     name: ClassVar[str] = "local"
 
+    # Made by name, as a backend is found: the seam imports neither face nor backend.
     def for_pool(self, start_method: str) -> Any:
-        return _load("pytest_kerasmp.runtime.pool.local:LocalBackend")(start_method)
+        return load("pytest_kerasmp.runtime.pool.local:LocalBackend")(start_method)
 
     def for_server(self, start_method: str) -> Any:
-        return _load("pytest_kerasmp.runtime.serve.server:LocalServerBackend")(start_method)
+        return load("pytest_kerasmp.runtime.serve.server:LocalServerBackend")(start_method)
 
 
 def register(name: str, entry: str) -> None:
@@ -63,7 +65,7 @@ def configured(backend: Any) -> Any:
         return backend
     if backend not in REGISTRY:
         raise ValueError(BACKEND_UNKNOWN.format(backend=backend, known=tuple(REGISTRY)))
-    return _load(REGISTRY[backend])()
+    return load(REGISTRY[backend])()
 
 
 def for_pool(backend: Any, start_method: str) -> Any:
@@ -89,7 +91,7 @@ def from_ray_keywords(backend: Any, face: str, address: str | None, reserve: boo
     warnings.warn(RAY_KEYWORDS_DEPRECATED.format(face=face, given=", ".join(given)), DeprecationWarning, stacklevel=3)
     if backend != "ray":
         return backend
-    return _load(REGISTRY["ray"])(address=address, reserve=True if reserve is None else reserve, timeout_s=timeout_s)
+    return load(REGISTRY["ray"])(address=address, reserve=True if reserve is None else reserve, timeout_s=timeout_s)
 
 
-__all__ = ["REGISTRY", "Local", "configured", "for_pool", "for_server", "register"]
+__all__ = ["REGISTRY", "Local", "configured", "for_pool", "for_server", "load", "register"]
