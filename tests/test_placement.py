@@ -142,6 +142,24 @@ def test_competitors_are_other_owners_alive_on_the_same_resources():
     assert annotated[0]["competed_with"] == ["gw2/p w0", "gw2/p w0"] and annotated[1]["competed_with"] == []
 
 
+def test_the_placement_at_a_glance_is_one_line_per_slot_naming_what_needs_a_look():
+    def rec(owner, role, cores, start, end, **extra):
+        return {"owner": owner, "role": role, "label": f"{role} {start}", "start": start, "end": end, "pid": 100 + start,
+                "slot": {"kind": "CPU", "index": cores[0]}, "cores": cores, "cuda_visible_devices": "-1", **extra}
+
+    records = [rec("gw0", "pytest", [0], 0, None)]
+    records += [rec("gw0", "pool worker", [0], t, t + 1) for t in range(1, 30)]  # 29, one at a time
+    records += [rec("gw1", "pytest", [1], 0, None), rec("gw1", "server", [1], 3, 9, exposed=["[::]:1234"])]
+    records += [rec("gw1", "pool worker", [0], 40, 41)]  # on gw0's slot: another worker's process
+    lines = placement.slot_lines(records, session_slots=CPU[:2])
+    assert len(lines) == 2
+    assert lines[0].startswith("slot0 (cores {0}): 31 processes (pool worker 30, pytest 1), at most 2 at once; OTHER WORKER: ")
+    assert "gw1/pool worker 40" in lines[0]
+    assert lines[1] == "slot1 (cores {1}): 2 processes (pytest 1, server 1), at most 2 at once; EXPOSED: 1 listened beyond loopback"
+    quiet = placement.slot_lines(records[:3], session_slots=CPU[:2])
+    assert quiet == ["slot0 (cores {0}): 3 processes (pool worker 2, pytest 1), at most 2 at once; no other worker's process on it"]
+
+
 # -------------------------------------------------------------------------- sessions
 
 

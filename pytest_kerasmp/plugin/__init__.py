@@ -54,6 +54,9 @@ NETWORK_ENV_BEFORE_KEY = pytest.StashKey[str | None]()
 NOTICES_KEY = pytest.StashKey[leasing.WaitNotices]()
 LEASE_SUMMARY_KEY = pytest.StashKey[dict[str, Any]]()
 WINDOWS_KEY = pytest.StashKey[placement.Windows]()
+#: Above this many processes the terminal shows one line per slot (-v: the whole table).
+FULL_TABLE_ROWS = 20
+PLACEMENT_IN_FULL = "(one row per process: -v, or the report's placement section, --kerasmp-report)"
 PLACEMENT_KEY = pytest.StashKey[list[dict[str, Any]]]()
 CALL_WINDOW_KEY = pytest.StashKey[tuple[float, float]]()
 
@@ -446,7 +449,12 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, config: p
         terminalreporter.write_sep("-", f"kerasmp: placement of the {plural(len(records), 'process')} pinned in this session")
         plan = config.stash.get(cfg.PLAN_KEY, None)
         windows = config.stash.get(WINDOWS_KEY, None)
-        for line in placement.table_lines(records, session_slots=plan.slots if plan else (), windows=windows):
+        slots = plan.slots if plan else ()
+        if len(records) <= FULL_TABLE_ROWS or config.get_verbosity() > 0:
+            lines = placement.table_lines(records, session_slots=slots, windows=windows)
+        else:  # a harness run pins 100 processes: one line per slot, the table in the report
+            lines = [*placement.slot_lines(records, session_slots=slots, windows=windows), PLACEMENT_IN_FULL]
+        for line in lines:
             terminalreporter.write_line(line)
         crowded = placement.oversubscription(plan.slots, _xdist_workers(config)) if plan else None
         if crowded and plan and config.stash.get(LEASE_SUMMARY_KEY, None):

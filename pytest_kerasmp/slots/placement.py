@@ -23,7 +23,7 @@ import shutil
 import socket
 import tempfile
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -381,15 +381,9 @@ def _memory(rec: dict[str, Any]) -> str:
     return "growth" if rec["memory_growth"] else "WHOLE GPU"
 
 
-def table_lines(
-    records: list[dict[str, Any]], origin: float | None = None, session_slots: Sequence[DeviceSlot] = (),
-    windows: Windows | None = None,
-) -> list[str]:
-    """The placement table: one row per process, lifetimes in seconds from ``origin``. A
-    process is shown on the session slot it occupies (a pool planned with ``plan_slots``
-    numbers its own slots); one on part of a slot shows its own plan's index in brackets."""
-    if not records:
-        return []
+def _slot_namer(session_slots: Sequence[DeviceSlot]) -> Callable[[dict[str, Any]], str]:
+    """The session slot a process occupies, by name (a pool planned with ``plan_slots``
+    numbers its own slots; one on part of a slot shows its own plan's index in brackets)."""
     by_resources: dict[frozenset[str], list[DeviceSlot]] = {}
     for s in session_slots:
         by_resources.setdefault(frozenset(resources_of([s])), []).append(s)
@@ -400,6 +394,17 @@ def table_lines(
         told = [s for s in same if s.index == r["slot"]["index"]]
         return (told or same)[0].name if same else f"(slot{r['slot']['index']})"
 
+    return slot_name
+
+
+def table_lines(
+    records: list[dict[str, Any]], origin: float | None = None, session_slots: Sequence[DeviceSlot] = (),
+    windows: Windows | None = None,
+) -> list[str]:
+    """The placement table: one row per process, lifetimes in seconds from ``origin``."""
+    if not records:
+        return []
+    slot_name = _slot_namer(session_slots)
     origin = min(r["start"] for r in records) if origin is None else origin
     header = ("process", "role", "backend", "slot", "cores/GPU", "pid", "lifetime", "GPU memory", "network", "shared")
     rows = [header]
@@ -421,6 +426,44 @@ def table_lines(
         )
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     return ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in rows]
+
+
+def slot_lines(
+    records: list[dict[str, Any]], session_slots: Sequence[DeviceSlot] = (), windows: Windows | None = None,
+) -> list[str]:
+    """The placement at a glance: one line per slot (its processes by role, the most alive at
+    once, and what only the full table would show: another worker on it, a process listening
+    where the network reaches it, a GPU taken whole)."""
+    slot_name = _slot_namer(session_slots)
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for r in annotate(records, windows):
+        groups.setdefault(slot_name(r), []).append(r)
+    lines = []
+    for name in sorted(groups, key=lambda n: (n.startswith("("), n)):
+        group = groups[name]
+        roles: dict[str, int] = {}
+        for r in group:
+            roles[r["role"]] = roles.get(r["role"], 0) + 1
+        counts = ", ".join(f"{role} {n}" for role, n in sorted(roles.items(), key=lambda kv: (-kv[1], kv[0])))
+        events = sorted([(r["start"], 1) for r in group] + [(r["end"], -1) for r in group if r["end"] is not None])
+        alive = most = 0
+        for _, step in events:
+            alive += step
+            most = max(most, alive)
+        notes = []
+        others = sorted({o for r in group for o in r["competed_with"]})
+        if others:
+            notes.append(f"OTHER WORKER: {len(others)} processes of other workers ({', '.join(others[:3])}{', ...' if len(others) > 3 else ''})")
+        exposed = [r for r in group if r.get("exposed")]
+        if exposed:
+            notes.append(f"EXPOSED: {len(exposed)} listened beyond loopback")
+        if any(_memory(r) == "WHOLE GPU" for r in group):
+            notes.append("WHOLE GPU taken by a process")
+        where = group[0]
+        place = f"GPU {where['cuda_visible_devices']}" if where["slot"]["kind"] == "GPU" else "cores {" + ", ".join(map(str, where["cores"])) + "}"
+        lines.append(f"{name} ({place}): {len(group)} processes ({counts}), at most {most} at once; "
+                     + ("; ".join(notes) if notes else "no other worker's process on it"))
+    return lines
 
 
 def to_json(records: list[dict[str, Any]], windows: Windows | None = None) -> list[dict[str, Any]]:
