@@ -20,18 +20,68 @@ import dataclasses
 import json
 import statistics
 from collections.abc import Mapping, Sequence
-from typing import Any, Literal
+from typing import Any
 
 from pytest_kerasmp.measure.stats import Interval, ratio_interval
 
-Kind = Literal["speedup", "fraction", "overhead"]
-KINDS: tuple[Kind, ...] = ("speedup", "fraction", "overhead")
-#: (baseline label, candidate label, what the ratio is called) per kind.
-WORDS: dict[str, tuple[str, str, str]] = {
-    "speedup": ("serial", "parallel", "speedup"),
-    "fraction": ("limit", "measured", "fraction of limit"),
-    "overhead": ("reference", "measured", "overhead vs reference"),
+
+@dataclasses.dataclass(frozen=True)
+class KindWords:
+    """All that differs between the kinds of comparison, decided here once: what the two sides
+    and the ratio are called, and how the ratio is shown (the terminal table, the report, the
+    gate's words and the plot all ask this object)."""
+
+    baseline: str
+    candidate: str
+    ratio: str
+    #: The plot's axis label.
+    axis: str
+    #: Shown as candidate/baseline (a cost: 1.3x the reference), not baseline/candidate.
+    inverted: bool = False
+    #: Shown as a percentage (a fraction of a limit).
+    percent: bool = False
+    #: Speedup per worker applies (the speedup kind).
+    efficiency: bool = False
+    #: Words before the interval in a headline ("95% of the limit [...]").
+    after_figure: str = ""
+
+    def shown(self, estimate: float, low: float, high: float) -> tuple[float, float, float]:
+        """The estimate and interval as shown (an inverted kind swaps and inverts the ends)."""
+        return (1 / estimate, 1 / high, 1 / low) if self.inverted else (estimate, low, high)
+
+    def text(self, value: float, unit: str = "x") -> str:
+        return percent_text(value) if self.percent else ratio_text(value, unit)
+
+    def figure(self, estimate: float, low: float, high: float) -> str:
+        """1.73x [1.51, 1.90]; 45% [40%, 51%]; 1.30x [1.21, 1.42] (inverted)."""
+        est, lo, hi = self.shown(estimate, low, high)
+        return f"{self.text(est)} [{self.text(lo, '')}, {self.text(hi, '')}]"
+
+    def floor(self, minimum: float) -> str:
+        """A floor (always on the baseline/candidate ratio) in this kind's words."""
+        if self.percent:
+            return f"floor {minimum:.0%} of the limit"
+        if self.inverted:
+            return f"at most {1 / minimum:.2f}x the reference (floor {minimum:g})"
+        return f"floor {minimum:g}x"
+
+    def tick(self, value: float) -> str:
+        """A plot tick label."""
+        if self.percent:
+            return f"{value:.0%}" if value >= 0.01 else f"{value:.1%}"
+        return f"{value:g}x"
+
+
+#: Each kind's words, in the order the tables and the plot show them.
+KIND: dict[str, KindWords] = {
+    "speedup": KindWords("serial", "parallel", "speedup", efficiency=True,
+                         axis="speedup = serial / parallel (log scale; right of 1x: parallel is faster)"),
+    "fraction": KindWords("limit", "measured", "fraction of limit", percent=True, after_figure=" of the limit",
+                          axis="fraction of the limit reached = limit time / measured time (log scale; 100% = the limit)"),
+    "overhead": KindWords("reference", "measured", "overhead vs reference", inverted=True, after_figure=" the reference",
+                          axis="cost over the reference = measured time / reference time (log scale; 1x = as cheap as the reference)"),
 }
+KINDS: tuple[str, ...] = tuple(KIND)
 
 
 @dataclasses.dataclass
@@ -122,24 +172,23 @@ class Comparison:
         if not self.timed:
             return {"DIFFERENT": "check failed", "raised": "a side raised", "skipped": f"skipped ({self.skipped})"}.get(
                 self.status, "not measured")
-        iv = self.interval
+        iv, words = self.interval, self.words
         n = f"{iv.rounds} rounds" + ("" if iv.complete else f", {iv.level:.0%} interval")
-        if self.kind == "fraction":
-            return f"{self.figure_text().replace(' [', ' of the limit [', 1)} ({n})"
-        if self.kind == "overhead":
-            return f"{self.figure_text().replace(' [', ' the reference [', 1)} ({n})"
-        return f"speedup {self.figure_text()}, efficiency {self.efficiency:.0%} ({n})"
+        if words.efficiency:
+            return f"{words.ratio} {self.figure_text()}, efficiency {self.efficiency:.0%} ({n})"
+        return f"{self.figure_text().replace(' [', words.after_figure + ' [', 1)} ({n})"
 
     def figure_text(self) -> str:
         """The headline figure and its interval alone, for the table: 1.73x [1.51, 1.90]."""
         if not self.timed:
             return "-"
         iv = self.interval
-        if self.kind == "fraction":
-            return f"{percent_text(iv.estimate)} [{percent_text(iv.low)}, {percent_text(iv.high)}]"
-        if self.kind == "overhead":
-            return f"{ratio_text(1 / iv.estimate)} [{ratio_text(1 / iv.high, '')}, {ratio_text(1 / iv.low, '')}]"
-        return f"{ratio_text(iv.estimate)} [{ratio_text(iv.low, '')}, {ratio_text(iv.high, '')}]"
+        return self.words.figure(iv.estimate, iv.low, iv.high)
+
+    @property
+    def words(self) -> KindWords:
+        """This comparison's kind, in words (``KIND``; an unknown kind reads as a speedup)."""
+        return KIND.get(self.kind, KIND["speedup"])
 
     # ------------------------------------------------------------------ JSON
 
@@ -147,7 +196,7 @@ class Comparison:
         """Every figure, in plain JSON types (numpy scalars in ``extra`` become numbers); the
         medians, ratio and interval are None when no round was timed."""
         iv = self.interval if self.timed else None
-        baseline, candidate, ratio_name = WORDS.get(self.kind, WORDS["speedup"])
+        words = self.words
         data = {
             "name": self.name,
             "scenario": self.scenario,
@@ -155,7 +204,7 @@ class Comparison:
             "params": self.params,
             "suffix": self.suffix,
             "kind": self.kind,
-            "words": {"baseline": baseline, "candidate": candidate, "ratio": ratio_name},
+            "words": {"baseline": words.baseline, "candidate": words.candidate, "ratio": words.ratio},
             "nodeid": self.nodeid,
             "workers": self.workers,
             "rounds": len(self.parallel_s),
@@ -166,8 +215,8 @@ class Comparison:
             "ratio": iv.estimate if iv else None,
             "interval": {"low": iv.low, "high": iv.high, "level": iv.level} if iv else None,
             "speedup": iv.estimate if iv else None,
-            "efficiency": self.efficiency if iv and self.kind == "speedup" else None,
-            "overhead": 1 / iv.estimate if iv and self.kind == "overhead" else None,
+            "efficiency": self.efficiency if iv and words.efficiency else None,
+            "overhead": 1 / iv.estimate if iv and words.inverted else None,
             "headline": self.headline(),
             "status": self.status,
             "correct": self.correct,
@@ -233,15 +282,15 @@ def summary_lines(comparisons: Sequence[Comparison], outcomes: Mapping[str, str]
         group = [c for c in comparisons if c.kind == kind]
         if not group:
             continue
-        baseline, candidate, ratio_name = WORDS[kind]
-        header: tuple[str, ...] = ("name", "workers", baseline, candidate, f"{ratio_name} [95% interval]", "rounds", "check", "gate")
-        if kind == "speedup":
+        words = KIND[kind]
+        header: tuple[str, ...] = ("name", "workers", words.baseline, words.candidate, f"{words.ratio} [95% interval]", "rounds", "check", "gate")
+        if words.efficiency:
             header = header[:5] + ("efficiency",) + header[5:]
         rows: list[tuple[str, ...]] = [header]
         for c in group:
             times = (seconds_text(c.serial_median_s), seconds_text(c.parallel_median_s)) if c.timed else ("-", "-")
             row = [c.name, str(c.workers), *times, c.figure_text() + ("*" if c.competed else "")]
-            if kind == "speedup":
+            if words.efficiency:
                 row.append(f"{c.efficiency:.0%}" if c.timed else "-")
             row += [rounds_text(c), check_text(c), outcomes.get(c.name, "-")]
             rows.append(tuple(row))

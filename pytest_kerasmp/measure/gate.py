@@ -89,11 +89,7 @@ class Verdict:
 
 
 def _floor_words(c: Comparison, minimum: float) -> str:
-    if c.kind == "fraction":
-        return f"floor {minimum:.0%} of the limit"
-    if c.kind == "overhead":
-        return f"at most {1 / minimum:.2f}x the reference (floor {minimum:g})"
-    return f"floor {minimum:g}x"
+    return c.words.floor(minimum)
 
 
 def gate(comparisons: Sequence[Comparison], floors: Sequence[Floor]) -> list[Verdict]:

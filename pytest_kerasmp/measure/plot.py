@@ -13,16 +13,11 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from pytest_kerasmp.measure.comparison import KINDS, WORDS, Comparison
+from pytest_kerasmp.measure.comparison import KIND, Comparison
 from pytest_kerasmp.measure.gate import Floor, Verdict, outcomes_by_name
 
 COLOURS = {"met": "tab:green", "missed": "tab:red", "inconclusive": "tab:orange", "unmeasured": "tab:red",
            "skipped": "tab:gray", "-": "tab:blue"}
-AXIS = {
-    "speedup": "speedup = serial / parallel (log scale; right of 1x: parallel is faster)",
-    "fraction": "fraction of the limit reached = limit time / measured time (log scale; 100% = the limit)",
-    "overhead": "cost over the reference = measured time / reference time (log scale; 1x = as cheap as the reference)",
-}
 
 
 def _floors(record: Mapping[str, Any]) -> list[Floor]:
@@ -50,13 +45,14 @@ def plot(path: Path, record: Mapping[str, Any]) -> Path | None:
         return None
     outcomes = outcomes_by_name([Verdict(**v) for v in record["gate"]["verdicts"]])
     floors = _floors(record)
-    groups = [(k, [c for c in comparisons if c.kind == k]) for k in KINDS]
+    groups = [(k, [c for c in comparisons if c.kind == k]) for k in KIND]
     groups = [(k, g) for k, g in groups if g]
     heights = [len(g) + 1.2 for _, g in groups]
     fig, axes = plt.subplots(len(groups), 1, figsize=(12, 0.38 * sum(heights) + 1.4),
                              gridspec_kw={"height_ratios": heights}, squeeze=False)
     for ax, (kind, group) in zip(axes[:, 0], groups, strict=True):
-        invert = kind == "overhead"
+        words = KIND[kind]
+        invert = words.inverted
         values = []
         for y, c in enumerate(group):
             colour = COLOURS.get(outcomes.get(c.name, "-"), "tab:blue")
@@ -65,7 +61,7 @@ def plot(path: Path, record: Mapping[str, Any]) -> Path | None:
                         va="center", fontsize=7, clip_on=False)
                 continue
             iv = c.interval
-            est, low, high = (1 / iv.estimate, 1 / iv.high, 1 / iv.low) if invert else (iv.estimate, iv.low, iv.high)
+            est, low, high = words.shown(iv.estimate, iv.low, iv.high)
             values += [low, high]
             ax.plot([low, high], [y, y], color=colour, linewidth=2.5, solid_capstyle="butt")
             ax.plot([est], [y], "o", color=colour, markersize=6)
@@ -82,10 +78,10 @@ def plot(path: Path, record: Mapping[str, Any]) -> Path | None:
         ax.axvline(1.0, color="black", linewidth=0.8, linestyle="--")
         ax.set_yticks(range(len(group)), [c.name for c in group], fontsize=7)
         ax.set_ylim(len(group) - 0.4, -0.8)
-        ax.set_title(f"{WORDS[kind][2]} ({len(group)})", fontsize=9, loc="left")
-        ax.set_xlabel(AXIS[kind], fontsize=8)
+        ax.set_title(f"{words.ratio} ({len(group)})", fontsize=9, loc="left")
+        ax.set_xlabel(words.axis, fontsize=8)
         ax.grid(axis="x", which="both", alpha=0.25)
-        fmt = (lambda v, _: f"{v:.0%}" if v >= 0.01 else f"{v:.1%}") if kind == "fraction" else (lambda v, _: f"{v:g}x")
+        fmt = lambda v, _, words=words: words.tick(v)  # noqa: E731
         ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(fmt))
         ax.tick_params(axis="x", labelsize=7)
         if math.log10(hi / lo) < 1.3:  # few decades: label the minor ticks too

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from pytest_kerasmp import frameworks
-from pytest_kerasmp.measure.comparison import KINDS, WORDS, Comparison, check_text, rounds_text, seconds_text
+from pytest_kerasmp.measure.comparison import KIND, Comparison, check_text, rounds_text, seconds_text
 from pytest_kerasmp.measure.gate import Verdict, comparison_lines, outcomes_by_name
 from pytest_kerasmp.measure.plot import plot, timeline, title
 from pytest_kerasmp.slots.devices import DeviceSlot
@@ -146,17 +146,17 @@ def markdown(record: Mapping[str, Any]) -> str:
     lines = [f"## {title(record)}", "", f"**{gate['verdict'] or 'kerasmp gate: no floors set'}**", "",
              f"`{record['command']}`", ""]
     comparisons = [Comparison.from_json(c) for c in record["comparisons"]]
-    for kind in KINDS:
+    for kind, words in KIND.items():
         group = [c for c in comparisons if c.kind == kind]
         if not group:
             continue
-        baseline, candidate, ratio = WORDS[kind]
-        lines += [f"### {ratio}", "", f"| comparison | workers | {baseline} | {candidate} | {ratio} [95% interval] | rounds | check | gate |",
+        lines += [f"### {words.ratio}", "",
+                  f"| comparison | workers | {words.baseline} | {words.candidate} | {words.ratio} [95% interval] | rounds | check | gate |",
                   "| --- | ---: | ---: | ---: | --- | ---: | --- | --- |"]
         for c in group:
             times = (seconds_text(c.serial_median_s), seconds_text(c.parallel_median_s)) if c.timed else ("-", "-")
             figure = c.figure_text() if c.timed else c.headline()
-            if c.timed and kind == "speedup":
+            if c.timed and words.efficiency:
                 figure += f", efficiency {c.efficiency:.0%}"
             check = check_text(c) + (f": {c.error}" if c.error else "")
             lines.append(f"| `{c.name}` | {c.workers} | {times[0]} | {times[1]} | {figure} | "

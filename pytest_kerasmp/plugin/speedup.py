@@ -119,84 +119,116 @@ def measure(
         raise ValueError("warmup=False runs no untimed round for check to compare: pass check=None, or keep the warm-up")
     if kind not in KINDS:
         raise ValueError(f"kind={kind!r} is not one of {', '.join(KINDS)}")
-    config = item.config
-    settings = config.stash.get(SPEED_KEY, SpeedSettings())
+    settings = item.config.stash.get(SPEED_KEY, SpeedSettings())
     if budget_s is not None:
         settings = dataclasses.replace(settings, budget_s=budget_s, ungated_budget_s=budget_s)
-    comparison = Comparison(
+    comparison = _register(item, Comparison(
         scenario=scenario_name(item), variant=variant, workers=workers, serial_s=[], parallel_s=[],
         nodeid=item.nodeid, kind=kind, params=_params(item), requested=rounds,
-    )
-    made = config.stash.setdefault(COMPARISONS_KEY, [])
+    ))
+    sides = _Sides(comparison, serial, parallel)
+    sides.warm_up_and_check(check, warmup)
+    if benchmark is None:
+        comparison.skipped = "--benchmark-skip"
+        return comparison
+    if not hasattr(benchmark, "pedantic"):  # a getter: the fixture is made only now
+        benchmark = benchmark()
+    started = time.perf_counter()
+    recorded = _first_rounds(item, benchmark, sides, rounds)
+    while True:
+        comparison.stopped = _should_stop(comparison, settings, time.perf_counter() - started)
+        if settings.verbose:
+            _progress(item.config, f"kerasmp: {comparison.name}: {len(comparison.parallel_s)} rounds, "
+                                   f"{comparison.figure_text()}" + (f" ({comparison.stopped})" if comparison.stopped else ""))
+        if comparison.stopped:
+            break
+        for _ in range(next_look(len(comparison.parallel_s)) - len(comparison.parallel_s)):
+            sides.round()
+            if recorded is not None:
+                recorded.update(comparison.parallel_s[-1])
+    if recorded is not None:
+        benchmark.extra_info.update(
+            {k: v for k, v in comparison.to_json().items() if k not in ("parallel_s", "nodeid", "extra")}
+        )
+    return comparison
+
+
+def _register(item: pytest.Item, comparison: Comparison) -> Comparison:
+    """Record ``comparison`` for the session, its name made unique (``#2`` for a second one)."""
+    made = item.config.stash.setdefault(COMPARISONS_KEY, [])
     taken = {c.name for c in made}
     n = 1
     while comparison.name in taken:
         n += 1
         comparison.suffix = f"#{n}"
     made.append(comparison)
+    return comparison
 
-    def run(side: str, fn: Callable[[], Any]) -> Any:
+
+class _Sides:
+    """The two sides of one comparison: run untimed, or timed into its rounds; a side that
+    raises leaves its error on the comparison."""
+
+    def __init__(self, comparison: Comparison, serial: Callable[[], Any], parallel: Callable[[], Any]) -> None:
+        self.comparison, self.serial, self.parallel = comparison, serial, parallel
+
+    def run(self, side: str, fn: Callable[[], Any]) -> Any:
         try:
             return fn()
         except BaseException as exc:
-            comparison.error = _error_text(side, exc)
+            self.comparison.error = _error_text(side, exc)
             raise
 
-    serial_result = run("serial", serial) if warmup else None
-    parallel_result = run("parallel", parallel) if warmup else None
-    if check is not None:
+    def warm_up_and_check(self, check: Callable[[Any, Any], Any] | None, warmup: bool) -> None:
+        """One untimed run of each side (the warm-up), whose results ``check`` compares."""
+        serial_result = self.run("serial", self.serial) if warmup else None
+        parallel_result = self.run("parallel", self.parallel) if warmup else None
+        if check is None:
+            return
         try:
             check(serial_result, parallel_result)
         except BaseException as exc:
-            comparison.correct = False
-            comparison.error = _error_text("check", exc).replace("check raised", "check failed:", 1)
+            self.comparison.correct = False
+            self.comparison.error = _error_text("check", exc).replace("check raised", "check failed:", 1)
             raise
-        comparison.correct = True
-    del serial_result, parallel_result
-    if benchmark is None:
-        comparison.skipped = "--benchmark-skip"
-        return comparison
+        self.comparison.correct = True
 
-    def timed_serial() -> None:
+    def timed_serial(self) -> None:
         t0 = time.perf_counter()
-        run("serial", serial)
-        comparison.serial_s.append(time.perf_counter() - t0)
+        self.run("serial", self.serial)
+        self.comparison.serial_s.append(time.perf_counter() - t0)
 
-    def timed_parallel() -> None:
+    def timed_parallel(self) -> None:
         t0 = time.perf_counter()
-        run("parallel", parallel)
-        comparison.parallel_s.append(time.perf_counter() - t0)
+        self.run("parallel", self.parallel)
+        self.comparison.parallel_s.append(time.perf_counter() - t0)
 
-    if not hasattr(benchmark, "pedantic"):  # a getter: the fixture is made only now
-        benchmark = benchmark()
-    started = time.perf_counter()
-    fresh = not getattr(benchmark, "_mode", None)  # pytest-benchmark's fixture measures once a test
-    enabled = fresh and not getattr(benchmark, "disabled", True)
-    if enabled:
+    def round(self) -> None:
+        self.timed_serial()
+        self.timed_parallel()
+
+
+#: The pytest-benchmark fixtures that measured already in a test (by id): one measures once.
+_USED_KEY = pytest.StashKey[set[int]]()
+
+
+def _first_rounds(item: pytest.Item, benchmark: Any, sides: _Sides, rounds: int) -> Any:
+    """The first ``rounds`` rounds, through pytest-benchmark when its fixture can still
+    measure in this test (the candidate's rounds are then its measurement, in one group);
+    returns its round statistics, to which later rounds are added, or None when our own
+    timing alone counts (disabled, e.g. under xdist, or a second comparison in one test)."""
+    used = item.stash.setdefault(_USED_KEY, set())
+    fresh = id(benchmark) not in used
+    used.add(id(benchmark))
+    if fresh and not benchmark.disabled:
         benchmark.group = BENCHMARK_GROUP
-        benchmark.pedantic(timed_parallel, setup=timed_serial, rounds=rounds, iterations=1)
-    else:  # e.g. under xdist, or a second comparison in one test: our own timing counts
-        for _ in range(rounds - 1 if fresh else rounds):
-            timed_serial()
-            timed_parallel()
-        if fresh:
-            benchmark.pedantic(timed_parallel, setup=timed_serial)  # disabled: one more round
-    stats = getattr(getattr(benchmark, "stats", None), "stats", None) if enabled else None
-    while True:
-        comparison.stopped = _should_stop(comparison, settings, time.perf_counter() - started)
-        if settings.verbose:
-            _progress(config, f"kerasmp: {comparison.name}: {len(comparison.parallel_s)} rounds, "
-                              f"{comparison.figure_text()}" + (f" ({comparison.stopped})" if comparison.stopped else ""))
-        if comparison.stopped:
-            break
-        for _ in range(next_look(len(comparison.parallel_s)) - len(comparison.parallel_s)):
-            timed_serial()
-            timed_parallel()
-            if stats is not None:
-                stats.update(comparison.parallel_s[-1])
-    if enabled:
-        benchmark.extra_info.update(
-            {k: v for k, v in comparison.to_json().items() if k not in ("parallel_s", "nodeid", "extra")}
-        )
-    return comparison
-
+        benchmark.pedantic(sides.timed_parallel, setup=sides.timed_serial, rounds=rounds, iterations=1)
+        # pytest-benchmark has no public way to add rounds after pedantic() returns, and the
+        # rounds' count is not known up front (they stop when the interval decides): the
+        # later rounds go into its statistics through the method its own runner calls.
+        return benchmark.stats.stats
+    for _ in range(rounds - 1 if fresh else rounds):
+        sides.round()
+    if fresh:
+        benchmark.pedantic(sides.timed_parallel, setup=sides.timed_serial)  # disabled: one more round
+    return None
