@@ -101,7 +101,11 @@ def _leftover_children() -> set[int]:
             helper = p.ppid() == me.pid and any(k in " ".join(p.cmdline()) for k in keep)
             # A Ray node keeps idle workers for reuse; they end with the cluster, which the
             # ray_cluster fixture checks. Actors (pools, servers) must end with their test.
-            helper = helper or p.name().startswith("ray::IDLE")
+            # A worker Ray is starting (to keep idle) is named python until it is ready.
+            name = p.name()
+            helper = helper or name.startswith("ray::IDLE") or (
+                not name.startswith("ray::") and "default_worker.py" in " ".join(p.cmdline())
+            )
             zombie = p.status() == psutil.STATUS_ZOMBIE
         except psutil.Error:
             continue  # gone meanwhile

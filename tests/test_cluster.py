@@ -15,7 +15,6 @@ import subprocess
 import sys
 import time
 
-import psutil
 import pytest
 
 import cluster_tasks
@@ -34,10 +33,8 @@ from pytest_kerasmp import (
 )
 from pytest_kerasmp.runtime.cluster import ports as _ports
 from pytest_kerasmp.slots import network
+from cpu_slots import CPU0, CPU1
 
-CORES = sorted(os.sched_getaffinity(0))
-CPU0 = DeviceSlot(index=0, kind="CPU", cores=(CORES[0],))
-CPU1 = DeviceSlot(index=1, kind="CPU", cores=(CORES[-1],))
 TESTS = os.path.dirname(cluster_tasks.__file__)
 
 

@@ -19,7 +19,6 @@ import pytest
 import pool_tasks
 import server_models
 from pytest_kerasmp import (
-    DeviceSlot,
     InferenceServer,
     ModelRef,
     PoolBrokenError,
@@ -31,11 +30,8 @@ from pytest_kerasmp import (
     WorkerStartupError,
 )
 from conftest import running as _running
-from pytest_kerasmp.runtime.pool import dispatch as _dispatch
+from cpu_slots import CPU0, CPU1
 
-CORES = sorted(os.sched_getaffinity(0))
-CPU0 = DeviceSlot(index=0, kind="CPU", cores=(CORES[0],))
-CPU1 = DeviceSlot(index=1, kind="CPU", cores=(CORES[-1],))
 SIGRT = signal.SIGRTMIN + 1  # a signal without a name in signal.Signals
 
 
@@ -85,36 +81,84 @@ def test_failing_replacements_are_bounded_then_the_pool_refuses_work(no_leftover
         pool.close(timeout=5)
 
 
-@pytest.mark.kerasmp_expect_broken
-def test_an_error_in_the_dispatcher_fails_every_future_and_breaks_the_pool(no_leftovers, monkeypatch):
-    pool = light_pool()
-    try:
-        def explode(self, *args):
-            raise RuntimeError("injected dispatcher fault")
+# ----------------------------------------------- one body per fault, on both backends
 
-        monkeypatch.setattr(_dispatch.Dispatcher, "hand", explode)
-        future = pool.submit(pool_tasks.add, 1)
-        with pytest.raises(PoolBrokenError, match="dispatcher thread failed with RuntimeError: injected") as info:
-            future.result(timeout=5)
-        assert isinstance(info.value.__cause__, RuntimeError)
-        with pytest.raises(PoolBrokenError, match="injected dispatcher fault"):
-            pool.submit(pool_tasks.add, 1)
-    finally:
-        pool.close(timeout=5)
+
+@pytest.fixture(scope="session", params=["local", "ray"])
+def execution_backend(request):
+    """An execution backend and a slot on it (session-scoped, so that Ray's cluster starts
+    before any test's leak guard looks at this process's children)."""
+    if request.param == "ray":
+        request.getfixturevalue("ray_cluster")
+        from pytest_kerasmp import plan_ray_slots
+
+        return "ray", plan_ray_slots()[0]
+    return "local", CPU0
+
+
+@pytest.fixture
+def make_pool(execution_backend, no_leftovers):
+    """Factory of one-slot pools (numpy only) on the execution backend the test runs on: the
+    same fault, the same promise, whichever backend runs the workers."""
+    backend, slot = execution_backend
+    made: list[WorkerPool] = []
+
+    def make(**options) -> WorkerPool:
+        pool = WorkerPool([slot], warm_import=False, backend=backend, name=f"{backend}{len(made)}", **options)
+        made.append(pool)
+        return pool
+
+    yield make
+    for pool in made:
+        pool.close(timeout=10)
+
+
+def test_a_worker_that_dies_running_a_task_fails_it_and_is_replaced(make_pool):
+    pool = make_pool()
+    old = pool.pids()[0]
+    with pytest.raises(WorkerCrashedError, match=rf"worker 0 \(.*, pid {old}\) of pool '\w+' died with .* while running task 0 "
+                                                 r"\(pool_tasks:kill_self\); the pool is starting a replacement on the same slot; "):
+        pool.submit(pool_tasks.kill_self).result(timeout=30)
+    assert pool.submit(pool_tasks.add, 1, 2).result(timeout=60) == 3
+    assert pool.pids()[0] != old
+    assert pool.stats.crashes == 1 and pool.stats.tasks_failed == 1 and pool.stats.timeouts == 0
+
+
+def test_a_task_past_its_timeout_gets_its_stacks_and_its_worker_replaced(make_pool):
+    pool = make_pool()
+    with pytest.raises(TaskTimeoutError, match=r"ran past its 0.5 s timeout on worker 0 .*; the worker was killed "
+                                               r"\(the pool is starting a replacement on the same slot\)") as info:
+        pool.submit_with_timeout(0.5, pool_tasks.sleep_then, 60).result(timeout=30)
+    assert "sleep_then" in (info.value.stacks or "") and "pool_tasks.py" in (info.value.stacks or "")
+    assert pool.submit(pool_tasks.add, 2, 2).result(timeout=60) == 4
+    assert pool.stats.timeouts == 1 and pool.stats.crashes == 0
+
+
+def test_an_initializer_that_raises_is_a_startup_error_with_its_traceback(make_pool):
+    with pytest.raises(WorkerStartupError, match="initializer exploded on purpose") as info:
+        make_pool(initializer=pool_tasks.failing_initializer)
+    assert "failing_initializer" in str(info.value.__cause__)
+
+
+@pytest.mark.kerasmp_expect_broken
+def test_an_error_in_the_dispatcher_fails_every_future_and_breaks_the_pool(make_pool, monkeypatch):
+    from pytest_kerasmp.runtime.pool.policy import DispatchPolicy
+
+    def explode(self, *args):
+        raise RuntimeError("injected dispatcher fault")
+
+    pool = make_pool()
+    monkeypatch.setattr(type(pool._dispatcher), "hand", explode)
+    assert isinstance(pool._dispatcher, DispatchPolicy)  # the one policy, whichever backend
+    future = pool.submit(pool_tasks.add, 1)
+    with pytest.raises(PoolBrokenError, match="dispatcher thread failed with RuntimeError: injected") as info:
+        future.result(timeout=30)
+    assert isinstance(info.value.__cause__, RuntimeError)
+    with pytest.raises(PoolBrokenError, match="injected dispatcher fault"):
+        pool.submit(pool_tasks.add, 1)
 
 
 # ------------------------------------------------------------------------ timeouts, close
-
-
-def test_a_task_timeout_attaches_the_stuck_workers_stacks(no_leftovers):
-    with light_pool() as pool:
-        t0 = time.monotonic()
-        with pytest.raises(TaskTimeoutError, match="ran past its 0.5 s timeout") as info:
-            pool.submit_with_timeout(0.5, pool_tasks.sleep_then, 60).result(timeout=10)
-        assert time.monotonic() - t0 < 5
-        assert "sleep_then" in info.value.stacks and "pool_tasks.py" in info.value.stacks
-        assert pool.submit(pool_tasks.add, 2, 2).result(timeout=30) == 4
-        assert pool.stats.timeouts == 1 and pool.stats.crashes == 0
 
 
 def test_map_and_broadcast_take_a_timeout(no_leftovers):

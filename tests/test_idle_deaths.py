@@ -16,12 +16,12 @@ import time
 import pytest
 
 import pool_tasks
-from pytest_kerasmp import DeviceSlot, PoolBrokenError, WorkerCrashedError, WorkerPool
+from pytest_kerasmp import PoolBrokenError, WorkerCrashedError, WorkerPool
 from pytest_kerasmp.runtime.pool import dispatch as _dispatch
 from pytest_kerasmp.errors import WORKER_DIED_BEFORE_START
 from pytest_kerasmp.runtime.process.lifecycle import describe_exit
+from cpu_slots import CPU0
 
-CPU0 = DeviceSlot(index=0, kind="CPU", cores=(sorted(os.sched_getaffinity(0))[0],))
 
 
 def wait_replaced(pool: WorkerPool, old: int, within: float = 30) -> None:

@@ -18,12 +18,11 @@ import pytest
 
 import pool_tasks
 from conftest import running
-from pytest_kerasmp import DeviceSlot, TaskCancelledError, WorkerPool
+from pytest_kerasmp import TaskCancelledError, WorkerPool
 from pytest_kerasmp.errors import TERMINATED
 from pytest_kerasmp.plugin.sessionguard import POOL_RESTARTED
+from cpu_slots import CPU0
 
-CORES = sorted(os.sched_getaffinity(0))
-CPU0 = DeviceSlot(index=0, kind="CPU", cores=(CORES[0],))
 TESTS = os.path.dirname(pool_tasks.__file__)
 
 

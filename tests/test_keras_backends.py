@@ -18,12 +18,12 @@ import pytest
 from pytest_kerasmp import DeviceSlot, InferenceServer, KerasCluster, ModelRef, WorkerPool, frameworks, plan_slots
 from pytest_kerasmp.errors import FORK_REFUSED
 from pytest_kerasmp.plugin import config as cfg
+from cpu_slots import CORES
 
 pytestmark = pytest.mark.backends
 
 INSTALLED = [b for b in ("tensorflow", "jax", "torch") if importlib.util.find_spec(b) is not None]
 NON_TF = [b for b in ("jax", "torch") if b in INSTALLED]
-CORES = sorted(os.sched_getaffinity(0))
 
 
 @pytest.fixture(params=INSTALLED)

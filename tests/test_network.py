@@ -20,15 +20,13 @@ import backend_tasks
 import pytest
 from conftest import CHILD_TIMEOUT_S, running
 
-from pytest_kerasmp import DeviceSlot, InferenceServer, KerasCluster, TFCluster, WorkerPool
+from pytest_kerasmp import InferenceServer, KerasCluster, WorkerPool
 from pytest_kerasmp.errors import CLUSTER_NO_PRIVATE_NETWORK, NETWORK_SUMMARY
 from pytest_kerasmp.plugin import config as cfg
 from pytest_kerasmp.runtime.process import netns
 from pytest_kerasmp.slots import network, placement
+from cpu_slots import CPU0, CPU1
 
-CORES = sorted(os.sched_getaffinity(0))
-CPU0 = DeviceSlot(index=0, kind="CPU", cores=(CORES[0],))
-CPU1 = DeviceSlot(index=1, kind="CPU", cores=(CORES[-1],))
 TESTS = os.path.dirname(backend_tasks.__file__)
 INSTALLED = [b for b in ("tensorflow", "jax", "torch") if importlib.util.find_spec(b) is not None]
 

@@ -12,9 +12,9 @@ import pytest
 
 from pytest_kerasmp.slots import placement
 from pytest_kerasmp.slots.devices import DeviceSlot
+from cpu_slots import TWO_CORES
 
 CPU = [DeviceSlot(index=i, kind="CPU", cores=(i,)) for i in range(4)]
-TWO_CORES = len(os.sched_getaffinity(0)) >= 2
 
 #: A test module whose tests start a session pool, a factory pool and (optionally) a server,
 #: and write, from inside every process, what that process is placed on.

@@ -18,10 +18,10 @@ from pytest_kerasmp.errors import RemoteTraceback
 from pytest_kerasmp import DeviceSlot, PoolClosedError, TaskTimeoutError, WorkerCrashedError, WorkerPool, WorkerStartupError
 from pytest_kerasmp.errors import FORK_REFUSED
 
-CPU0 = DeviceSlot(index=0, kind="CPU", cores=(sorted(os.sched_getaffinity(0))[0],))
 
 
 # ----------------------------------------------------------- the session pool (warm, shared)
+from cpu_slots import CPU0
 
 
 def test_each_worker_is_pinned_and_warm(kerasmp_pool, kerasmp_slots):

@@ -8,11 +8,11 @@ import warnings
 import pytest
 
 import pytest_kerasmp
-from pytest_kerasmp import DeviceSlot, RayBackend, WorkerPool
+from pytest_kerasmp import RayBackend, WorkerPool
 from pytest_kerasmp.errors import RemoteTraceback
 from pytest_kerasmp.runtime import backends
+from cpu_slots import CPU0
 
-CPU0 = DeviceSlot(index=0, kind="CPU", cores=(0,))
 
 
 def test_every_public_name_loads_and_the_list_is_the_one_type_checkers_read():

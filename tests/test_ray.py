@@ -27,7 +27,6 @@ from pytest_kerasmp import (  # noqa: E402
     ModelRef,
     PoolBrokenError,
     PoolClosedError,
-    TaskTimeoutError,
     WorkerCrashedError,
     WorkerPool,
     WorkerStartupError,
@@ -230,23 +229,6 @@ def test_a_slot_whose_cpus_are_taken_fails_within_the_start_bound(slots, no_left
         with pytest.raises(WorkerStartupError, match="was not ready after 3 s: Ray had not placed it"):
             ray_pool(slots[:1], name="ray-waiter", start_timeout_s=3)
         assert time.monotonic() - t0 < 8
-
-
-def test_an_initializer_failure_is_a_startup_error_with_its_traceback(slots, no_leftovers):
-    with pytest.raises(WorkerStartupError, match="initializer exploded on purpose") as info:
-        ray_pool(slots[:1], name="ray-init", initializer=pool_tasks.failing_initializer)
-    assert "failing_initializer" in str(info.value.__cause__)
-
-
-def test_a_task_timeout_dumps_stacks_and_replaces_the_actor(slots, no_leftovers):
-    with ray_pool(slots[:1], name="ray-timeout") as pool:
-        t0 = time.monotonic()
-        with pytest.raises(TaskTimeoutError, match="ran past its 0.5 s timeout") as info:
-            pool.submit_with_timeout(0.5, pool_tasks.sleep_then, 60).result(timeout=15)
-        assert time.monotonic() - t0 < 10
-        assert "sleep_then" in (info.value.stacks or "")
-        assert pool.submit(pool_tasks.add, 2, 2).result(timeout=30) == 4
-        assert pool.stats.timeouts == 1 and pool.stats.crashes == 0
 
 
 def test_close_and_terminate_fail_what_is_left(slots, no_leftovers):

@@ -14,9 +14,9 @@ import pytest
 
 import server_models
 import server_tasks
-from pytest_kerasmp import DeviceSlot, InferenceServer, ModelRef, ServerBusyError, ServerDiedError, WorkerPool, WorkerStartupError
+from pytest_kerasmp import InferenceServer, ModelRef, ServerBusyError, ServerDiedError, WorkerPool, WorkerStartupError
+from cpu_slots import CPU0
 
-CPU0 = DeviceSlot(index=0, kind="CPU", cores=(sorted(os.sched_getaffinity(0))[0],))
 LINEAR = ModelRef.from_builder("server_models:linear")
 
 
@@ -44,14 +44,14 @@ def test_single_sample_batch_and_oversize_requests_match_the_model(server):
 
 def test_the_delay_is_for_an_idle_server_not_for_requests_that_came_while_a_batch_ran(kerasmp_inference_server):
     slow = ModelRef.from_builder("server_models:linear", delay_s=0.3)  # each batch takes 0.3 s
-    server = kerasmp_inference_server(slow, CPU0, max_batch_size=16, max_delay_ms=1500)
+    server = kerasmp_inference_server(slow, CPU0, max_batch_size=16, max_delay_ms=3000)
     client = server.client()
     full = client.submit(np.ones((16, 4), np.float32))  # a full batch: runs at once
     time.sleep(0.1)
     t0 = time.monotonic()
     late = client.submit(np.ones((1, 4), np.float32))  # came while that batch ran
     late.result(timeout=10)
-    assert time.monotonic() - t0 < 1.2, "a request that waited for a running batch also waited max_delay_ms"
+    assert time.monotonic() - t0 < 2.5, "a request that waited for a running batch also waited max_delay_ms"
     full.result(timeout=10)
     # An idle server waits for company when a connection that sent before may send again:
     # here another thread's, kept open while it waits.
@@ -68,7 +68,7 @@ def test_the_delay_is_for_an_idle_server_not_for_requests_that_came_while_a_batc
         assert sent.wait(10)
         t0 = time.monotonic()
         client.submit(np.ones((1, 4), np.float32)).result(timeout=10)
-        assert time.monotonic() - t0 >= 1.4
+        assert time.monotonic() - t0 >= 2.9
     finally:
         hold.set()
         thread.join(10)
@@ -76,14 +76,14 @@ def test_the_delay_is_for_an_idle_server_not_for_requests_that_came_while_a_batc
 
 
 def test_the_delay_is_not_spent_waiting_for_requests_no_client_is_expected_to_send(kerasmp_inference_server):
-    server = kerasmp_inference_server(LINEAR, CPU0, max_batch_size=16, max_delay_ms=1500)
+    server = kerasmp_inference_server(LINEAR, CPU0, max_batch_size=16, max_delay_ms=3000)
     client = server.client()
     try:
         t0 = time.monotonic()
         for i in range(3):  # one caller, one request at a time, the server's only client
             x = np.full((1, 4), i, np.float32)
             np.testing.assert_allclose(client.predict(x), server_models.expected(x), rtol=1e-5)
-        assert time.monotonic() - t0 < 1.4, "a lone client's request waited max_delay_ms for requests that could not come"
+        assert time.monotonic() - t0 < 2.5, "a lone client's request waited max_delay_ms for requests that could not come"
         assert server.stats()["batches"] == 3
     finally:
         client.close()

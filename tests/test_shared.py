@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import gc
-import os
 import time
 
 import numpy as np
@@ -11,10 +10,10 @@ import pytest
 
 import pool_tasks
 from pytest_kerasmp.errors import RemoteTraceback
-from pytest_kerasmp import DeviceSlot, TaskTimeoutError, WorkerCrashedError, WorkerPool, shared_empty
+from pytest_kerasmp import TaskTimeoutError, WorkerCrashedError, WorkerPool, shared_empty
 from pytest_kerasmp.runtime.wire import shared
+from cpu_slots import CPU0
 
-CPU0 = DeviceSlot(index=0, kind="CPU", cores=(sorted(os.sched_getaffinity(0))[0],))
 
 
 @pytest.fixture(scope="module")
