@@ -52,8 +52,13 @@ from typing import TYPE_CHECKING, Any
 #: under ``if TYPE_CHECKING:`` below, which type checkers read), so that ``import
 #: pytest_kerasmp`` imports nothing else: a name is loaded when first used.
 def _public_names() -> dict[str, str]:
-    with open(__file__, encoding="utf-8") as source:
-        found = re.findall(r"^    from pytest_kerasmp\.([\w.]+) import (\w+) as \2$", source.read(), re.M)
+    # The source through the module's loader (a zip or an installed wheel alike), else the file.
+    get_source = getattr(getattr(__spec__, "loader", None), "get_source", None)
+    source = get_source(__name__) if get_source is not None else None
+    if source is None:
+        with open(__file__, encoding="utf-8") as file:
+            source = file.read()
+    found = re.findall(r"^    from pytest_kerasmp\.([\w.]+) import (\w+) as \2$", source, re.M)
     return {name: module for module, name in found}
 
 

@@ -22,6 +22,18 @@ def test_every_public_name_loads_and_the_list_is_the_one_type_checkers_read():
         assert getattr(pytest_kerasmp, name).__name__ == name
 
 
+def test_the_loader_reads_every_name_type_checkers_read():
+    """One import per line under TYPE_CHECKING, as the loader reads them: a formatter that
+    wraps one into parentheses would hide that name from the loader, and this fails."""
+    import ast
+    import pathlib
+
+    tree = ast.parse(pathlib.Path(pytest_kerasmp.__file__).read_text())
+    block = next(n for n in tree.body if isinstance(n, ast.If) and "TYPE_CHECKING" in ast.unparse(n.test))
+    typed = {alias.name: node.module.removeprefix("pytest_kerasmp.") for node in block.body for alias in node.names}
+    assert typed == pytest_kerasmp._WHERE
+
+
 def test_remote_traceback_from_the_top_warns_and_is_the_one_in_errors():
     with pytest.warns(DeprecationWarning, match="import it from pytest_kerasmp.errors"):
         assert pytest_kerasmp.RemoteTraceback is RemoteTraceback
@@ -56,6 +68,9 @@ def test_the_old_ray_keywords_fold_into_the_configured_backend_with_a_warning():
     assert made == RayBackend(address="127.0.0.1:1", reserve=False)
     with pytest.warns(DeprecationWarning):  # as before, they mean nothing to another backend
         assert backends.from_ray_keywords("local", "InferenceServer", None, False, None) == "local"
+    with pytest.warns(DeprecationWarning):  # a configured one (the --kerasmp-ray fixtures') takes them too
+        folded = backends.from_ray_keywords(RayBackend(reserve=False), "WorkerPool", "127.0.0.1:2", None, 7)
+    assert folded == RayBackend(address="127.0.0.1:2", reserve=False, timeout_s=7)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert backends.from_ray_keywords("ray", "WorkerPool", None, None, None) == "ray"

@@ -216,11 +216,13 @@ def _first_rounds(item: pytest.Item, benchmark: Any, sides: _Sides, rounds: int)
     """The first ``rounds`` rounds, through pytest-benchmark when its fixture can still
     measure in this test (the candidate's rounds are then its measurement, in one group);
     returns its round statistics, to which later rounds are added, or None when our own
-    timing alone counts (disabled, e.g. under xdist, or a second comparison in one test)."""
+    timing alone counts (disabled, e.g. under xdist, or a second comparison in one test). A
+    test that calls pytest-benchmark's fixture itself measures with it instead: it measures
+    once per test, and refuses a second use."""
     used = item.stash.setdefault(_USED_KEY, set())
     fresh = id(benchmark) not in used
     used.add(id(benchmark))
-    if fresh and not benchmark.disabled:
+    if fresh and not getattr(benchmark, "disabled", True):
         benchmark.group = BENCHMARK_GROUP
         benchmark.pedantic(sides.timed_parallel, setup=sides.timed_serial, rounds=rounds, iterations=1)
         # pytest-benchmark has no public way to add rounds after pedantic() returns, and the

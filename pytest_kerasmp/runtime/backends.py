@@ -83,15 +83,19 @@ def for_server(backend: Any, start_method: str) -> Any:
 
 def from_ray_keywords(backend: Any, face: str, address: str | None, reserve: bool | None, timeout_s: float | None) -> Any:
     """``backend`` with the deprecated ``ray_address``/``ray_reserve``/``ray_timeout_s`` of
-    ``face`` folded in (a DeprecationWarning when any is given; one release, then gone). As
-    before, they mean nothing to a backend other than ``"ray"``."""
-    given = {k: v for k, v in (("ray_address", address), ("ray_reserve", reserve), ("ray_timeout_s", timeout_s)) if v is not None}
+    ``face`` folded in (a DeprecationWarning when any is given; one release, then gone): into
+    a new configured Ray backend for ``"ray"``, into a copy of a configured one (the
+    ``--kerasmp-ray`` fixtures pass one). As before, they mean nothing to another backend."""
+    given = {k: v for k, v in (("address", address), ("reserve", reserve), ("timeout_s", timeout_s)) if v is not None}
     if not given:
         return backend
-    warnings.warn(RAY_KEYWORDS_DEPRECATED.format(face=face, given=", ".join(given)), DeprecationWarning, stacklevel=3)
-    if backend != "ray":
-        return backend
-    return load(REGISTRY["ray"])(address=address, reserve=True if reserve is None else reserve, timeout_s=timeout_s)
+    names = ", ".join(f"ray_{k}" for k in given)
+    warnings.warn(RAY_KEYWORDS_DEPRECATED.format(face=face, given=names), DeprecationWarning, stacklevel=3)
+    if backend == "ray":
+        return load(REGISTRY["ray"])(**given)
+    if getattr(backend, "name", None) == "ray" and dataclasses.is_dataclass(backend) and not isinstance(backend, type):
+        return dataclasses.replace(backend, **given)
+    return backend
 
 
 __all__ = ["REGISTRY", "Local", "configured", "for_pool", "for_server", "load", "register"]

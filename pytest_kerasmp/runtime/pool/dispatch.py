@@ -269,9 +269,6 @@ class Dispatcher(CallerAssist, DispatchPolicy):
     def start_timed_out(self, w: Worker) -> Exception:
         return w.child.timed_out_starting(self.pool.start_timeout_s)
 
-    def after_overdue(self, w: Worker) -> None:
-        w.child.kill()  # its exit shows next round: _on_exit replaces it
-
     # -------------------------------------------------------------------------- tasks
 
     def died_unseen(self, w: Worker) -> bool:

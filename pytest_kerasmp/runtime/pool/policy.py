@@ -74,8 +74,8 @@ class DispatchPolicy(TaskQueue):
         raise NotImplementedError
 
     def after_overdue(self, w: Any) -> None:
-        """``w``'s overdue task has failed: end ``w`` so that it is replaced."""
-        raise NotImplementedError
+        """``w`` was killed for its overdue task, which has failed: have it replaced (the
+        local loop replaces it when it sees the exit)."""
 
     def slot_lost(self, w: Any) -> str | None:
         """Why no replacement can start on ``w``'s slot at all (its node left), or None."""
@@ -148,6 +148,8 @@ class DispatchPolicy(TaskQueue):
         stacks = self.take_stacks(ending)
         for w in ending:
             task, w.task, w.deadline = w.task, None, None
+            w.killed = True
+            self.end_now(w)  # before its caller hears: it may be writing into the caller's array
             fate = self.fate(w)
             if task.abandoned is not None:
                 error: TaskCancelledError | TaskTimeoutError = self.cancelled_error(task, w, fate)
@@ -158,7 +160,6 @@ class DispatchPolicy(TaskQueue):
                     slot=w.slot.describe(), pid=w.pid, fate=fate,
                 ))
             self.fail(task, with_stacks(error, stacks.get(w.index)))
-            w.killed = True
             self.after_overdue(w)
 
     def worker_died(self, w: Any, how: str, hint: str, cause: BaseException | None = None) -> None:
