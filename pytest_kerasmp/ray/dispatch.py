@@ -33,7 +33,7 @@ from pytest_kerasmp.errors import (
 )
 from pytest_kerasmp.ray.cluster import kill_actor, node_alive
 from pytest_kerasmp.runtime.pool.policy import DispatchPolicy
-from pytest_kerasmp.runtime.pool.taskqueue import QueuedTask, resolve
+from pytest_kerasmp.runtime.pool.taskqueue import PoolSpec, QueuedTask, resolve
 from pytest_kerasmp.runtime.wire.messages import Failed
 from pytest_kerasmp.slots import placement
 from pytest_kerasmp.slots.devices import DeviceSlot
@@ -80,7 +80,7 @@ class RayDispatcher(DispatchPolicy):
 
     workers: list[RayWorker]
 
-    def __init__(self, pool: Any, backend: Any, workers: list[RayWorker]) -> None:
+    def __init__(self, pool: PoolSpec, backend: Any, workers: list[RayWorker]) -> None:
         super().__init__(pool, workers)
         self.backend = backend  # the RayPoolBackend that starts replacements
         self.ray = backend.ray

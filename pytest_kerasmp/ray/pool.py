@@ -30,6 +30,7 @@ from pytest_kerasmp.ray.backend import RayBackend
 from pytest_kerasmp.ray.cluster import check_feasible, connect, kill_actor, slot_resources
 from pytest_kerasmp.ray.connect import CONNECT_TIMEOUT_S
 from pytest_kerasmp.ray.dispatch import STACKS_S, RayDispatcher, RayWorker, ray_failure
+from pytest_kerasmp.runtime.pool.taskqueue import PoolSpec
 from pytest_kerasmp.runtime.process import childio
 from pytest_kerasmp.runtime.wire import transport
 from pytest_kerasmp.runtime.wire.transport import dumps_call
@@ -79,7 +80,7 @@ class RayPoolBackend:
         self.ray: Any = None
         self._gens = itertools.count()
 
-    def start(self, pool: Any) -> RayDispatcher:
+    def start(self, pool: PoolSpec) -> RayDispatcher:
         self.ray = connect(self.address, timeout_s=self.timeout_s)
         check_feasible(pool.slots, f"pool {pool.name!r}")
         deadline = time.monotonic() + pool.start_timeout_s
@@ -99,7 +100,7 @@ class RayPoolBackend:
 
     # ------------------------------------------------------------------------- workers
 
-    def start_worker(self, pool: Any, index: int, slot: DeviceSlot, **fields: Any) -> RayWorker:
+    def start_worker(self, pool: PoolSpec, index: int, slot: DeviceSlot, **fields: Any) -> RayWorker:
         from pytest_kerasmp.ray.actor import SlotWorker
 
         label = f"kerasmp-{pool.name}-w{index}"
@@ -108,11 +109,11 @@ class RayPoolBackend:
         actor = cls.remote(slot.to_json(), pool.init_call, pool.warm_import, f"{pool.name} w{index}")
         return RayWorker(index, slot, actor, actor.ready.remote(), next(self._gens), **fields)
 
-    def who(self, pool: Any, w: RayWorker) -> str:
+    def who(self, pool: PoolSpec, w: RayWorker) -> str:
         pid = f", pid {w.pid}" if w.pid else ""
         return f"worker {w.index} ({w.slot.describe()}{pid}) of pool {pool.name!r}"
 
-    def check_ready(self, pool: Any, w: RayWorker, info: Any = None, error: BaseException | None = None) -> None:
+    def check_ready(self, pool: PoolSpec, w: RayWorker, info: Any = None, error: BaseException | None = None) -> None:
         """Mark ``w`` ready from its ready() answer, or raise its WorkerStartupError."""
         if error is not None:
             how, hint = ray_failure(error)
@@ -127,7 +128,7 @@ class RayPoolBackend:
             raise exc
         w.state = "idle"
 
-    def _wait_started(self, pool: Any, workers: list[RayWorker], deadline: float) -> None:
+    def _wait_started(self, pool: PoolSpec, workers: list[RayWorker], deadline: float) -> None:
         refs = {w.ready: w for w in workers}
         while refs:
             done, _ = self.ray.wait(list(refs), num_returns=1, timeout=max(0.0, deadline - time.monotonic()))

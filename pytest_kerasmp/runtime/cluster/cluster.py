@@ -60,6 +60,7 @@ from pytest_kerasmp.errors import (
 from pytest_kerasmp.frameworks.tensorflow import set_collective_timeout
 from pytest_kerasmp.runtime.cluster import ports
 from pytest_kerasmp.runtime.pool.local import LocalBackend
+from pytest_kerasmp.runtime.pool.taskqueue import PoolSpec
 from pytest_kerasmp.runtime.pool.workerpool import WorkerPool
 from pytest_kerasmp.runtime.process import childio, netns, owners
 from pytest_kerasmp.runtime.process.lifecycle import Child, describe_exit
@@ -546,7 +547,7 @@ class TaskBackend(LocalBackend):
         super().__init__(cluster.start_method)
         self.cluster = cluster
 
-    def start_child(self, pool: Any, index: int, slot: DeviceSlot) -> Child:
+    def start_child(self, pool: PoolSpec, index: int, slot: DeviceSlot) -> Child:
         cluster = self.cluster
         task = cluster.task_names[index]
         child = Child(

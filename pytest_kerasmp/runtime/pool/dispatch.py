@@ -26,7 +26,7 @@ from pytest_kerasmp.errors import (
 )
 from pytest_kerasmp.runtime.pool.assist import CallerAssist
 from pytest_kerasmp.runtime.pool.policy import DispatchPolicy
-from pytest_kerasmp.runtime.pool.taskqueue import MAX_START_ATTEMPTS, QueuedTask, resolve
+from pytest_kerasmp.runtime.pool.taskqueue import MAX_START_ATTEMPTS, PoolSpec, QueuedTask, resolve
 from pytest_kerasmp.runtime.process.childio import dump_stacks_of
 from pytest_kerasmp.runtime.process.lifecycle import Child
 from pytest_kerasmp.runtime.process.watcher import Watcher, readable
@@ -64,7 +64,7 @@ class Dispatcher(CallerAssist, DispatchPolicy):
 
     workers: list[Worker]
 
-    def __init__(self, pool: Any, backend: Any, workers: list[Worker]) -> None:
+    def __init__(self, pool: PoolSpec, backend: Any, workers: list[Worker]) -> None:
         super().__init__(pool, workers)
         self.backend = backend  # the LocalBackend that starts replacements (a cluster's own)
         #: Held while the workers' state changes: by the loop (not while it waits) and by a

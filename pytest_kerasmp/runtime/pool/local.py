@@ -13,6 +13,7 @@ from typing import Any
 
 from pytest_kerasmp.errors import FORK_REFUSED
 from pytest_kerasmp.runtime.pool.dispatch import Dispatcher, Worker
+from pytest_kerasmp.runtime.pool.taskqueue import PoolSpec
 from pytest_kerasmp.runtime.process import lifecycle
 from pytest_kerasmp.runtime.process.lifecycle import START_METHODS, Child
 from pytest_kerasmp.runtime.wire.transport import dumps_call
@@ -31,7 +32,7 @@ class LocalBackend:
             raise ValueError(f"start_method={start_method!r} is not one of {START_METHODS}")
         self.start_method = start_method
 
-    def start(self, pool: Any) -> Dispatcher:
+    def start(self, pool: PoolSpec) -> Dispatcher:
         children: list[Child] = []
         try:
             for i, slot in enumerate(pool.slots):
@@ -46,7 +47,7 @@ class LocalBackend:
         workers = [Worker(index=i, slot=s, child=c, state="idle") for i, (s, c) in enumerate(zip(pool.slots, children, strict=True))]
         return Dispatcher(pool, self, workers)
 
-    def start_child(self, pool: Any, index: int, slot: DeviceSlot) -> Child:
+    def start_child(self, pool: PoolSpec, index: int, slot: DeviceSlot) -> Child:
         """Start worker ``index`` of ``pool`` on ``slot`` (also to replace a dead worker)."""
         kind = f"gpu{slot.gpu}" if slot.kind == "GPU" else f"cpu{slot.index}"
         return Child(

@@ -29,6 +29,7 @@ from pytest_kerasmp.errors import (
     PoolClosedError,
     TaskCancelledError,
 )
+from pytest_kerasmp.slots.devices import DeviceSlot
 
 #: A slot whose worker fails to start this many times in a row is given up.
 MAX_START_ATTEMPTS = 3
@@ -68,6 +69,24 @@ class PoolStats:
     crashes: int = 0
     timeouts: int = 0
     replacement_ready_s: list[float] = dataclasses.field(default_factory=list)
+
+
+@dataclasses.dataclass(frozen=True)
+class PoolSpec:
+    """What crosses the seam to a pool backend: all it needs to start the pool's workers and
+    replace them, and nothing of the pool's face (made by ``WorkerPool``)."""
+
+    name: str
+    slots: tuple[DeviceSlot, ...]
+    start_timeout_s: float
+    #: The initializer's call, pickled (run once in every worker), or None.
+    init_call: bytes | None
+    #: Import the session's framework in each worker before it is ready.
+    warm_import: bool
+    #: Whether a worker that dies is replaced (a cluster's owner restarts all of them instead).
+    replace_workers: bool
+    #: Where the dispatcher counts what the pool did (the pool's own ``stats``).
+    stats: PoolStats
 
 
 def new_task(owner: TaskQueue, id: int, call: bytes, buffers: list[Any], fn: str, timeout_s: float | None,
@@ -147,10 +166,10 @@ class TaskQueue:
     """State every dispatcher shares: its workers (each with ``index``, ``slot``, ``state``),
     the queue, and whether the pool is closing, aborting or broken."""
 
-    def __init__(self, pool: Any, workers: list[Any]) -> None:
-        self.pool = pool  # for its name, stats and how to start workers
+    def __init__(self, pool: PoolSpec, workers: list[Any]) -> None:
+        self.pool = pool  # its name, stats and how to start workers
         self.name: str = pool.name
-        self.stats: Any = pool.stats
+        self.stats: PoolStats = pool.stats
         self.workers = workers
         self.lock = threading.Lock()
         self.pending: collections.deque[QueuedTask] = collections.deque()

@@ -27,7 +27,7 @@ from pytest_kerasmp.errors import (
     TaskTimeoutError,
 )
 from pytest_kerasmp.runtime import backends
-from pytest_kerasmp.runtime.pool.taskqueue import PoolStats, TaskQueue, interrupted_why, is_interrupt, new_task
+from pytest_kerasmp.runtime.pool.taskqueue import PoolSpec, PoolStats, TaskQueue, interrupted_why, is_interrupt, new_task
 from pytest_kerasmp.runtime.process import owners
 from pytest_kerasmp.runtime.wire.transport import dumps_call
 from pytest_kerasmp.slots.devices import DeviceSlot
@@ -38,7 +38,7 @@ class PoolBackend(Protocol):
     #: What the pool reports as its start method ("spawn", "forkserver", "ray").
     start_method: str
 
-    def start(self, pool: Any) -> TaskQueue:
+    def start(self, pool: PoolSpec) -> TaskQueue:
         """Start a worker on each of ``pool.slots`` and wait for all (raising
         ``WorkerStartupError``); the dispatcher that owns them, its thread not yet started."""
 
@@ -133,7 +133,12 @@ class WorkerPool(owners.Owned):
         self._closed = self._finished = False
         self._ended_why: str | None = None  # why it was closed or terminated (the first reason)
         t0 = time.monotonic()
-        self._dispatcher: TaskQueue = self.backend.start(self)
+        #: What the backend gets (frozen): never the pool itself.
+        self.spec = PoolSpec(
+            name=self.name, slots=self.slots, start_timeout_s=self.start_timeout_s, init_call=self.init_call,
+            warm_import=self.warm_import, replace_workers=self.replace_workers, stats=self.stats,
+        )
+        self._dispatcher: TaskQueue = self.backend.start(self.spec)
         self.stats.start_s = time.monotonic() - t0
         owners.register_owner(self)
         self._dispatcher.thread.start()
