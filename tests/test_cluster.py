@@ -209,8 +209,10 @@ def test_a_second_thread_cannot_run_while_a_run_is_on(warm):
 def test_a_pool_that_does_not_replace_fails_what_a_dead_worker_would_have_run():
     """The cluster's pool semantics: what was queued for a dead worker alone fails at once, and
     so does everything once no worker is left."""
-    with WorkerPool([CPU0, CPU1], warm_import=False, name="norep") as pool:
-        pool.replace_workers = False
+    class NotReplacing(WorkerPool):
+        replace_workers = False  # as the cluster's pool (fixed when it starts: the backend's PoolSpec)
+
+    with NotReplacing([CPU0, CPU1], warm_import=False, name="norep") as pool:
         running = [pool._submit(pool_tasks.sleep_then, (1000,), {}, None, w) for w in (0, 1)]
         queued = pool._submit(pool_tasks.sleep_then, (0,), {}, None, 1)
         anywhere = pool.submit(pool_tasks.sleep_then, 0)
