@@ -214,3 +214,39 @@ def no_leftovers():
     yield
     gc.collect()
     assert len(arena_maps()) <= before, "shared-memory arenas outlived their pool or server"
+
+
+# ------------------------------------------- one body per fault, on both execution backends
+
+
+@pytest.fixture(scope="session", params=["local", "ray"])
+def execution_backend(request):
+    """An execution backend and a slot on it (session-scoped, so that Ray's cluster starts
+    before any test's leak guard looks at this process's children)."""
+    if request.param == "ray":
+        request.getfixturevalue("ray_cluster")
+        from pytest_kerasmp import plan_ray_slots
+
+        return "ray", plan_ray_slots()[0]
+    from cpu_slots import CPU0
+
+    return "local", CPU0
+
+
+@pytest.fixture
+def make_pool(execution_backend, no_leftovers):
+    """Factory of one-slot pools (numpy only) on the execution backend the test runs on: the
+    same fault, the same promise, whichever backend runs the workers."""
+    from pytest_kerasmp import WorkerPool
+
+    backend, slot = execution_backend
+    made = []
+
+    def make(**options):
+        pool = WorkerPool([slot], warm_import=False, backend=backend, name=f"{backend}{len(made)}", **options)
+        made.append(pool)
+        return pool
+
+    yield make
+    for pool in made:
+        pool.close(timeout=10)

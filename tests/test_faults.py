@@ -84,35 +84,6 @@ def test_failing_replacements_are_bounded_then_the_pool_refuses_work(no_leftover
 # ----------------------------------------------- one body per fault, on both backends
 
 
-@pytest.fixture(scope="session", params=["local", "ray"])
-def execution_backend(request):
-    """An execution backend and a slot on it (session-scoped, so that Ray's cluster starts
-    before any test's leak guard looks at this process's children)."""
-    if request.param == "ray":
-        request.getfixturevalue("ray_cluster")
-        from pytest_kerasmp import plan_ray_slots
-
-        return "ray", plan_ray_slots()[0]
-    return "local", CPU0
-
-
-@pytest.fixture
-def make_pool(execution_backend, no_leftovers):
-    """Factory of one-slot pools (numpy only) on the execution backend the test runs on: the
-    same fault, the same promise, whichever backend runs the workers."""
-    backend, slot = execution_backend
-    made: list[WorkerPool] = []
-
-    def make(**options) -> WorkerPool:
-        pool = WorkerPool([slot], warm_import=False, backend=backend, name=f"{backend}{len(made)}", **options)
-        made.append(pool)
-        return pool
-
-    yield make
-    for pool in made:
-        pool.close(timeout=10)
-
-
 def test_a_worker_that_dies_running_a_task_fails_it_and_is_replaced(make_pool):
     pool = make_pool()
     old = pool.pids()[0]
@@ -138,6 +109,26 @@ def test_an_initializer_that_raises_is_a_startup_error_with_its_traceback(make_p
     with pytest.raises(WorkerStartupError, match="initializer exploded on purpose") as info:
         make_pool(initializer=pool_tasks.failing_initializer)
     assert "failing_initializer" in str(info.value.__cause__)
+
+
+def test_close_and_terminate_fail_what_is_left(make_pool):
+    pool = make_pool()
+    running = pool.submit(pool_tasks.sleep_then, 30)
+    queued = pool.submit(pool_tasks.add, 1)
+    time.sleep(0.5)  # the first task is under way
+    pool.close(timeout=0.5)
+    with pytest.raises(PoolClosedError, match="was closed"):
+        queued.result(timeout=5)
+    with pytest.raises(PoolClosedError, match="while task .* ran on worker 0"):
+        running.result(timeout=5)
+    with pytest.raises(PoolClosedError, match="is closed"):
+        pool.submit(pool_tasks.add, 1)
+    other = make_pool()
+    busy = other.submit(pool_tasks.sleep_then, 30)
+    time.sleep(0.5)
+    other.terminate("Ctrl-C in a test")
+    with pytest.raises(PoolClosedError, match="Ctrl-C in a test"):
+        busy.result(timeout=5)
 
 
 @pytest.mark.kerasmp_expect_broken

@@ -26,7 +26,6 @@ from pytest_kerasmp import (  # noqa: E402
     KerasMPError,
     ModelRef,
     PoolBrokenError,
-    PoolClosedError,
     WorkerCrashedError,
     WorkerPool,
     WorkerStartupError,
@@ -229,28 +228,6 @@ def test_a_slot_whose_cpus_are_taken_fails_within_the_start_bound(slots, no_left
         with pytest.raises(WorkerStartupError, match="was not ready after 3 s: Ray had not placed it"):
             ray_pool(slots[:1], name="ray-waiter", start_timeout_s=3)
         assert time.monotonic() - t0 < 8
-
-
-def test_close_and_terminate_fail_what_is_left(slots, no_leftovers):
-    pool = ray_pool(slots[:1], name="ray-close")
-    running = pool.submit(pool_tasks.sleep_then, 30)
-    queued = pool.submit(pool_tasks.add, 1)
-    time.sleep(0.3)
-    t0 = time.monotonic()
-    pool.close(timeout=0.5)
-    assert time.monotonic() - t0 < 8
-    with pytest.raises(PoolClosedError, match="was closed"):
-        queued.result(timeout=1)
-    with pytest.raises(PoolClosedError, match="while task .* ran on worker 0"):
-        running.result(timeout=1)
-    with pytest.raises(PoolClosedError, match="is closed"):
-        pool.submit(pool_tasks.add, 1)
-    other = ray_pool(slots[:1], name="ray-terminate")
-    busy = other.submit(pool_tasks.sleep_then, 30)
-    time.sleep(0.3)
-    other.terminate("Ctrl-C in a test")
-    with pytest.raises(PoolClosedError, match="Ctrl-C in a test"):
-        busy.result(timeout=1)
 
 
 EXIT_WITHOUT_CLEANUP = """

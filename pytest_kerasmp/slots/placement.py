@@ -461,7 +461,7 @@ def slot_lines(
             notes.append("WHOLE GPU taken by a process")
         where = group[0]
         place = f"GPU {where['cuda_visible_devices']}" if where["slot"]["kind"] == "GPU" else "cores {" + ", ".join(map(str, where["cores"])) + "}"
-        lines.append(f"{name} ({place}): {len(group)} processes ({counts}), at most {most} at once; "
+        lines.append(f"{name} ({place}): {len(group)} process{'es' if len(group) > 1 else ''} ({counts}), at most {most} at once; "
                      + ("; ".join(notes) if notes else "no other worker's process on it"))
     return lines
 
