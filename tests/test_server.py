@@ -44,7 +44,7 @@ def test_single_sample_batch_and_oversize_requests_match_the_model(server):
 
 def test_the_delay_is_for_an_idle_server_not_for_requests_that_came_while_a_batch_ran(kerasmp_inference_server):
     slow = ModelRef.from_builder("server_models:linear", delay_s=0.3)  # each batch takes 0.3 s
-    server = kerasmp_inference_server(slow, CPU0, max_batch_size=16, max_delay_ms=3000)
+    server = kerasmp_inference_server(slow, CPU0, max_batch_size=16, max_delay_ms=3000, adaptive_delay=False)
     client = server.client()
     full = client.submit(np.ones((16, 4), np.float32))  # a full batch: runs at once
     time.sleep(0.1)
@@ -69,6 +69,38 @@ def test_the_delay_is_for_an_idle_server_not_for_requests_that_came_while_a_batc
         t0 = time.monotonic()
         client.submit(np.ones((1, 4), np.float32)).result(timeout=10)
         assert time.monotonic() - t0 >= 2.9
+    finally:
+        hold.set()
+        thread.join(10)
+        client.close()
+
+
+@pytest.mark.parametrize("adaptive", [True, False])
+def test_an_adaptive_delay_closes_a_batch_when_no_request_is_expected_within_a_compute_time(kerasmp_inference_server, adaptive):
+    server = kerasmp_inference_server(LINEAR, CPU0, max_batch_size=16, max_delay_ms=1500, adaptive_delay=adaptive)
+    client = server.client()
+    # Another connection that sent before stays open: a fixed delay waits for it.
+    sent, hold = threading.Event(), threading.Event()
+
+    def other_thread() -> None:
+        client.predict(np.ones((1, 4), np.float32))
+        sent.set()
+        hold.wait(30)
+
+    thread = threading.Thread(target=other_thread)
+    thread.start()
+    try:
+        assert sent.wait(10)
+        waits = []
+        for _ in range(2):  # arrivals 0.3 s apart, a batch computes in well under 1 ms
+            time.sleep(0.3)
+            t0 = time.monotonic()
+            client.submit(np.ones((1, 4), np.float32)).result(timeout=10)
+            waits.append(time.monotonic() - t0)
+        if adaptive:
+            assert max(waits) < 1.0, f"requests arriving 0.3 s apart waited {waits} s for company that was not expected"
+        else:
+            assert min(waits) >= 1.4, f"adaptive_delay=False did not wait max_delay_ms: {waits} s"
     finally:
         hold.set()
         thread.join(10)

@@ -72,6 +72,9 @@ class InferenceServer(owners.Owned):
         max_delay_ms: How long the oldest waiting request may wait for a fuller batch (not
             at all when it came while a batch ran, or when every client that sends has as
             many requests waiting as it has ever had at once).
+        adaptive_delay: Wait for a fuller batch only while another request is expected
+            within one batch's compute time, judged from the recent gaps between arrivals
+            (at low load a batch closes at once). False: always wait up to ``max_delay_ms``.
         max_queue: Accepted requests waiting at most; beyond, callers wait (up to
             ``busy_timeout_s``) and then get :class:`ServerBusyError`; 0 s fails at once.
         request_timeout_s: Default bound on one ``predict`` call.
@@ -93,6 +96,7 @@ class InferenceServer(owners.Owned):
         *,
         max_batch_size: int = 64,
         max_delay_ms: float = 2.0,
+        adaptive_delay: bool = True,
         max_queue: int = 1024,
         request_timeout_s: float = 60.0,
         busy_timeout_s: float = 10.0,
@@ -111,7 +115,10 @@ class InferenceServer(owners.Owned):
         self.slot: DeviceSlot | None = slot  # the backend's default when None
         self.request_timeout_s, self.busy_timeout_s = request_timeout_s, busy_timeout_s
         self.max_queue = max_queue
-        self.options = {"max_batch_size": max_batch_size, "max_delay_ms": max_delay_ms, "max_queue": max_queue}
+        self.options = {
+            "max_batch_size": max_batch_size, "max_delay_ms": max_delay_ms, "max_queue": max_queue,
+            "adaptive_delay": bool(adaptive_delay),
+        }
         self._closed = False
         self._process: ServerHandle = self.backend.start(self, start_timeout_s)
         assert self.slot is not None
@@ -136,8 +143,9 @@ class InferenceServer(owners.Owned):
         return self._client.predict(x, timeout=timeout)
 
     def stats(self) -> dict[str, Any]:
-        """requests, batches, mean_batch_size, queue_wait_p50_s/p99_s, compute_p50_s/p99_s,
-        errors, busy (refused), waiting, traces (of the forward function)."""
+        """requests, batches, rows, mean_batch_size, batch_sizes (batches by row count, index
+        0 to ``max_batch_size``), queue_wait_s and compute_s (totals), queue_wait_p50_s/p99_s,
+        compute_p50_s/p99_s, errors, busy (refused), waiting, traces (of the forward function)."""
         return self._client.stats()
 
     def is_alive(self) -> bool:
