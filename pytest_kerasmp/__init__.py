@@ -35,6 +35,10 @@ and no module imports another in a circle:
 ``measure/``
     comparisons, statistics, the gate, reports, plots: pure, no processes; never imports
     ``runtime`` or ``ray``.
+``load``
+    offered load: sender processes that send requests at a rate (Poisson arrivals) to any
+    client, and the search for the highest rate under a latency bound; imports ``runtime``
+    and ``measure``.
 ``plugin/``
     the pytest layer: options, hooks, fixtures, the session guard, the speed gate; the only
     part that imports pytest (or xdist, pytest-benchmark).
@@ -106,12 +110,19 @@ if TYPE_CHECKING:
     from pytest_kerasmp.errors import Terminated as Terminated
     from pytest_kerasmp.errors import WorkerCrashedError as WorkerCrashedError
     from pytest_kerasmp.errors import WorkerStartupError as WorkerStartupError
+    from pytest_kerasmp.load import LoadGenerator as LoadGenerator
+    from pytest_kerasmp.load import offer_in_process as offer_in_process
+    from pytest_kerasmp.load import search_rate as search_rate
+    from pytest_kerasmp.measure.latency import LoadPoint as LoadPoint
+    from pytest_kerasmp.measure.latency import RateSearch as RateSearch
+    from pytest_kerasmp.measure.latency import quantile_bounds as quantile_bounds
     from pytest_kerasmp.measure.results import assert_same as assert_same
     from pytest_kerasmp.measure.results import first_difference as first_difference
     from pytest_kerasmp.modelref import ModelRef as ModelRef
     from pytest_kerasmp.ray.backend import RayBackend as RayBackend
     from pytest_kerasmp.ray.cluster import LocalRayCluster as LocalRayCluster
     from pytest_kerasmp.ray.cluster import plan_ray_slots as plan_ray_slots
+    from pytest_kerasmp.ray.serveclient import RayServeClient as RayServeClient
     from pytest_kerasmp.runtime.cluster.cluster import KerasCluster as KerasCluster
     from pytest_kerasmp.runtime.cluster.cluster import TFCluster as TFCluster
     from pytest_kerasmp.runtime.cluster.cluster import init_distributed as init_distributed

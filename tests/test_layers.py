@@ -24,7 +24,8 @@ ALLOWED = {
     "runtime": {"errors", "frameworks", "slots", "modelref"},
     "ray": {"errors", "frameworks", "slots", "modelref", "runtime"},
     "measure": {"errors", "frameworks", "slots"},
-    "plugin": {"errors", "frameworks", "slots", "modelref", "runtime", "ray", "measure"},
+    "load": {"errors", "frameworks", "slots", "modelref", "runtime", "measure"},
+    "plugin": {"errors", "frameworks", "slots", "modelref", "runtime", "ray", "measure", "load"},
 }
 #: Inside runtime/: each room and the rooms it may import. Process and wire are below pool,
 #: serve and cluster; serve never imports pool; the seam (backends) imports none of them.

@@ -120,3 +120,39 @@ def test_a_ray_server_whose_model_fails_to_load_is_a_startup_error(ray_cluster, 
     with pytest.raises(WorkerStartupError, match="No module named 'no_such_module'") as info:
         InferenceServer(ModelRef.from_builder("no_such_module:build"), plan_ray_slots()[0], backend="ray", name="ray-bad")
     assert "Traceback" in str(info.value.__cause__)
+
+
+def test_a_ray_serve_application_is_called_like_a_server_and_measured_by_the_load_generator(ray_cluster):
+    """RayServeClient: submit -> Future, picklable, one event loop per process; through it the
+    load generator offers a rate to Ray Serve as to the plugin's servers."""
+    import ray
+    from ray import serve
+
+    from pytest_kerasmp import LoadGenerator, RayServeClient
+    from cpu_slots import CPU1
+
+    @serve.deployment(ray_actor_options={"num_cpus": 0}, logging_config={"enable_access_log": False, "log_level": "WARNING"})
+    class Doubler:
+        @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.001)
+        async def __call__(self, xs: list) -> list:
+            return [2 * x for x in xs]
+
+    serve.start(proxy_location="Disabled")
+    try:
+        serve.run(Doubler.bind(), name="doubler", route_prefix=None)
+        client = RayServeClient("doubler", ray.get_runtime_context().gcs_address)
+        np.testing.assert_array_equal(client.predict(np.arange(3.0)), 2 * np.arange(3.0))
+        again = pickle.loads(pickle.dumps(client))
+        np.testing.assert_array_equal(again.submit(np.ones(2)).result(30), [2.0, 2.0])
+        xs = np.arange(40.0).reshape(20, 2)
+
+        def check(indices: np.ndarray, outputs: np.ndarray) -> None:
+            np.testing.assert_array_equal(outputs, 2 * xs[indices])
+
+        with LoadGenerator([CPU1], senders=2, timeout_s=20, name="serve-senders") as generator:
+            point = generator.offer(client, xs, 100.0, requests=100, server="ray-serve", check=check)
+        assert point.answered == 100 and point.failed == 0 and point.telemetry is None, point.line()
+        client.close()
+        again.close()
+    finally:
+        serve.shutdown()

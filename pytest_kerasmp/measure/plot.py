@@ -159,3 +159,46 @@ def timeline(path: Path, record: Mapping[str, Any]) -> Path | None:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def load_curves(path: Path, record: Mapping[str, Any]) -> Path | None:
+    """Draw latency against offered rate for every comparison that carries ``load_curves``
+    (one panel per model: p50 and p99 of each server with their bounds, on log axes, the
+    latency bound as a line); None without matplotlib or such comparisons."""
+    panels = [c for c in record["comparisons"] if (c.get("extra") or {}).get("load_curves")]
+    if not panels:
+        return None
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4.8), squeeze=False)
+    for ax, c in zip(axes[0], panels, strict=True):
+        extra = c["extra"]
+        for i, (server, points) in enumerate(extra["load_curves"].items()):
+            points = sorted(points, key=lambda p: p["offered_rate"])
+            for q, style in (("50", "--"), ("99", "-")):
+                shown = [p for p in points if q in p["quantiles"]]
+                rates = [p["offered_rate"] for p in shown]
+                est = [p["quantiles"][q]["estimate"] * 1e3 for p in shown]
+                low = [(p["quantiles"][q]["low"] or p["quantiles"][q]["estimate"]) * 1e3 for p in shown]
+                high = [(p["quantiles"][q]["high"] or p["quantiles"][q]["estimate"]) * 1e3 for p in shown]
+                ax.plot(rates, est, style, marker="o", markersize=3, color=f"C{i}", label=f"{server} p{q}")
+                ax.fill_between(rates, low, high, color=f"C{i}", alpha=0.15, linewidth=0)
+        ax.axhline(extra["bound_ms"], color="black", linewidth=0.8, linestyle=":")
+        ax.text(ax.get_xlim()[0], extra["bound_ms"], f" p99 bound {extra['bound_ms']:.3g} ms", fontsize=7, va="bottom")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("offered rate (requests/s, Poisson arrivals)", fontsize=8)
+        ax.set_ylabel("latency (ms; bands: 95% bounds)", fontsize=8)
+        ax.set_title(c["variant"].split("-")[0], fontsize=9, loc="left")
+        ax.grid(alpha=0.25, which="both")
+        ax.legend(fontsize=6, ncols=2, frameon=False)
+    fig.suptitle(f"{title(record)}\nlatency vs offered rate", fontsize=9, x=0.01, ha="left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -14,6 +14,7 @@ import os
 import platform
 import shlex
 import socket
+import statistics
 import sys
 import time
 from collections.abc import Mapping, Sequence
@@ -23,13 +24,14 @@ from typing import Any
 from pytest_kerasmp import frameworks
 from pytest_kerasmp.measure.comparison import KIND, Comparison, check_text, rounds_text, seconds_text
 from pytest_kerasmp.measure.gate import Verdict, comparison_lines, outcomes_by_name
-from pytest_kerasmp.measure.plot import plot, timeline, title
+from pytest_kerasmp.measure.plot import load_curves, plot, timeline, title
 from pytest_kerasmp.slots.devices import DeviceSlot
 
 REPORT_JSON = "kerasmp-report.json"
 REPORT_MD = "kerasmp-report.md"
 REPORT_PNG = "kerasmp-speedup.png"
 LEASES_PNG = "kerasmp-leases.png"
+LOAD_PNG = "kerasmp-load.png"
 SUMMARY_ENV = "GITHUB_STEP_SUMMARY"
 NOISE_WARNING = (
     "kerasmp: the machine was busy during this run ({reasons}); intervals are wider and verdicts "
@@ -183,10 +185,34 @@ def markdown(record: Mapping[str, Any]) -> str:
         if record.get("leases_plot"):
             lines.append(f"- timeline: ![slot leases]({record['leases_plot']})")
         lines.append("")
+    lines += load_lines(comparisons, record.get("load_plot"))
     if record.get("seeds"):
         s = record["seeds"]
         lines += [f"Seed: `--kerasmp-seed={s['base']}`" + (" `--kerasmp-deterministic`" if s["deterministic"] else ""), ""]
     return "\n".join(lines)
+
+
+def load_lines(comparisons: Sequence[Comparison], load_plot: str | None) -> list[str]:
+    """The served-load section: per model, each server's rate under the latency bound (median
+    of rounds, with every round's bracket) and the plot."""
+    lines: list[str] = []
+    for c in comparisons:
+        extra = c.extra
+        if not extra.get("load_curves"):
+            continue
+        model = c.variant.split("-")[0]
+        lines += [f"### served load: {model}", "",
+                  f"p99 bound {extra['bound_ms']:.3g} ms ({extra['bound_ms'] / extra['single_sample_ms']:.0f}x the in-process "
+                  f"single-sample latency, {extra['single_sample_ms']:.3g} ms); in-process full batches "
+                  f"{extra['full_batch_rows_per_s']:.0f} rows/s", "",
+                  "| server | rate under the bound | rounds: [held, failed at] | limited by |", "| --- | ---: | --- | --- |"]
+        for server, rates in extra["rates"].items():
+            brackets = ", ".join(f"[{a:.0f}, {'-' if b is None else f'{b:.0f}'}]" for a, b in extra["brackets"][server])
+            lines.append(f"| {server} | {statistics.median(rates):.0f}/s | {brackets} | {', '.join(extra['limited_by'][server])} |")
+        lines.append("")
+    if lines and load_plot:
+        lines += [f"- latency vs offered rate: ![served load]({load_plot})", ""]
+    return lines
 
 
 def write_report(directory: str | os.PathLike[str], record: dict[str, Any]) -> list[Path]:
@@ -198,6 +224,8 @@ def write_report(directory: str | os.PathLike[str], record: dict[str, Any]) -> l
     record["plot"] = png.name if png else None
     leases_png = timeline(out / LEASES_PNG, record)
     record["leases_plot"] = leases_png.name if leases_png else None
+    load_png = load_curves(out / LOAD_PNG, record)
+    record["load_plot"] = load_png.name if load_png else None
     (out / REPORT_JSON).write_text(json.dumps(record, indent=2) + "\n")
     text = markdown(record) + "\n"
     (out / REPORT_MD).write_text(text)
@@ -205,4 +233,4 @@ def write_report(directory: str | os.PathLike[str], record: dict[str, Any]) -> l
     if summary:
         with open(summary, "a", encoding="utf-8") as f:
             f.write(text)
-    return [out / REPORT_JSON, out / REPORT_MD] + [p for p in (png, leases_png) if p]
+    return [out / REPORT_JSON, out / REPORT_MD] + [p for p in (png, leases_png, load_png) if p]

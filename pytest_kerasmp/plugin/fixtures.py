@@ -9,25 +9,26 @@ exceeds the number of slots, which the header says).
 from __future__ import annotations
 
 import contextlib
-import functools
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
 from pytest_kerasmp.errors import CLUSTER_SLOTS_LEASED, CLUSTER_SLOTS_PER_XDIST_WORKER
-from pytest_kerasmp.measure.comparison import Comparison
 from pytest_kerasmp.modelref import ModelRef
 from pytest_kerasmp.plugin.config import session_plan, session_settings
 from pytest_kerasmp.plugin.leasing import slots_of
 from pytest_kerasmp.plugin.sessionguard import SESSION_POOL_KEY
-from pytest_kerasmp.plugin.speedup import measure
+from pytest_kerasmp.plugin.speedup import Speedup
 from pytest_kerasmp.runtime.cluster.cluster import KerasCluster, TFCluster
 from pytest_kerasmp.runtime.pool.workerpool import WorkerPool
 from pytest_kerasmp.runtime.serve.server import InferenceServer
 from pytest_kerasmp.slots.devices import DeviceSlot, plural
 from pytest_kerasmp.slots.pinning import current_slot
 from pytest_kerasmp.slots.seeding import base_seed
+
+if TYPE_CHECKING:
+    from pytest_kerasmp.load import LoadGenerator
 
 #: kerasmp_device in a process that no slot was asked for.
 DEVICE_UNPINNED = (
@@ -118,10 +119,26 @@ def kerasmp_pool_factory(
         pool.close(timeout=30.0, cancel_pending=True)
 
 
+@pytest.fixture(scope="session")
+def kerasmp_load_generator(kerasmp_worker_slots: tuple[DeviceSlot, ...]) -> Iterator[LoadGenerator]:
+    """A LoadGenerator: 4 sender processes on the slots this process owns other than its first
+    (where ``kerasmp_inference_server`` puts a server; with one slot, on it) (session).
+
+    ``offer(client, samples, rate, requests=...)`` -> LoadPoint: Poisson arrivals at ``rate``
+    per second to any client with ``submit``, latency percentiles with confidence bounds.
+    """
+    from pytest_kerasmp.load import LoadGenerator  # numpy only when used
+
+    with LoadGenerator(kerasmp_worker_slots[1:] or kerasmp_worker_slots, senders=4, name="load") as generator:
+        yield generator
+
+
 @pytest.fixture
-def kerasmp_speedup(request: pytest.FixtureRequest) -> Callable[..., Comparison]:
+def kerasmp_speedup(request: pytest.FixtureRequest) -> Speedup:
     """measure(serial, parallel, *, workers, rounds=5, variant="", check=None, kind="speedup",
-    budget_s=None, warmup=True) -> Comparison.
+    budget_s=None, warmup=True) -> Comparison; and ``.record(baseline_s, candidate_s, *,
+    workers, variant="", kind="speedup", correct=None, extra=None)`` -> Comparison, for
+    paired rounds the test measured itself (seconds per unit of work on each side).
 
     Rounds continue until the ratio's 95% interval decides its floors (--kerasmp-min-speedup,
     --kerasmp-budget). Under --benchmark-skip the check still runs once, untimed.
@@ -134,7 +151,7 @@ def kerasmp_speedup(request: pytest.FixtureRequest) -> Callable[..., Comparison]
     skip = config.getoption("benchmark_skip", False) and not config.getoption("benchmark_only", False)
     # Asked for only when the rounds start, so a failed check leaves pytest-benchmark quiet.
     benchmark = None if skip else (lambda: request.getfixturevalue("benchmark"))
-    return functools.partial(measure, request.node, benchmark)
+    return Speedup(request.node, benchmark)
 
 
 @pytest.fixture(scope="session")

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import pytest
@@ -151,6 +151,45 @@ def measure(
             {k: v for k, v in comparison.to_json().items() if k not in ("parallel_s", "nodeid", "extra")}
         )
     return comparison
+
+
+def record(
+    item: pytest.Item,
+    baseline_s: Sequence[float],
+    candidate_s: Sequence[float],
+    *,
+    workers: int,
+    variant: str = "",
+    kind: str = "speedup",
+    correct: bool | None = None,
+    extra: dict[str, Any] | None = None,
+) -> Comparison:
+    """A comparison whose paired rounds the test measured itself, as seconds per unit of work
+    on each side (e.g. one over the highest rate each server held under a latency bound): it
+    joins the report, the table and the floors like a timed one. Its rounds are fixed."""
+    if len(baseline_s) != len(candidate_s) or not baseline_s or min(*baseline_s, *candidate_s) <= 0:
+        raise ValueError(f"record needs paired positive rounds, got {len(baseline_s)} and {len(candidate_s)}")
+    if kind not in KINDS:
+        raise ValueError(f"kind={kind!r} is not one of {', '.join(KINDS)}")
+    return _register(item, Comparison(
+        scenario=scenario_name(item), variant=variant, workers=workers, serial_s=[float(x) for x in baseline_s],
+        parallel_s=[float(x) for x in candidate_s], correct=correct, nodeid=item.nodeid, extra=dict(extra or {}),
+        kind=kind, params=_params(item), stopped="fixed", requested=len(baseline_s),
+    ))
+
+
+class Speedup:
+    """What the ``kerasmp_speedup`` fixture gives a test: call it to time two sides
+    (:func:`measure`), or ``.record(...)`` rounds it measured itself (:func:`record`)."""
+
+    def __init__(self, item: pytest.Item, benchmark: Any) -> None:
+        self.item, self.benchmark = item, benchmark
+
+    def __call__(self, serial: Callable[[], Any], parallel: Callable[[], Any], **options: Any) -> Comparison:
+        return measure(self.item, self.benchmark, serial, parallel, **options)
+
+    def record(self, baseline_s: Sequence[float], candidate_s: Sequence[float], **options: Any) -> Comparison:
+        return record(self.item, baseline_s, candidate_s, **options)
 
 
 def _register(item: pytest.Item, comparison: Comparison) -> Comparison:
