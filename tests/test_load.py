@@ -30,8 +30,9 @@ def test_percentile_bounds_cover_the_true_percentile_as_often_as_they_say():
 
 
 def test_a_short_run_cannot_bound_its_p99():
-    assert quantile_bounds(np.arange(200.0), 99).high is None  # 0.99^200 = 0.13 > 0.025
-    assert quantile_bounds(np.arange(400.0), 99).high is not None
+    # The upper end of a 95% interval of p99 needs P(all below it) = 0.99^n <= 0.025: n >= 368.
+    assert quantile_bounds(np.arange(367.0), 99).high is None
+    assert quantile_bounds(np.arange(368.0), 99).high == 367.0
     with pytest.raises(ValueError, match="no latencies"):
         quantile_bounds([], 50)
 
@@ -104,3 +105,22 @@ def test_requests_a_dead_server_never_answers_are_counted_as_failed_within_the_b
     assert time.monotonic() - t0 < 20, "a point against a dead server outlived its bound"
     assert point.answered == 0 and point.failed == 60 and point.errors, point.line()
     assert not point.holds(1.0)
+
+
+def test_the_session_generator_sends_from_the_slots_other_than_the_first(pytester, run_pytest):
+    pytester.makepyfile("""
+        import numpy as np
+
+        class Echo:  # any client with submit -> Future
+            def submit(self, x):
+                from concurrent.futures import Future
+                f = Future()
+                f.set_result(x * 2)
+                return f
+
+        def test_offer(kerasmp_load_generator, kerasmp_worker_slots):
+            assert {s.name for s in kerasmp_load_generator.pool.slots} == {"slot1"}
+            point = kerasmp_load_generator.offer(Echo(), np.arange(8.0), 400, requests=400)
+            assert point.answered == 400 and point.failed == 0 and point.quantile(99).high is not None
+    """)
+    run_pytest("--kerasmp-gpus=2").assert_outcomes(passed=1)

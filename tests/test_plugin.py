@@ -42,6 +42,10 @@ def test_fixtures_and_markers_are_documented(run_pytest, pytester):
             "*Factory: make_pool(slots=None, **options) -> WorkerPool*",
         ]
     )
+    fixtures.stdout.fnmatch_lines([
+        "kerasmp_load_generator [[]session scope[]]*",
+        "*A LoadGenerator: 4 sender processes on the slots this process owns other than its first*",
+    ])
     run_pytest("--markers").stdout.fnmatch_lines(["@pytest.mark." + markers.MARKER_HELP, "@pytest.mark." + leasing.MARKER_HELP])
 
 

@@ -297,3 +297,39 @@ def test_warmup_false_times_every_call_and_refuses_a_check(pytester, run_pytest)
         """
     )
     run_pytest("-p", "no:xdist").assert_outcomes(passed=3)
+
+
+RECORDED = """
+from pytest_kerasmp import LoadPoint
+
+def curve(server, rates, knee):
+    return [LoadPoint.from_latencies(server, r, [0.001 * max(1, r / knee)] * 400, requests=400, failed=0, late=0,
+                                     duration_s=400 / r).to_json() for r in rates]
+
+def test_rates(kerasmp_speedup):
+    extra = {"bound_ms": 5.0, "single_sample_ms": 0.5, "full_batch_rows_per_s": 9000.0,
+             "rates": {"local": [4000.0, 4200.0], "other": [1000.0, 1100.0]},
+             "brackets": {"local": [[4000.0, 4400.0], [4200.0, None]], "other": [[1000.0, 1200.0], [1100.0, 1250.0]]},
+             "limited_by": {"local": ["latency", "points"], "other": ["latency", "latency"]},
+             "load_curves": {"local": curve("local", [1000, 4000, 8000], 4000), "other": curve("other", [500, 1000, 2000], 1000)}}
+    c = kerasmp_speedup.record([1 / 1000, 1 / 1100], [1 / 4000, 1 / 4200], workers=1, variant="m-local-vs-other", correct=True, extra=extra)
+    assert 3.7 < c.speedup < 4.0 and c.stopped == "fixed"
+
+def test_bad(kerasmp_speedup):
+    kerasmp_speedup.record([1.0], [], workers=1)
+"""
+
+
+def test_recorded_rounds_join_the_table_the_floors_and_the_report_with_the_load_plot(pytester, run_pytest, tmp_path):
+    pytest.importorskip("matplotlib")
+    pytester.makepyfile(test_rec=RECORDED)
+    report = tmp_path / "rep"
+    result = run_pytest("--kerasmp-min-speedup=rec:m-local-vs-other:3", f"--kerasmp-report={report}")
+    result.assert_outcomes(passed=1, failed=1)
+    result.stdout.fnmatch_lines(["*ValueError: record needs paired positive rounds, got 1 and 0*", "rec:m-local-vs-other*1*x ?*"])
+    # Two recorded rounds reach a 50% interval: a floor on them says so rather than pass.
+    result.stdout.fnmatch_lines(["inconclusive: *rec:m-local-vs-other measured speedup 3.91x [[]3.82, 4.00[]]*(2 rounds, 50% interval)*"])
+    assert result.ret == 1
+    text = (report / "kerasmp-report.md").read_text()
+    assert "### served load: m" in text and "| local | 4100/s | [4000, 4400], [4200, -] | latency, points |" in text
+    assert "![served load](kerasmp-load.png)" in text and (report / "kerasmp-load.png").stat().st_size > 10_000

@@ -49,8 +49,8 @@ def quantile_bounds(values: Sequence[float] | np.ndarray, q: float, confidence: 
     """The ``q``-th percentile of ``values`` with a ``confidence`` interval from order statistics.
 
     The interval is [x_(l), x_(u)] with P(Binomial(n, q/100) < l) and P(Binomial >= u) each at
-    most (1 - confidence) / 2; an end outside 1..n is None (p99 needs 299 or more latencies
-    for an upper bound at 95%: 0.99^299 < 0.05).
+    most (1 - confidence) / 2; an end outside 1..n is None (p99 needs 368 or more latencies
+    for an upper bound of a 95% interval: 0.99^368 < 0.025).
     """
     x = np.sort(np.asarray(values, dtype=float))
     n = len(x)

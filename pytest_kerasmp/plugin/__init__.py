@@ -24,6 +24,7 @@ from pytest_kerasmp.plugin.fixtures import (  # noqa: F401  (fixtures registered
     kerasmp_device,
     kerasmp_inference_server,
     kerasmp_keras_cluster,
+    kerasmp_load_generator,
     kerasmp_pool,
     kerasmp_pool_factory,
     kerasmp_ray,
