@@ -189,7 +189,8 @@ def load_curves(path: Path, record: Mapping[str, Any]) -> Path | None:
                 ax.plot(rates, est, style, marker="o", markersize=3, color=f"C{i}", label=f"{server} p{q}")
                 ax.fill_between(rates, low, high, color=f"C{i}", alpha=0.15, linewidth=0)
         ax.axhline(extra["bound_ms"], color="black", linewidth=0.8, linestyle=":")
-        ax.text(ax.get_xlim()[0], extra["bound_ms"], f" p99 bound {extra['bound_ms']:.3g} ms", fontsize=7, va="bottom")
+        ax.text(0.01, extra["bound_ms"], f"p99 bound {extra['bound_ms']:.3g} ms", fontsize=7, va="bottom",
+                transform=ax.get_yaxis_transform())
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xlabel("offered rate (requests/s, Poisson arrivals)", fontsize=8)
