@@ -22,12 +22,11 @@ import pickle
 import threading
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import wait as wait_futures
 from typing import Any, Self
 
 import numpy as np
 
-from pytest_kerasmp.measure.latency import LoadPoint, RateSearch, point_telemetry, why_not
+from pytest_kerasmp.measure.latency import QUANTILES, LoadPoint, RateSearch, point_telemetry, why_not
 from pytest_kerasmp.runtime.pool.workerpool import WorkerPool
 from pytest_kerasmp.slots.devices import DeviceSlot
 
@@ -65,24 +64,29 @@ def warm_up(client: Any, sample: Any, timeout_s: float) -> str | None:
 def send_at_rate(client: Any, samples: np.ndarray, offsets: np.ndarray, first: int, step: int, start_at: float,
                  timeout_s: float, late_s: float) -> dict[str, Any]:
     """In a sender process: submit ``samples[(first + step * i) % len(samples)]`` at ``start_at
-    + offsets[i]`` (``time.monotonic``, the same clock in every process), record when each went
-    and when its answer came, and wait for the answers until the last time plus ``timeout_s``."""
+    + offsets[i]`` (``time.monotonic``, the same clock in every process), record when its answer
+    came (and whether it went more than ``late_s`` late), and wait for the answers until the
+    last time plus ``timeout_s``."""
     client = _client_here(client)
     n = len(offsets)
     errors: list[str] = []
     issued = np.full(n, math.nan)
     done = np.full(n, math.nan)
     outputs: list[Any] = [None] * n
-    lock = threading.Lock()
+    settled = threading.Condition()  # its count: requests whose answer (or error) is recorded
+    count = 0
 
     def finished(i: int, future: Any) -> None:
+        nonlocal count
         now = time.monotonic()
-        exc = future.exception()
-        with lock:
+        exc = RuntimeError("the request was cancelled") if future.cancelled() else future.exception()
+        with settled:
             if exc is None:
                 done[i], outputs[i] = now, future.result()
             elif len(errors) < KEEP_ERRORS:
                 errors.append(f"{type(exc).__name__}: {exc}")
+            count += 1
+            settled.notify_all()
 
     futures = []
     for i in range(n):
@@ -93,19 +97,23 @@ def send_at_rate(client: Any, samples: np.ndarray, offsets: np.ndarray, first: i
         try:
             future = client.submit(samples[(first + step * i) % len(samples)])
         except Exception as exc:  # refused at once (closed, bad input): counted like any failure
-            with lock:
+            with settled:
                 if len(errors) < KEEP_ERRORS:
                     errors.append(f"{type(exc).__name__}: {exc}")
             continue
         future.add_done_callback(lambda f, i=i: finished(i, f))
         futures.append(future)
-    _, not_done = wait_futures(futures, timeout=max(0.0, start_at + offsets[-1] + timeout_s - time.monotonic()))
-    with lock:  # answers that come after this are not counted: they were past the bound
-        answered = ~np.isnan(done)
-        if not_done:
-            errors.append(f"{len(not_done)} requests not answered within {timeout_s:g} s of the last one's time")
+    # Waited for the callbacks, not the futures: a future wakes its waiters before it runs
+    # its callbacks, so an answer seen by wait() could still be unrecorded.
+    deadline = start_at + offsets[-1] + timeout_s
+    with settled:
+        settled.wait_for(lambda: count >= len(futures), timeout=max(0.0, deadline - time.monotonic()))
+        answered = ~np.isnan(done)  # answers that come after this are not counted: past the bound
+        missing = len(futures) - count
+        if missing:
+            errors.append(f"{missing} requests not answered within {timeout_s:g} s of the last one's time")
         return {
-            "issued": issued.copy(), "done": done.copy(), "answered": answered,
+            "due": start_at + offsets, "done": done.copy(), "answered": answered,
             "outputs": [o for o, ok in zip(outputs, answered, strict=True) if ok],
             "failed": n - int(answered.sum()),
             "late": int(np.count_nonzero(issued - (start_at + offsets) > late_s)),
@@ -120,8 +128,9 @@ class LoadGenerator:
         slots: Where the senders run (round-robin): slots other than the server's, so that
             the server has its slot to itself.
         senders: Sender processes; each issues ``rate / senders`` requests per second.
-        late_s: A request issued later than this after its scheduled time counts as late;
-            past 1% late, the point is the generator's limit, not the server's.
+        late_s: A request issued later than this after its scheduled time counts as late (its
+            latency counts from its scheduled time either way); a point that does not hold
+            with more than 5% late names the generator as its limit.
         timeout_s: How long after the last scheduled request the answers are waited for.
     """
 
@@ -167,7 +176,9 @@ class LoadGenerator:
             [start_at] * k, [self.timeout_s] * k, [self.late_s] * k, timeout=bound,
         )
         after = telemetry() if telemetry else None
-        latency = np.concatenate([r["done"][r["answered"]] - r["issued"][r["answered"]] for r in reports])
+        # From when each request was due to its answer, as LoadGen measures: a sender that fell
+        # behind adds its lateness to the latency instead of hiding it (coordinated omission).
+        latency = np.concatenate([r["done"][r["answered"]] - r["due"][r["answered"]] for r in reports])
         last = max((float(np.nanmax(r["done"])) for r in reports if r["answered"].any()), default=start_at)
         if check is not None and len(latency):
             indices = np.concatenate([(j + k * np.nonzero(r["answered"])[0]) % len(samples) for j, r in enumerate(reports)])
@@ -207,6 +218,8 @@ def search_rate(offer: Callable[[float], LoadPoint], bound_s: float, start_rate:
     other; at most ``max_points`` points in all."""
     if bound_s <= 0 or start_rate <= 0 or max_points < 1 or resolution <= 1:
         raise ValueError("bound_s and start_rate must be positive, max_points >= 1 and resolution > 1")
+    if quantile not in QUANTILES:
+        raise ValueError(f"quantile={quantile}: a load point bounds the percentiles {', '.join(f'{q:g}' for q in QUANTILES)}")
     points: list[LoadPoint] = []
     held, failed, limited = 0.0, None, "points"
     rate = start_rate

@@ -54,9 +54,12 @@ def test_the_rate_search_brackets_the_knee_within_its_points_and_resolution():
     assert len(tried) <= 12 and found.points and found.limited_by == "latency"
     assert found.failed_at is not None and found.rate < found.failed_at <= found.rate * 1.1
     assert 800 < found.rate < 1600, found.text()
-    # A point whose requests failed, or that the generator sent late, never holds.
+    # A point with a failed request never holds; late requests carry their lateness in their
+    # latency, and a point that fails with many of them names the generator as its limit.
     assert not _point(100, 1000, failed=1).holds(0.01)
-    assert not _point(100, 1000, late=60).holds(0.01) and _point(100, 1000, late=60).generator_limited
+    assert _point(100, 1000, late=60).holds(0.01) and _point(100, 1000, late=60).generator_limited
+    found = search_rate(lambda r: _point(r, 1000, late=60), bound_s=0.01, start_rate=100, max_points=12, resolution=1.1)
+    assert found.limited_by == "generator" and 800 < found.rate < 1600
     found = search_rate(lambda r: _point(r, 1000, failed=1), 0.01, 100, max_points=3)
     assert found.rate == 0 and found.limited_by == "failures" and len(found.points) == 3
 

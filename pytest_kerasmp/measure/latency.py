@@ -23,9 +23,9 @@ import numpy as np
 
 #: Percentiles every load point reports.
 QUANTILES: tuple[float, ...] = (50.0, 90.0, 99.0)
-#: A point whose sender issued more than this fraction of its requests late did not offer its
-#: rate: the generator, not the server, was the limit.
-LATE_FRACTION = 0.01
+#: A point whose senders issued more than this fraction of its requests late (their lateness
+#: is in their latency) had the generator, or a server that stopped reading, as its limit.
+LATE_FRACTION = 0.05
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,9 +118,10 @@ class LoadPoint:
         return self.quantiles[q]
 
     def holds(self, bound_s: float, q: float = 99) -> bool:
-        """Every request answered, the rate offered as scheduled, and the percentile's upper
-        bound under ``bound_s`` (an unknown bound does not hold)."""
-        if self.failed or self.generator_limited or q not in self.quantiles:
+        """Every request answered and the percentile's upper bound under ``bound_s`` (an
+        unknown bound does not hold). Latency counts from when a request was due, so a late
+        sender's delay is in it."""
+        if self.failed or q not in self.quantiles:
             return False
         high = self.quantiles[q].high
         return high is not None and high <= bound_s
@@ -214,12 +215,12 @@ class RateSearch:
 
 
 def why_not(point: LoadPoint, bound_s: float, q: float) -> str:
-    """Why ``point`` did not hold (for a search's ``limited_by``): a request failed, the
-    percentile was over the bound (or could not be bounded), or else the senders were late
-    (a server that falls behind also makes them late, as its socket fills: that is latency)."""
+    """Why ``point`` did not hold (for a search's ``limited_by``): a request failed; the senders
+    were late for more than :data:`LATE_FRACTION` of it (the generator could not keep the
+    schedule, or the server stopped reading and its socket filled); else the percentile was
+    over the bound, or too few requests to bound it."""
     if point.failed:
         return "failures"
-    high = point.quantiles[q].high if q in point.quantiles else None
-    if high is None or high > bound_s:
-        return "latency"
-    return "generator"
+    if point.generator_limited:
+        return "generator"
+    return "latency"

@@ -13,6 +13,7 @@ the controller on the test's report.
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -167,13 +168,14 @@ def record(
     """A comparison whose paired rounds the test measured itself, as seconds per unit of work
     on each side (e.g. one over the highest rate each server held under a latency bound): it
     joins the report, the table and the floors like a timed one. Its rounds are fixed."""
-    if len(baseline_s) != len(candidate_s) or not baseline_s or min(*baseline_s, *candidate_s) <= 0:
-        raise ValueError(f"record needs paired positive rounds, got {len(baseline_s)} and {len(candidate_s)}")
+    baseline, candidate = [float(x) for x in baseline_s], [float(x) for x in candidate_s]
+    if len(baseline) != len(candidate) or not baseline or not all(math.isfinite(x) and x > 0 for x in baseline + candidate):
+        raise ValueError(f"record needs paired positive rounds, got {len(baseline)} and {len(candidate)}: {baseline}, {candidate}")
     if kind not in KINDS:
         raise ValueError(f"kind={kind!r} is not one of {', '.join(KINDS)}")
     return _register(item, Comparison(
-        scenario=scenario_name(item), variant=variant, workers=workers, serial_s=[float(x) for x in baseline_s],
-        parallel_s=[float(x) for x in candidate_s], correct=correct, nodeid=item.nodeid, extra=dict(extra or {}),
+        scenario=scenario_name(item), variant=variant, workers=workers, serial_s=baseline,
+        parallel_s=candidate, correct=correct, nodeid=item.nodeid, extra=dict(extra or {}),
         kind=kind, params=_params(item), stopped="fixed", requested=len(baseline_s),
     ))
 
