@@ -34,6 +34,7 @@ from pytest_kerasmp import (
 from pytest_kerasmp.runtime.cluster import ports as _ports
 from pytest_kerasmp.slots import network
 from cpu_slots import CPU0, CPU1
+from interrupted import PREAMBLE, wait_or_fail
 
 TESTS = os.path.dirname(cluster_tasks.__file__)
 
@@ -324,12 +325,8 @@ def test_a_port_taken_after_start_fails_the_run_naming_it_and_the_restart_picks_
         assert old[0] not in c.ports
 
 
-OWNER = """
-import faulthandler, signal, sys
-faulthandler.register(signal.SIGUSR1)  # the test asks for the stacks of an owner that did not end
-# A suite started in the background by a non-interactive shell (`cmd &`) ignores SIGINT, and
-# children inherit that: the owner takes Ctrl-C as a terminal's foreground process would.
-signal.signal(signal.SIGINT, signal.default_int_handler)
+OWNER = PREAMBLE + """
+import sys
 sys.path.insert(0, {tests!r})
 import cluster_tasks
 from pytest_kerasmp import DeviceSlot, TFCluster
@@ -351,14 +348,7 @@ def test_ctrl_c_during_run_ends_every_task_within_seconds(tmp_path):
             time.sleep(0.5)  # run() is waiting
             t0 = time.monotonic()
             proc.send_signal(signal.SIGINT)
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.send_signal(signal.SIGUSR1)
-                time.sleep(1)
-                proc.kill()
-                pytest.fail(f"the owner did not end within 10 s of Ctrl-C (SIGINT here: {signal.getsignal(signal.SIGINT)}); "
-                            f"its stacks and output:\n{proc.communicate()[1]}")
+            wait_or_fail(proc)
             assert time.monotonic() - t0 < 4
             assert "KeyboardInterrupt" in proc.stderr.read()
         finally:

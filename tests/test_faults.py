@@ -31,6 +31,7 @@ from pytest_kerasmp import (
 )
 from conftest import running as _running
 from cpu_slots import CPU0, CPU1
+from interrupted import PREAMBLE, wait_or_fail
 
 SIGRT = signal.SIGRTMIN + 1  # a signal without a name in signal.Signals
 
@@ -195,12 +196,8 @@ def test_a_worker_dying_during_close_fails_only_its_task_and_is_not_replaced(no_
 
 # ----------------------------------------------------------------------------- interrupts
 
-OWNER = """
-import faulthandler, os, signal, sys, time
-faulthandler.register(signal.SIGUSR1)  # the test asks for the stacks of an owner that did not end
-# A suite started in the background by a non-interactive shell (`cmd &`) ignores SIGINT, and
-# children inherit that: the owner takes Ctrl-C as a terminal's foreground process would.
-signal.signal(signal.SIGINT, signal.default_int_handler)
+OWNER = PREAMBLE + """
+import os, sys, time
 sys.path.insert(0, {tests!r})
 import pool_tasks
 from pytest_kerasmp import WorkerPool, DeviceSlot
@@ -224,14 +221,7 @@ def test_ctrl_c_ends_the_pool_and_its_running_tasks_within_seconds(tmp_path, pre
             for _ in range(presses):
                 proc.send_signal(signal.SIGINT)
                 time.sleep(0.05)
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.send_signal(signal.SIGUSR1)
-                time.sleep(1)
-                proc.kill()
-                pytest.fail(f"the owner did not end within 10 s of Ctrl-C (SIGINT here: {signal.getsignal(signal.SIGINT)}); "
-                            f"its stacks and output:\n{proc.communicate()[1]}")
+            wait_or_fail(proc)
             assert time.monotonic() - t0 < 4
         finally:
             proc.kill()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import os
 import signal
@@ -55,6 +56,17 @@ def test_the_delay_is_for_an_idle_server_not_for_requests_that_came_while_a_batc
     full.result(timeout=10)
     # An idle server waits for company when a connection that sent before may send again:
     # here another thread's, kept open while it waits.
+    with another_connection_that_sent(client):
+        t0 = time.monotonic()
+        client.submit(np.ones((1, 4), np.float32)).result(timeout=10)
+        assert time.monotonic() - t0 >= 2.9
+    client.close()
+
+
+@contextlib.contextmanager
+def another_connection_that_sent(client):
+    """Another thread's connection to the server that sent a request and stays open (a fixed
+    delay waits for it to send again)."""
     sent, hold = threading.Event(), threading.Event()
 
     def other_thread() -> None:
@@ -66,45 +78,28 @@ def test_the_delay_is_for_an_idle_server_not_for_requests_that_came_while_a_batc
     thread.start()
     try:
         assert sent.wait(10)
-        t0 = time.monotonic()
-        client.submit(np.ones((1, 4), np.float32)).result(timeout=10)
-        assert time.monotonic() - t0 >= 2.9
+        yield
     finally:
         hold.set()
         thread.join(10)
-        client.close()
 
 
 @pytest.mark.parametrize("adaptive", [True, False])
 def test_an_adaptive_delay_closes_a_batch_when_no_request_is_expected_within_a_compute_time(kerasmp_inference_server, adaptive):
     server = kerasmp_inference_server(LINEAR, CPU0, max_batch_size=16, max_delay_ms=1500, adaptive_delay=adaptive)
     client = server.client()
-    # Another connection that sent before stays open: a fixed delay waits for it.
-    sent, hold = threading.Event(), threading.Event()
-
-    def other_thread() -> None:
-        client.predict(np.ones((1, 4), np.float32))
-        sent.set()
-        hold.wait(30)
-
-    thread = threading.Thread(target=other_thread)
-    thread.start()
-    try:
-        assert sent.wait(10)
+    with another_connection_that_sent(client):  # a fixed delay waits for it
         waits = []
         for _ in range(2):  # arrivals 0.3 s apart, a batch computes in well under 1 ms
             time.sleep(0.3)
             t0 = time.monotonic()
             client.submit(np.ones((1, 4), np.float32)).result(timeout=10)
             waits.append(time.monotonic() - t0)
-        if adaptive:
-            assert max(waits) < 1.0, f"requests arriving 0.3 s apart waited {waits} s for company that was not expected"
-        else:
-            assert min(waits) >= 1.4, f"adaptive_delay=False did not wait max_delay_ms: {waits} s"
-    finally:
-        hold.set()
-        thread.join(10)
-        client.close()
+    client.close()
+    if adaptive:
+        assert max(waits) < 1.0, f"requests arriving 0.3 s apart waited {waits} s for company that was not expected"
+    else:
+        assert min(waits) >= 1.4, f"adaptive_delay=False did not wait max_delay_ms: {waits} s"
 
 
 def test_the_delay_is_not_spent_waiting_for_requests_no_client_is_expected_to_send(kerasmp_inference_server):
