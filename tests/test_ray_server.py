@@ -152,7 +152,9 @@ def test_a_ray_serve_application_is_called_like_a_server_and_measured_by_the_loa
         with LoadGenerator([CPU1], senders=2, timeout_s=20, name="serve-senders") as generator:
             point = generator.offer(client, xs, 100.0, requests=100, server="ray-serve", check=check)
         assert point.answered == 100 and point.failed == 0 and point.telemetry is None, point.line()
+        loops = [client._loop, again._loop]
         client.close()
         again.close()
+        assert all(loop.is_closed() for loop in loops), "close() left this process's event loop open"
     finally:
         serve.shutdown()

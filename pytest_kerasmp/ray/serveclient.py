@@ -23,6 +23,7 @@ class RayServeClient:
         self.app, self.address, self.request_timeout_s = app, address, request_timeout_s
         self._handle: Any = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
 
     def __getstate__(self) -> dict[str, Any]:
@@ -43,8 +44,9 @@ class RayServeClient:
                 logging.getLogger("ray.serve").setLevel(logging.WARNING)
                 connect(self.address, quiet=True)
                 loop = asyncio.new_event_loop()
-                threading.Thread(target=loop.run_forever, name=f"kerasmp-serve-{self.app}", daemon=True).start()
-                self._handle, self._loop = serve.get_app_handle(self.app), loop
+                thread = threading.Thread(target=loop.run_forever, name=f"kerasmp-serve-{self.app}", daemon=True)
+                thread.start()
+                self._handle, self._loop, self._thread = serve.get_app_handle(self.app), loop, thread
             assert self._loop is not None
             return self._handle, self._loop
 
@@ -61,9 +63,22 @@ class RayServeClient:
     def predict(self, x: Any, *, timeout: float | None = None) -> Any:
         return self.submit(x).result(self.request_timeout_s if timeout is None else timeout)
 
-    def close(self) -> None:
-        """Stop this process's event loop thread (the application keeps running)."""
+    def close(self, timeout: float = 5.0) -> None:
+        """Stop and close this process's event loop (the application keeps running); requests
+        still waiting are cancelled (their futures say so)."""
         with self._lock:
-            if self._loop is not None:
-                self._loop.call_soon_threadsafe(self._loop.stop)
-            self._handle = self._loop = None
+            loop, thread = self._loop, self._thread
+            self._handle = self._loop = self._thread = None
+        if loop is None:
+            return
+
+        def stop() -> None:
+            for task in asyncio.all_tasks(loop):
+                task.cancel()
+            loop.call_soon(loop.stop)  # after the cancelled tasks have run their last step
+
+        loop.call_soon_threadsafe(stop)
+        if thread is not None:
+            thread.join(timeout)
+        if not loop.is_running():
+            loop.close()
